@@ -1,0 +1,1 @@
+//! `otmatch`: exact top-k pruning and caption assignment (placeholder, see issue 2).
