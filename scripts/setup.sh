@@ -44,5 +44,5 @@ fi
 
 echo "setup: building the extension (release)"
 VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH" "$VENV/bin/maturin" develop --release --quiet 2>&1 \
-  | grep -v -E '^(📦|🔗|🐍|💻|📡|🛠|✏️|🛠️)' || true
+  | grep -v -E 'Requirement already satisfied|^Ignoring |^Looking in links' || true
 "$PY" -c "import otcclip._otmatch" || { echo "setup: the extension did not build" >&2; exit 1; }
