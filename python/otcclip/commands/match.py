@@ -1,9 +1,729 @@
-"""`otcclip match` (not built yet)."""
+"""`otcclip match`: re-pair (or flag) image-caption pairs with a CLIP checkpoint.
+
+Reads a caption pool and the images to check, runs one matching round
+(`otcclip.matching.match_round`) and writes one parquet row per image. The
+output keeps the pairs-file layout (`id`, `image`, `caption`), so it can be
+trained on directly or handed to `otcclip eval --matching`. Everything is read
+and checked before the model runs, and the output is written atomically: bad
+input stops with a message and leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import click
+import numpy as np
+
+_TEXT_COLUMNS = ("caption", "text")
+_POOL_ID_COLUMNS = ("id", "caption_id")
+_IMAGE_ID_COLUMNS = ("id", "image_id")
+_IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes")
+_PATH_COLUMNS = ("image_path", "path", "filepath")
+_MODEL_NAME_KEYS = ("model_name", "model", "name", "otcclip.model")
+_SHOWN = 10
+
+
+@dataclass
+class _Pool:
+    ids: np.ndarray
+    texts: list[str]
+    embeddings: np.ndarray | None
+    caption_classes: np.ndarray | None = None
+
+
+@dataclass
+class _Images:
+    ids: np.ndarray
+    own_ids: np.ndarray
+    pixels: np.ndarray
+    column: str  # name of the image column passed through to the output
+    values: Any  # pyarrow array: the bytes, or absolute paths
+    own_from_pairs: bool
+    image_classes: np.ndarray | None = None
 
 
 @click.command(name="match")
-def command() -> None:
-    """Not built yet."""
-    raise click.ClickException("'otcclip match' is not built yet")
+@click.option(
+    "--pool",
+    "pool_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Caption pool parquet: text ('caption' or 'text'), id ('id' or 'caption_id'), and "
+    "optionally 'embedding' (list<float32>, precomputed caption embeddings used for pruning).",
+)
+@click.option(
+    "--images",
+    "images_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Images parquet: 'id', the image ('image' bytes or an 'image_path' relative to the "
+    "file), and 'caption_id' (the pool caption each image is paired with). A pairs parquet "
+    "(id, image, caption) works too: each image's caption is the pool caption of the same id.",
+)
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Model weights (.safetensors from training) or a checkpoint directory.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output parquet, written atomically.",
+)
+@click.option(
+    "--model",
+    "model_name",
+    default=None,
+    help="Model name (default: the one recorded in the checkpoint).",
+)
+@click.option(
+    "--k",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Candidate captions per image kept by the global-cosine pruning.",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Weight of the global cosine in the score; 1 - alpha goes to the OT "
+    "similarity (1 = global only, no OT).",
+)
+@click.option(
+    "--eps",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.05,
+    show_default=True,
+    help="Entropic regularisation of the Sinkhorn.",
+)
+@click.option(
+    "--iters",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Sinkhorn iterations.",
+)
+@click.option(
+    "--rho",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Unbalanced OT: KL weight of the marginals (default: balanced OT).",
+)
+@click.option(
+    "--assign",
+    "method",
+    type=click.Choice(["argmax", "capacity"]),
+    default="argmax",
+    show_default=True,
+    help="argmax: each image takes its best caption; capacity: each caption is "
+    "used at most --capacity times.",
+)
+@click.option(
+    "--capacity",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Uses per caption with --assign capacity.",
+)
+@click.option(
+    "--fallback",
+    type=click.Choice(["own", "unassigned"]),
+    default="own",
+    show_default=True,
+    help="With --assign capacity, an image whose candidates are all full keeps "
+    "its own caption, or is left unassigned (null caption).",
+)
+@click.option(
+    "--margin",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    help="An image keeps its own caption unless a candidate scores more than this "
+    "above it (0: re-pair whenever a candidate scores higher).",
+)
+@click.option(
+    "--flag-outside-topk",
+    is_flag=True,
+    help="Also treat an image as suspicious when its own caption is not among its "
+    "k nearest captions by global cosine.",
+)
+@click.option(
+    "--flag-only",
+    is_flag=True,
+    help="Score the own pairs and flag suspicious ones; do not re-pair.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Images (and captions) per embedding batch.",
+)
+@click.option(
+    "--score-batch",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Image-caption pairs per Sinkhorn batch (bounds the memory).",
+)
+@click.option(
+    "--recompute-tokens",
+    is_flag=True,
+    help="Encode the candidates' word tokens per batch instead of caching the "
+    "whole pool's (for pools too large to cache; slower).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads for the pruning engine (default: all cores).",
+)
+@click.option(
+    "--device", default=None, help="torch device (default: cuda when available, else cpu)."
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write the round's report (counts, shares, timings) as JSON here.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the model's initialisation before the weights load.",
+)
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."
+)
+def command(
+    pool_path: Path,
+    images_path: Path,
+    checkpoint: Path,
+    out_path: Path,
+    model_name: str | None,
+    k: int,
+    alpha: float,
+    eps: float,
+    iters: int,
+    rho: float | None,
+    method: str,
+    capacity: int | None,
+    fallback: str,
+    margin: float,
+    flag_outside_topk: bool,
+    flag_only: bool,
+    batch_size: int,
+    score_batch: int,
+    recompute_tokens: bool,
+    threads: int | None,
+    device: str | None,
+    json_path: Path | None,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Re-pair (or, with --flag-only, flag) image-caption pairs by OT matching.
+
+    Each image is scored against its k nearest pool captions by global cosine and
+    against its own caption: S = alpha * cos + (1 - alpha) * s_OT, where s_OT compares
+    the image's patch tokens with the caption's word tokens by optimal transport.
+    The output has one row per image: id, the image, the assigned caption
+    (caption, caption_id), original_caption_id, the global / OT / combined scores of
+    the assigned and of the own caption, and a changed flag (with --flag-only: the own
+    caption, its scores, the best candidate and a suspicious flag).
+
+    Runs under torchrun too (each process scores its share; rank 0 writes).
+    """
+    from otcclip import distributed as dist
+    from otcclip.matching import MatchConfig, match_round
+
+    if method == "capacity" and capacity is None:
+        raise click.BadParameter("--assign capacity needs --capacity", param_hint="--capacity")
+    if method != "capacity" and capacity is not None:
+        raise click.BadParameter("only meaningful with --assign capacity", param_hint="--capacity")
+    started = time.perf_counter()
+    owns_group = not dist.is_initialized() and dist.init_from_env()
+    try:
+        pool, bundle, images, own = _inputs(
+            pool_path, images_path, checkpoint, model_name, k, seed, device
+        )
+        config = MatchConfig(
+            k=k,
+            alpha=alpha,
+            eps=eps,
+            iters=iters,
+            rho=rho,
+            method=method,
+            capacity=capacity,
+            margin=margin,
+            fallback=fallback,
+            flag_outside_topk=flag_outside_topk,
+            image_batch=batch_size,
+            text_batch=batch_size,
+            score_batch=score_batch,
+            cache_tokens=not recompute_tokens,
+            threads=threads,
+            seed=seed,
+        )
+        try:
+            result = match_round(
+                bundle,
+                images.pixels,
+                pool.texts,
+                own,
+                config,
+                pool_embeddings=pool.embeddings,
+                progress=progress,
+                **_class_columns(images, pool),
+            )
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        if dist.is_main():
+            table = _output_table(result, images, pool, own, flag_only)
+            _write_parquet(table, out_path)
+            if json_path is not None:
+                from otcclip.atomic import write_text
+
+                write_text(json_path, json.dumps(_jsonable(result.report), indent=2) + "\n")
+            _print_summary(result, config, flag_only, out_path, time.perf_counter() - started)
+        dist.barrier()
+    finally:
+        if owns_group:
+            dist.destroy()
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _inputs(
+    pool_path: Path,
+    images_path: Path,
+    checkpoint: Path,
+    model_name: str | None,
+    k: int,
+    seed: int,
+    device: str | None,
+) -> tuple[_Pool, Any, _Images, np.ndarray]:
+    """Everything the round needs, read and cross-checked before any embedding starts."""
+    pool = _read_pool(pool_path)
+    if k > len(pool.ids):
+        raise click.BadParameter(
+            f"k = {k} is larger than the pool ({len(pool.ids)} captions)", param_hint="--k"
+        )
+    bundle = _load_model(checkpoint, model_name, seed, device)
+    if pool.embeddings is not None and pool.embeddings.shape[1] != bundle.embed_dim:
+        raise click.ClickException(
+            f"{pool_path}: the 'embedding' column is {pool.embeddings.shape[1]} wide but the "
+            f"checkpoint's model ({bundle.name}) embeds in {bundle.embed_dim} dimensions: the "
+            "embeddings come from another model (drop the column, or use their checkpoint)"
+        )
+    images = _read_images(images_path, bundle.image_size)
+    own = _own_indices(images, pool, images_path)
+    return pool, bundle, images, own
+
+
+def _read_table(path: Path, what: str, wanted: tuple[str, ...]) -> Any:
+    """The columns of `wanted` that the parquet file has (others, e.g. images, stay on disk)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise click.BadParameter(f"no such file: {path}", param_hint=f"--{what}")
+    try:
+        names = pq.read_schema(path).names
+        return pq.read_table(path, columns=[c for c in names if c in wanted]), names
+    except (OSError, pa.ArrowInvalid) as err:
+        raise click.BadParameter(
+            f"{path} is not a parquet file ({err})", param_hint=f"--{what}"
+        ) from None
+
+
+def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
+    return next((c for c in candidates if c in names), None)
+
+
+def _ids(table: Any, column: str, path: Path) -> np.ndarray:
+    import pyarrow as pa
+
+    col = table.column(column)
+    if not pa.types.is_integer(col.type):
+        raise click.ClickException(
+            f"{path}: column {column!r} holds {col.type}; expected integer ids"
+        )
+    if col.null_count:
+        raise click.ClickException(f"{path}: column {column!r} has {col.null_count} empty cells")
+    ids = np.asarray(col.to_numpy(), dtype=np.int64)
+    values, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise click.ClickException(
+            f"{path}: column {column!r} repeats ids, e.g. {values[counts > 1][:_SHOWN].tolist()}"
+        )
+    return ids
+
+
+def _read_pool(path: Path) -> _Pool:
+    import pyarrow as pa
+
+    table, names = _read_table(
+        path, "pool", (*_TEXT_COLUMNS, *_POOL_ID_COLUMNS, "embedding", "caption_classes")
+    )
+    text_col = _pick(names, _TEXT_COLUMNS)
+    id_col = _pick(names, _POOL_ID_COLUMNS)
+    if text_col is None or id_col is None:
+        raise click.ClickException(
+            f"{path}: a caption pool needs a text column ({' or '.join(_TEXT_COLUMNS)}) and an "
+            f"id column ({' or '.join(_POOL_ID_COLUMNS)}); it has {names}"
+        )
+    if table.num_rows == 0:
+        raise click.ClickException(f"{path}: the caption pool is empty")
+    ids = _ids(table, id_col, path)
+    column = table.column(text_col)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise click.ClickException(
+            f"{path}: column {text_col!r} holds {column.type}; expected text"
+        )
+    texts = column.to_pylist()
+    empty = [int(i) for i, t in zip(ids, texts, strict=True) if t is None or not t.strip()]
+    if empty:
+        raise click.ClickException(
+            f"{path}: {len(empty)} captions are empty (ids {empty[:_SHOWN]}); every caption "
+            "in the pool needs text"
+        )
+    embeddings = None
+    if "embedding" in names:
+        embeddings = _embeddings(table.column("embedding"), path)
+    return _Pool(ids, texts, embeddings, _classes(table, "caption_classes"))
+
+
+def _classes(table: Any, column: str) -> np.ndarray | None:
+    """A fashion-scenes class multi-hot column (what captions name / images show), if usable."""
+    if column not in table.column_names:
+        return None
+    rows = table.column(column).to_pylist()
+    if not rows or any(r is None or len(r) != len(rows[0]) for r in rows):
+        return None
+    return np.asarray(rows, dtype=np.uint8).reshape(len(rows), -1)
+
+
+def _embeddings(column: Any, path: Path) -> np.ndarray:
+    import pyarrow as pa
+
+    if not (
+        pa.types.is_list(column.type)
+        or pa.types.is_large_list(column.type)
+        or pa.types.is_fixed_size_list(column.type)
+    ):
+        raise click.ClickException(
+            f"{path}: column 'embedding' holds {column.type}; expected list<float32>"
+        )
+    if column.null_count:
+        raise click.ClickException(
+            f"{path}: column 'embedding' has {column.null_count} empty cells"
+        )
+    column = column.combine_chunks()
+    lengths = np.asarray(
+        column.value_lengths()
+        if hasattr(column, "value_lengths")
+        else [len(v) for v in column.to_pylist()]
+    )
+    if len(np.unique(lengths)) != 1 or lengths[0] == 0:
+        raise click.ClickException(
+            f"{path}: the embeddings have differing or zero lengths "
+            f"({sorted(set(lengths.tolist()))[:5]})"
+        )
+    values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    emb = values.reshape(len(column), int(lengths[0]))
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1) | (np.abs(emb).sum(axis=1) == 0))
+    if len(bad):
+        raise click.ClickException(
+            f"{path}: {len(bad)} embeddings are zero or not finite (rows {bad[:_SHOWN].tolist()})"
+        )
+    return emb
+
+
+def _read_images(path: Path, image_size: int) -> _Images:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table, names = _read_table(
+        path,
+        "images",
+        (*_IMAGE_ID_COLUMNS, *_IMAGE_COLUMNS, *_PATH_COLUMNS, "caption_id", "image_classes"),
+    )
+    id_col = _pick(names, _IMAGE_ID_COLUMNS)
+    image_col = _pick(names, _IMAGE_COLUMNS)
+    path_col = None if image_col else _pick(names, _PATH_COLUMNS)
+    own_col = "caption_id" if "caption_id" in names else None
+    pairs = own_col is None and _pick(names, _TEXT_COLUMNS) is not None
+    if image_col is not None and pa.types.is_string(table.schema.field(image_col).type):
+        image_col, path_col = None, image_col  # paths in a column called 'image'
+    if (
+        id_col is None
+        or (image_col is None and path_col is None)
+        or (own_col is None and not pairs)
+    ):
+        raise click.ClickException(
+            f"{path}: the images file needs an id ({' or '.join(_IMAGE_ID_COLUMNS)}), an image "
+            f"(bytes: {' / '.join(_IMAGE_COLUMNS)}; or a path: {' / '.join(_PATH_COLUMNS)}) and "
+            f"'caption_id' (or be a pairs file with a 'caption' column); it has {names}"
+        )
+    if table.num_rows == 0:
+        raise click.ClickException(f"{path}: no images")
+    ids = _ids(table, id_col, path)
+    if own_col is not None:
+        own_ids = table.column(own_col)
+        if not pa.types.is_integer(own_ids.type) or own_ids.null_count:
+            raise click.ClickException(
+                f"{path}: 'caption_id' must hold an integer id in every row ({own_ids.type}, "
+                f"{own_ids.null_count} empty)"
+            )
+        own_ids = np.asarray(own_ids.to_numpy(), dtype=np.int64)
+    else:
+        own_ids = ids.copy()
+    if image_col is not None:
+        column = table.column(image_col)
+        if pa.types.is_struct(column.type):  # Hugging Face's {"bytes", "path"}
+            column = pc.struct_field(column, "bytes")
+        if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+            raise click.ClickException(
+                f"{path}: column {image_col!r} holds {column.type}; expected image bytes"
+            )
+        values = column.combine_chunks()
+        sources: list[Any] = values.to_pylist()
+        out_col = "image"
+    else:
+        root = path.parent
+        raw = table.column(path_col).to_pylist()
+        sources = [
+            None if p is None else (Path(p) if Path(p).is_absolute() else root / p) for p in raw
+        ]
+        values = pa.array([None if s is None else str(s.resolve()) for s in sources], pa.string())
+        out_col = "image_path"
+    pixels = _decode_all(sources, ids, image_size, path)
+    return _Images(ids, own_ids, pixels, out_col, values, pairs, _classes(table, "image_classes"))
+
+
+def _decode_all(sources: list[Any], ids: np.ndarray, size: int, path: Path) -> np.ndarray:
+    """Decode every image to size x size (shorter side, then centre crop); all or nothing."""
+    from PIL import Image
+
+    decoded: list[Image.Image | None] = []
+    for src in sources:
+        try:
+            if src is None:
+                raise OSError("empty")
+            img = Image.open(src if isinstance(src, Path) else io.BytesIO(src))
+            img.load()
+            decoded.append(img)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            decoded.append(None)
+    bad = [int(i) for i, img in zip(ids, decoded, strict=True) if img is None]
+    if bad:
+        raise click.ClickException(
+            f"{path}: {len(bad)} of {len(ids)} images cannot be read (ids {bad[:_SHOWN]}"
+            f"{', ...' if len(bad) > _SHOWN else ''}); nothing was written"
+        )
+    gray = all(img.mode in ("L", "1", "LA", "I", "I;16") for img in decoded if img is not None)
+    out = np.empty((len(decoded), size, size) if gray else (len(decoded), size, size, 3), np.uint8)
+    for i, img in enumerate(decoded):
+        assert img is not None
+        img = img.convert("L" if gray else "RGB")
+        if img.size != (size, size):
+            img = _fit(img, size)
+        out[i] = np.asarray(img, dtype=np.uint8)
+    return out
+
+
+def _fit(image: Any, size: int) -> Any:
+    """Shorter side to `size`, then a centre crop (as the data readers and CLIP do)."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _own_indices(images: _Images, pool: _Pool, path: Path) -> np.ndarray:
+    order = np.argsort(pool.ids)
+    pos = np.searchsorted(pool.ids, images.own_ids, sorter=order)
+    pos = np.minimum(pos, len(order) - 1)
+    own = order[pos]
+    missing = pool.ids[own] != images.own_ids
+    if missing.any():
+        what = (
+            "image ids (a pairs file pairs each image with the caption of its id)"
+            if (images.own_from_pairs)
+            else "caption_id values"
+        )
+        raise click.ClickException(
+            f"{path}: {int(missing.sum())} {what} are not in the pool "
+            f"(e.g. {images.own_ids[missing][:_SHOWN].tolist()}); the pool must hold every "
+            "image's own caption"
+        )
+    return own.astype(np.int64)
+
+
+def _load_model(checkpoint: Path, model_name: str | None, seed: int, device: str | None) -> Any:
+    import torch
+
+    from otcclip.models import create_model
+
+    weights = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
+    if not weights.is_file():
+        what = "holds no model.safetensors" if checkpoint.is_dir() else "does not exist"
+        raise click.BadParameter(f"{checkpoint} {what}", param_hint="--checkpoint")
+    name = model_name or _recorded_model_name(weights)
+    if name is None:
+        raise click.BadParameter(
+            f"{weights} does not record its model; pass --model", param_hint="--checkpoint"
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return create_model(name, weights=weights, seed=seed, device=device)
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as err:
+        raise click.ClickException(f"cannot load {weights} as model {name!r}: {err}") from None
+
+
+def _recorded_model_name(weights: Path) -> str | None:
+    """The model name that `save_weights` records (None for other weight files: pass --model)."""
+    from safetensors import safe_open
+
+    if weights.suffix != ".safetensors":
+        return None
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types
+        raise click.BadParameter(
+            f"{weights} is not a safetensors weights file ({err})", param_hint="--checkpoint"
+        ) from None
+    return next((metadata[key] for key in _MODEL_NAME_KEYS if metadata.get(key)), None)
+
+
+def _class_columns(images: _Images, pool: _Pool) -> dict[str, np.ndarray]:
+    """Class annotations (fashion-scenes files) for the true-content shares of the report."""
+    ic, cc = images.image_classes, pool.caption_classes
+    if ic is None or cc is None or ic.shape[1] != cc.shape[1]:
+        return {}
+    return {"image_classes": ic, "caption_classes": cc}
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _output_table(
+    result: Any, images: _Images, pool: _Pool, own: np.ndarray, flag_only: bool
+) -> Any:
+    import pyarrow as pa
+
+    def ids_or_null(index: np.ndarray) -> Any:
+        ok = index >= 0
+        return pa.array(np.where(ok, pool.ids[np.maximum(index, 0)], 0), pa.int64(), mask=~ok)
+
+    def texts(index: np.ndarray) -> Any:
+        return pa.array([pool.texts[i] if i >= 0 else None for i in index.tolist()], pa.string())
+
+    def floats(x: np.ndarray) -> Any:
+        return pa.array(np.asarray(x, np.float32), pa.float32())
+
+    columns: dict[str, Any] = {"id": pa.array(images.ids, pa.int64()), images.column: images.values}
+    if flag_only:
+        columns.update(
+            caption=texts(own),
+            caption_id=pa.array(pool.ids[own], pa.int64()),
+            global_score=floats(result.own_global_score),
+            ot_score=floats(result.own_ot_score),
+            score=floats(result.own_score),
+            best_caption_id=ids_or_null(result.best),
+            best_score=floats(result.best_score),
+            suspicious=pa.array(result.suspicious, pa.bool_()),
+        )
+    else:
+        columns.update(
+            caption=texts(result.caption),
+            caption_id=ids_or_null(result.caption),
+            original_caption_id=pa.array(pool.ids[own], pa.int64()),
+            global_score=floats(result.global_score),
+            ot_score=floats(result.ot_score),
+            score=floats(result.score),
+            own_score=floats(result.own_score),
+            changed=pa.array(result.changed | (result.caption < 0), pa.bool_()),
+            suspicious=pa.array(result.suspicious, pa.bool_()),
+        )
+    return pa.table(columns).replace_schema_metadata(
+        {"otcclip.matching": json.dumps(_jsonable(result.report))}
+    )
+
+
+def _write_parquet(table: Any, out_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from otcclip.atomic import atomic_path
+
+    with atomic_path(out_path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def _print_summary(
+    result: Any, config: Any, flag_only: bool, out_path: Path, seconds: float
+) -> None:
+    rep = result.report
+    n, m = rep["images"], rep["pool"]
+    how = f"{config.method}" + (f" (capacity {config.capacity})" if config.capacity else "")
+    click.echo(
+        f"matched {n:,} images against {m:,} captions: k={config.k}, alpha={config.alpha}, "
+        f"eps={config.eps}, iters={config.iters}, {how}, margin {config.margin}"
+    )
+    outside = rep.get("own_outside_topk", 0)
+    if flag_only:
+        click.echo(
+            f"  suspicious: {rep['suspicious']:,} of {n:,} ({rep['suspicious'] / n:.1%}); "
+            f"own caption outside the top {config.k}: {outside:,}; nothing re-paired"
+        )
+    else:
+        click.echo(
+            f"  changed: {rep['changed']:,} of {n:,} ({rep['changed_share']:.1%}); kept by the "
+            f"margin: {result.stats.get('kept_by_margin', 0):,}; unassigned: "
+            f"{rep['unassigned']:,}; distinct captions used: {rep['distinct']:,}; own caption "
+            f"outside the top {config.k}: {outside:,}"
+        )
+    if "clean_true_content" in rep and not flag_only:
+        click.echo(
+            "  pairs holding a caption of their true content (from the class columns): "
+            f"{rep['clean_true_content_before']:.1%} before, {rep['clean_true_content']:.1%} after"
+        )
+    sec = rep.get("seconds", {})
+    stages = ", ".join(f"{name.replace('_', ' ')} {value:.1f} s" for name, value in sec.items())
+    click.echo(
+        f"  time: {seconds:.1f} s in all (reading and loading included); the round: "
+        f"{sum(sec.values()):.1f} s ({stages})"
+    )
+    click.echo(f"wrote {out_path} ({n:,} rows)")
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and obj != obj:
+        return None
+    return obj

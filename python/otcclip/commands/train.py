@@ -1,9 +1,379 @@
-"""`otcclip train` (not built yet)."""
+"""`otcclip train`: CLIP from scratch with a defense (none, roclip, safeclip, otcclip).
+
+This command wires the per-epoch evaluation (`otcclip.evaluate`) into the loop
+as a callback: the trainer itself never imports evaluation. Under `torchrun`
+every process runs this command; rank 0 evaluates, prints and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
+
+_SCHEDULE_HELP = (
+    "[default per defense: otcclip W=3 R=1; roclip W=1 R=2; safeclip W=1 (its unimodal "
+    "warm-up epochs)]"
+)
 
 
 @click.command(name="train")
-def command() -> None:
-    """Not built yet."""
-    raise click.ClickException("'otcclip train' is not built yet")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    help="Training pairs: a poison directory from `otcclip poison` (train.parquet + "
+    "manifest.json: per-epoch ASR) or a .parquet / .csv / webdataset .tar file.",
+)
+@click.option("--scenes", type=click.IntRange(min=1), help="Build N fashion-scenes instead.")
+@click.option("--data-seed", type=click.IntRange(min=0), help="Seed of --scenes [default: --seed].")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=8),
+    help="Resize data images to S x S when reading (fashion-scenes default 56).",
+)
+@click.option(
+    "--model",
+    default="otc-vit-tiny",
+    show_default=True,
+    help="A built-in model (otc-vit-tiny, ...) or any open_clip name (RN50, ViT-B-32, ...).",
+)
+@click.option(
+    "--defense",
+    type=click.Choice(["none", "roclip", "safeclip", "otcclip"]),
+    default="otcclip",
+    show_default=True,
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="Global batch (split over torchrun processes).",
+)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option(
+    "--lr-warmup-steps",
+    type=click.IntRange(min=0),
+    help="Linear warm-up steps of the cosine schedule [default: 5% of all steps].",
+)
+@click.option("--grad-clip", type=click.FloatRange(min=0, min_open=True), help="Clip grad norm.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 (else fp16) mixed precision on CUDA, fp32 on the CPU.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Run directory: checkpoints/, metrics.jsonl, model.safetensors, summary.json.",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run in --out from its last checkpoint; options not given are taken "
+    "from the run.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=0),
+    default=500,
+    show_default=True,
+    help="Also checkpoint every N steps within an epoch (0: at epoch ends only).",
+)
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--eval-every",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Evaluate every E epochs and after the last (0: never): zero-shot; ASR with a manifest.",
+)
+@click.option("--eval-size", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--probe-size",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Linear probe on N train / N test images at each evaluation (0: off).",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="torch (and otmatch) threads.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option(
+    "--tensorboard", is_flag=True, help="Also log to RUN/tensorboard (needs tensorboard)."
+)
+@click.option(
+    "--warmup-epochs",
+    type=click.IntRange(min=0),
+    help="W: epochs before the defense first acts. " + _SCHEDULE_HELP,
+)
+@click.option(
+    "--match-every",
+    type=click.IntRange(min=0),
+    help="R: a matching round every R epochs after W (0: never). " + _SCHEDULE_HELP,
+)
+@click.option("--k", type=click.IntRange(min=1), default=16, show_default=True, help="Candidates.")
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="S = alpha*cos + (1-alpha)*s_OT (1: global only).",
+)
+@click.option(
+    "--eps",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.1,
+    show_default=True,
+    help="Sinkhorn eps (L_inter/L_intra, and matching unless --match-eps).",
+)
+@click.option("--iters", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--match-eps", type=click.FloatRange(min=0, min_open=True), help="[default: --eps]")
+@click.option("--match-iters", type=click.IntRange(min=1), help="[default: --iters]")
+@click.option(
+    "--rho", type=click.FloatRange(min=0, min_open=True), help="Unbalanced OT (KL weight)."
+)
+@click.option(
+    "--assign",
+    type=click.Choice(["argmax", "capacity"]),
+    default="argmax",
+    show_default=True,
+)
+@click.option("--capacity", type=click.IntRange(min=1), help="With --assign capacity.")
+@click.option(
+    "--margin",
+    type=click.FloatRange(min=0),
+    default=0.05,
+    show_default=True,
+    help="Keep the own caption unless beaten by more (re-pair only suspicious pairs).",
+)
+@click.option(
+    "--fallback",
+    type=click.Choice(["own", "unassigned"]),
+    default="own",
+    show_default=True,
+    help="An image whose candidates are all full (capacity): own caption or sit out.",
+)
+@click.option(
+    "--flag-outside-topk",
+    is_flag=True,
+    help="Also re-pair every image whose own caption is not among its k candidates.",
+)
+@click.option(
+    "--rematch-from",
+    type=click.Choice(["original", "previous"]),
+    default="original",
+    show_default=True,
+    help="A round starts from the original captions or from the previous pairing.",
+)
+@click.option(
+    "--lambda-inter",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Weight of L_inter (patch-word OT-InfoNCE), from the first epoch.",
+)
+@click.option(
+    "--lambda-intra",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Weight of L_intra (OT-InfoNCE between augmented views; costs a second forward).",
+)
+@click.option(
+    "--ot-negatives",
+    type=click.IntRange(min=0),
+    default=7,
+    show_default=True,
+    help="m: OT-InfoNCE over the positive and the m hardest in-batch negatives.",
+)
+@click.option(
+    "--ot-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Fixed logit scale of the OT losses [default: the learned CLIP scale].",
+)
+@click.option("--inter-symmetric", is_flag=True, help="L_inter in both directions (2x the OT).")
+@click.option(
+    "--ot-compile",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="torch.compile the Sinkhorn loop (auto: for runs with enough OT work to pay off).",
+)
+@click.option(
+    "--match-batch",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Images / captions per batch when a round embeds the data.",
+)
+@click.option(
+    "--bank-size",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="RoCLIP: FIFO caption bank size.",
+)
+@click.option(
+    "--safeclip-lr-scale",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="SafeCLIP: learning-rate factor of its one CLIP epoch after the warm-up.",
+)
+@click.option(
+    "--safe-start",
+    type=click.FloatRange(0, 1),
+    default=0.3,
+    show_default=True,
+    help="SafeCLIP: safe share of the first mixed epoch.",
+)
+@click.option(
+    "--safe-growth",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="SafeCLIP: safe share added per epoch.",
+)
+def command(**options: Any) -> None:
+    """Train CLIP from scratch on (possibly poisoned) pairs, with a defense.
+
+    \b
+    Examples:
+      otcclip train --scenes 20000 --defense otcclip --epochs 10 --out runs/otc
+      otcclip train --data runs/poisoned --defense none --out runs/none
+      otcclip train --out runs/otc --resume
+      torchrun --nproc_per_node 2 -m otcclip.cli train --data runs/poisoned --out runs/ddp
+    """
+    from otcclip import distributed as dist
+    from otcclip.checkpoint import CheckpointError
+    from otcclip.train import TrainConfig, train
+
+    ctx = click.get_current_context()
+    dist.init_from_env()
+    try:
+        settings = _settings(ctx, options)
+        eval_every, eval_size, probe_size = (
+            settings.pop("eval_every"),
+            settings.pop("eval_size"),
+            settings.pop("probe_size"),
+        )
+        config = TrainConfig(eval_every=eval_every, **settings)
+        try:
+            config.validate()
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+        callbacks = []
+        if eval_every > 0:
+            callbacks.append(_Evaluation(config, eval_every, eval_size, probe_size))
+        try:
+            result = train(config, callbacks)
+        except (ValueError, TypeError, FileNotFoundError, CheckpointError) as err:
+            raise click.ClickException(str(err)) from None
+        if dist.is_main():
+            final = result.metrics[-1] if result.metrics else {}
+            click.echo(f"done: {config.out} (model.safetensors, metrics.jsonl, summary.json)")
+            ev = final.get("eval") or {}
+            shown = {k: ev.get(k) for k in ("zero_shot_top1", "targeted_asr", "backdoor_asr")}
+            click.echo(json.dumps({"epoch": final.get("epoch"), **shown}))
+    finally:
+        dist.destroy()
+
+
+def _settings(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields from the options; with --resume, unset ones come from the run."""
+    rename = {"rho": "ot_rho"}
+    settings = {rename.get(k, k): v for k, v in options.items()}
+    settings["progress"] = options["progress"]
+    for key in ("data", "out"):
+        if settings[key] is not None:
+            settings[key] = str(settings[key])
+    if not options["resume"]:
+        if settings["data"] is None and settings["scenes"] is None:
+            raise click.UsageError("give the training data: --data PATH or --scenes N")
+        if settings["data"] is not None and settings["scenes"] is not None:
+            raise click.UsageError("give --data or --scenes, not both")
+        return settings
+    saved = _saved_config(Path(settings["out"]))
+    for name in options:
+        key = rename.get(name, name)
+        if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None) and key in saved:
+            settings[key] = saved[key]
+    settings["resume"] = True
+    return settings
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any]:
+    from otcclip.checkpoint import load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(run_dir)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    if checkpoint is None:
+        raise click.ClickException(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}")
+    return dict(checkpoint.state["config"])
+
+
+class _Evaluation:
+    """Zero-shot (and ASR with a manifest, linear probe if asked) after every E epochs."""
+
+    def __init__(self, config: Any, every: int, size: int, probe_size: int) -> None:
+        self.config = config
+        self.every = every
+        self.size = size
+        self.probe_size = probe_size
+        self.sets: Any = None
+
+    def on_train_start(self, ctx: Any) -> None:
+        if not ctx.is_main:
+            return
+        from otcclip.data import probe_sets, zero_shot_set
+
+        image_size = int(ctx.table.images.shape[1])
+        seed = self.config.seed
+        try:
+            eval_set = zero_shot_set(self.size, seed=seed, image_size=image_size)
+            probe = (
+                probe_sets(self.probe_size, self.probe_size, seed=seed, image_size=image_size)
+                if self.probe_size
+                else None
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise click.ClickException(f"cannot build the evaluation sets: {err}") from None
+        self.sets = (eval_set, probe)
+
+    def on_step_end(self, ctx: Any, info: dict[str, Any]) -> None:
+        pass
+
+    def on_checkpoint(self, ctx: Any, path: Path, info: dict[str, Any]) -> None:
+        pass
+
+    def on_epoch_end(self, ctx: Any, epoch: int, metrics: dict[str, Any]) -> dict[str, Any] | None:
+        done = epoch + 1
+        if not ctx.is_main or not (done % self.every == 0 or done == self.config.epochs):
+            return None
+        from otcclip.evaluate import evaluate
+
+        eval_set, probe = self.sets
+        result = evaluate(
+            ctx.bundle,
+            eval_set,
+            manifests=ctx.manifests,
+            probe=probe,
+            seed=self.config.seed,
+        )
+        return {"eval": result}
+
+    def on_train_end(self, ctx: Any, result: Any) -> None:
+        pass

@@ -1,0 +1,582 @@
+"""The four training strategies behind one small interface: none, roclip, safeclip, otcclip.
+
+The loop (`otcclip.train`) asks a defense two things:
+- `before_epoch(ctx, epoch) -> EpochPlan`: which rows to train on this epoch,
+  which caption each image is paired with, which views to encode (augmented
+  images/captions), and a learning-rate factor. Matching rounds, SafeCLIP's
+  safe/risky split and the like run here, on every process (each helper they
+  call is distributed-aware and returns the same answer on every rank).
+- `loss(ctx, plan, batch, feats) -> {name: tensor}`: the weighted loss terms of
+  one step, from the features of the whole global batch (see `otcclip.losses`
+  for how rows are split between processes). `after_step` sees the detached
+  features afterwards (RoCLIP's caption bank).
+A defense keeps what must survive a restart in `state_dict()`.
+
+Schedules share two knobs: `warmup_epochs` W (epochs before the defense first
+intervenes) and `match_every` R (its period). None = the defense's own default,
+listed in DEFAULTS.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from otcclip import distributed as dist
+from otcclip.losses import clip_loss, ot_info_nce
+
+if TYPE_CHECKING:
+    from otcclip.data import PairTable
+    from otcclip.train import TrainConfig
+
+__all__ = [
+    "DEFAULTS",
+    "DEFENSES",
+    "Batch",
+    "Defense",
+    "EpochPlan",
+    "Features",
+    "NoDefense",
+    "OTCCLIPDefense",
+    "RoCLIPDefense",
+    "SafeCLIPDefense",
+    "TrainContext",
+    "make_defense",
+]
+
+# Each defense's schedule defaults: W (warm-up epochs) and R (period), used when
+# the config leaves them at None.
+DEFAULTS: dict[str, dict[str, int]] = {
+    "none": {"warmup_epochs": 0, "match_every": 0},
+    "roclip": {"warmup_epochs": 1, "match_every": 2},
+    "safeclip": {"warmup_epochs": 1, "match_every": 1},
+    "otcclip": {"warmup_epochs": 3, "match_every": 1},
+}
+
+
+@dataclass
+class TrainContext:
+    """What a defense may use: the run's config, model, data and process layout."""
+
+    config: TrainConfig
+    bundle: Any
+    table: PairTable
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    poisoned: np.ndarray | None = None
+    manifests: list[Any] = field(default_factory=list)
+    progress: bool = False
+    log: Callable[[str], None] = print
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class EpochPlan:
+    """One epoch's training set and how to present it.
+
+    positions: table rows trained this epoch (the loop shuffles them);
+    caption: int64 (N,) pool index (table row) of each image's caption, -1 = not trained;
+    augment_images / augment_text: augment view 0 of the images / captions;
+    image_views / text_views: 2 = also encode an independently augmented view 1;
+    safe: bool (N,) SafeCLIP's safe set (None: every pair is safe);
+    lr_scale: factor on the scheduled learning rate; phase: a name for the logs;
+    info: metrics of the epoch's preparation (reassignment counts, ...).
+    """
+
+    positions: np.ndarray
+    caption: np.ndarray
+    phase: str = "clip"
+    augment_images: bool = False
+    augment_text: bool = False
+    image_views: int = 1
+    text_views: int = 1
+    safe: np.ndarray | None = None
+    lr_scale: float = 1.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "positions": self.positions,
+            "caption": self.caption,
+            "phase": self.phase,
+            "augment_images": self.augment_images,
+            "augment_text": self.augment_text,
+            "image_views": self.image_views,
+            "text_views": self.text_views,
+            "safe": self.safe,
+            "lr_scale": self.lr_scale,
+            "info": self.info,
+        }
+
+    @staticmethod
+    def from_state(state: dict[str, Any]) -> EpochPlan:
+        return EpochPlan(**state)
+
+
+@dataclass
+class Batch:
+    """One global batch: its table rows, this process's rows, and pairing facts."""
+
+    epoch: int
+    step: int
+    positions: np.ndarray
+    rows: slice
+    caption_ids: Tensor
+    safe: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.positions)
+
+
+@dataclass
+class Features:
+    """The global batch's features (gathered over processes, with gradients).
+
+    image[v] = (global (B, D), patch tokens (B, P, D)) of image view v;
+    text[v] = (global (B, D), word tokens (B, L, D), mask (B, L)) of caption view v.
+    """
+
+    image: list[tuple[Tensor, Tensor]]
+    text: list[tuple[Tensor, Tensor, Tensor]]
+    logit_scale: Tensor
+
+
+class Defense:
+    """Plain CLIP on the original pairs; the base of the other strategies."""
+
+    name = "none"
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        defaults = DEFAULTS[self.name]
+        self.warmup_epochs = _pick(config.warmup_epochs, defaults["warmup_epochs"])
+        self.match_every = _pick(config.match_every, defaults["match_every"])
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Called once before training (and before `load_state_dict` on resume)."""
+
+    def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        n = len(ctx.table)
+        return EpochPlan(
+            positions=np.arange(n, dtype=np.int64), caption=np.arange(n, dtype=np.int64)
+        )
+
+    def loss(
+        self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features
+    ) -> dict[str, Tensor]:
+        img, txt = feats.image[0][0], feats.text[0][0]
+        return {
+            "clip": clip_loss(img, txt, feats.logit_scale, rows=batch.rows, ids=batch.caption_ids)
+        }
+
+    def after_step(self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features) -> None:
+        """Sees the step's features, detached (e.g. to update a bank)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def intervenes(self, epoch: int) -> bool:
+        """Whether epoch (0-based) is one of the defense's rounds: e >= W, every R epochs."""
+        r = self.match_every
+        return r > 0 and epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % r == 0
+
+
+class NoDefense(Defense):
+    name = "none"
+
+
+class OTCCLIPDefense(Defense):
+    """OTCCLIP (our reading of Zhang et al., EMNLP 2025): OT caption re-matching + OT losses.
+
+    Loss on the current pairs (i, pi(i)):
+        L = L_CLIP + lambda_inter * L_inter + lambda_intra * L_intra
+    L_inter: OT-InfoNCE between patch tokens and word tokens, over each image's
+    positive and its m hardest in-batch negatives by global similarity, trained
+    from the first epoch (the first probe found the OT score useless for
+    matching unless the tokens are trained for it). L_intra (off by default,
+    weight 0, since it costs a second image forward): OT-InfoNCE between two
+    augmented views of each image, and between each caption and an augmented copy.
+
+    Re-matching: after W warm-up epochs, every R epochs, `matching.match_round`
+    re-pairs every image with a pool caption by S = alpha*cos + (1-alpha)*s_OT,
+    keeping its own caption unless beaten by more than `margin` (and, with
+    `flag_outside_topk`, re-pairing every image whose own caption is not among
+    its k nearest: "re-pair only suspicious pairs" is margin > 0). A round
+    starts from the ORIGINAL captions (`rematch_from="original"`, default: the
+    probe saw clean pairs drift from their true captions when each round
+    started from the previous one) or from the previous assignment. Images left
+    unassigned (capacity with fallback "unassigned") sit the epoch out.
+    """
+
+    name = "otcclip"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        if config.rematch_from not in ("original", "previous"):
+            raise ValueError(
+                f"rematch_from must be 'original' or 'previous', got {config.rematch_from!r}"
+            )
+        self.assignment: np.ndarray | None = None
+        self.history: Any = None
+        self.rounds = 0
+
+    def setup(self, ctx: TrainContext) -> None:
+        from otcclip.otmatch import History
+
+        n = len(ctx.table)
+        self.assignment = np.arange(n, dtype=np.int64)
+        self.history = History()
+        self.history.record(0, ctx.table.ids, ctx.table.ids)
+        self.rounds = 0
+
+    def match_config(self) -> Any:
+        from otcclip.matching import MatchConfig
+
+        c = self.config
+        return MatchConfig(
+            k=c.k,
+            alpha=c.alpha,
+            eps=c.match_eps if c.match_eps is not None else c.eps,
+            iters=c.match_iters if c.match_iters is not None else c.iters,
+            rho=c.ot_rho,
+            method=c.assign,
+            capacity=c.capacity,
+            margin=c.margin,
+            fallback=c.fallback,
+            flag_outside_topk=c.flag_outside_topk,
+            image_batch=c.match_batch,
+            text_batch=c.match_batch,
+            threads=c.threads,
+            seed=c.seed,
+        )
+
+    def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        assert self.assignment is not None, "setup() first"
+        info: dict[str, Any] = {}
+        if self.intervenes(epoch):
+            info = self._round(ctx)
+        positions = np.flatnonzero(self.assignment >= 0).astype(np.int64)
+        intra = self.config.lambda_intra > 0
+        return EpochPlan(
+            positions=positions,
+            caption=self.assignment.copy(),
+            phase="matched" if self.rounds else "warmup",
+            augment_images=intra,
+            image_views=2 if intra else 1,
+            text_views=2 if intra else 1,
+            info=info,
+        )
+
+    def _round(self, ctx: TrainContext) -> dict[str, Any]:
+        from otcclip.matching import match_round
+
+        table = ctx.table
+        n = len(table)
+        original = np.arange(n, dtype=np.int64)
+        if self.config.rematch_from == "previous":
+            own = np.where(self.assignment >= 0, self.assignment, original)
+        else:
+            own = original
+        with_classes = table.image_classes is not None and table.caption_classes is not None
+        result = match_round(
+            ctx.bundle,
+            table.images,
+            table.captions,
+            own,
+            self.match_config(),
+            poisoned=ctx.poisoned,
+            image_classes=table.image_classes if with_classes else None,
+            caption_classes=table.caption_classes if with_classes else None,
+            progress=ctx.progress,
+        )
+        self.assignment = np.asarray(result.caption, dtype=np.int64).copy()
+        self.rounds += 1
+        assigned = self.assignment >= 0
+        caption_ids = np.where(assigned, table.ids[np.maximum(self.assignment, 0)], -1)
+        self.history.record(self.rounds, table.ids, caption_ids.astype(np.int64))
+        report = {k: v for k, v in result.report.items() if _is_number(v)}
+        report["round"] = self.rounds
+        report["changed_from_original"] = int((self.assignment != original).sum())
+        report["seconds_by_stage"] = result.report.get("seconds", {})
+        return report
+
+    def loss(
+        self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features
+    ) -> dict[str, Tensor]:
+        c = self.config
+        (ig, ip), (tg, tw, tm) = feats.image[0], feats.text[0]
+        parts = {
+            "clip": clip_loss(ig, tg, feats.logit_scale, rows=batch.rows, ids=batch.caption_ids)
+        }
+        scale = feats.logit_scale if c.ot_scale is None else c.ot_scale
+        ot = {
+            "negatives": c.ot_negatives,
+            "eps": c.eps,
+            "iters": c.iters,
+            "rho": c.ot_rho,
+            "rows": batch.rows,
+        }
+        if c.lambda_inter > 0:
+            parts["inter"] = c.lambda_inter * ot_info_nce(
+                ip,
+                tw,
+                ig,
+                tg,
+                scale,
+                y_mask=tm,
+                ids=batch.caption_ids,
+                symmetric=c.inter_symmetric,
+                **ot,
+            )
+        if c.lambda_intra > 0:
+            (jg, jp), (ug, uw, um) = feats.image[1], feats.text[1]
+            image_term = ot_info_nce(ip, jp, ig, jg, scale, **ot)
+            text_term = ot_info_nce(
+                tw, uw, tg, ug, scale, x_mask=tm, y_mask=um, ids=batch.caption_ids, **ot
+            )
+            parts["intra"] = c.lambda_intra * 0.5 * (image_term + text_term)
+        return parts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "assignment": self.assignment,
+            "history": self.history.to_bytes() if self.history is not None else b"",
+            "rounds": self.rounds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from otcclip.otmatch import History
+
+        self.assignment = np.asarray(state["assignment"], dtype=np.int64)
+        self.history = History.from_bytes(bytes(state["history"]))
+        self.rounds = int(state["rounds"])
+
+
+class RoCLIPDefense(Defense):
+    """RoCLIP (Yang et al., NeurIPS 2023), following its public code's mechanism.
+
+    A FIFO bank holds the global embeddings of the most recent `bank_size`
+    captions (detached, from the batches just trained). In a matching epoch
+    (every R epochs after W; defaults W=1, R=2, i.e. the paper's "every other
+    epoch" counting from 1) each image is paired with its nearest bank caption
+    by global cosine (`otmatch.topk`, k=1) and the CLIP loss runs on (image,
+    nearest caption); the caption side then carries no gradient, as in the
+    reference code. Other epochs train plain CLIP. Images and captions are
+    augmented throughout (the code's `cross_aug`). Deviations: the bank is
+    refreshed at every step of every epoch (the reference refreshes it only in
+    matching epochs, so its first matching steps search stale or random
+    entries); two images whose nearest caption is the same bank entry are not
+    each other's negatives; augmentations are the position-preserving ones of
+    `otcclip.augment` instead of EDA and flips.
+    """
+
+    name = "roclip"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        if config.bank_size < 1:
+            raise ValueError(f"bank_size must be >= 1, got {config.bank_size}")
+        self.bank: np.ndarray | None = None
+        self.count = 0
+        self.cursor = 0
+
+    def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        plan = super().before_epoch(ctx, epoch)
+        plan.augment_images = True
+        plan.augment_text = True
+        plan.phase = "nearest" if self.intervenes(epoch) else "clip"
+        plan.info = {"bank_fill": int(self.count)}
+        return plan
+
+    def loss(
+        self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features
+    ) -> dict[str, Tensor]:
+        img, txt = feats.image[0][0], feats.text[0][0]
+        if plan.phase != "nearest" or self.count == 0:
+            return {
+                "clip": clip_loss(
+                    img, txt, feats.logit_scale, rows=batch.rows, ids=batch.caption_ids
+                )
+            }
+        from otcclip.otmatch import topk
+
+        assert self.bank is not None
+        pool = self.bank[: self.count]
+        query = np.ascontiguousarray(F.normalize(img.detach().float(), dim=-1).cpu().numpy())
+        index, _ = topk(query, pool, 1, self.config.threads)
+        nearest = torch.from_numpy(pool[index[:, 0]]).to(img.device)
+        ids = torch.from_numpy(index[:, 0].astype(np.int64)).to(img.device)
+        return {"nearest": clip_loss(img, nearest, feats.logit_scale, rows=batch.rows, ids=ids)}
+
+    def after_step(self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features) -> None:
+        txt = F.normalize(feats.text[0][0].detach().float(), dim=-1).cpu().numpy()
+        size = min(self.config.bank_size, len(ctx.table))
+        if self.bank is None:
+            self.bank = np.zeros((size, txt.shape[1]), dtype=np.float32)
+        rows = txt[-size:]
+        slots = (self.cursor + np.arange(len(rows))) % size
+        self.bank[slots] = rows
+        self.cursor = int((self.cursor + len(rows)) % size)
+        self.count = min(size, self.count + len(rows))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bank": self.bank, "count": self.count, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        bank = state.get("bank")
+        self.bank = None if bank is None else np.asarray(bank, dtype=np.float32).copy()
+        self.count = int(state["count"])
+        self.cursor = int(state["cursor"])
+
+
+class SafeCLIPDefense(Defense):
+    """SafeCLIP (Yang, Gao and Mirzasoleiman, ICML 2024), its mechanism at our scale.
+
+    1. Unimodal warm-up, W epochs (default 1): image-image and text-text
+       contrastive losses on two augmented views (CleanCLIP-style in-modal
+       InfoNCE with the model's logit scale); no image-caption term.
+    2. One CLIP epoch on all pairs at `safeclip_lr_scale` times the scheduled
+       learning rate (default 0.1).
+    3. Every later epoch: the cosine of every image with its caption, a
+       2-component Gaussian mixture (sklearn) on these cosines, and the safe set =
+       pairs the high-mean component claims (posterior > 0.5), at most the top
+       `safe_share` of the data by posterior; the share starts at
+       `safe_start` and grows by `safe_growth` per epoch. CLIP loss on safe
+       pairs, the unimodal losses on risky ones.
+    Deviations: the paper's slow-update of similarities and its nearest-neighbour
+    text pool are omitted; augmentations are those of `otcclip.augment`; the
+    share schedule's defaults suit runs of ~10 epochs rather than the paper's 30+.
+    """
+
+    name = "safeclip"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        for name in ("safe_start", "safe_growth", "safeclip_lr_scale"):
+            value = getattr(config, name)
+            if not (0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+    def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        plan = super().before_epoch(ctx, epoch)
+        plan.augment_images = True
+        w = self.warmup_epochs
+        if epoch < w:
+            plan.phase, plan.image_views, plan.text_views = "unimodal", 2, 2
+        elif epoch == w:
+            plan.phase, plan.lr_scale = "clip_low_lr", self.config.safeclip_lr_scale
+        else:
+            share = min(1.0, self.config.safe_start + self.config.safe_growth * (epoch - w - 1))
+            safe, info = self._split(ctx, share, epoch)
+            plan.phase, plan.image_views, plan.text_views = "mixed", 2, 2
+            plan.safe, plan.info = safe, info
+        return plan
+
+    def _split(
+        self, ctx: TrainContext, share: float, epoch: int
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        from sklearn.mixture import GaussianMixture
+
+        from otcclip.matching import MatchConfig, match_round
+
+        table = ctx.table
+        n = len(table)
+        own = np.arange(n, dtype=np.int64)
+        config = MatchConfig(
+            k=1,
+            alpha=1.0,
+            image_batch=self.config.match_batch,
+            text_batch=self.config.match_batch,
+            threads=self.config.threads,
+        )
+        cos = match_round(
+            ctx.bundle, table.images, table.captions, own, config, progress=ctx.progress
+        )
+        cos = np.asarray(cos.own_global_score, dtype=np.float64)
+        safe = np.zeros(n, dtype=bool)
+        if ctx.is_main:
+            gmm = GaussianMixture(n_components=2, random_state=self.config.seed + epoch)
+            gmm.fit(cos.reshape(-1, 1))
+            clean = int(np.argmax(gmm.means_.ravel()))
+            posterior = gmm.predict_proba(cos.reshape(-1, 1))[:, clean]
+            order = np.lexsort((-cos, -posterior))  # by posterior, then cosine
+            limit = min(int(math.floor(share * n)), int((posterior > 0.5).sum()))
+            safe[order[:limit]] = True
+        safe = dist.broadcast_object(safe)
+        info: dict[str, Any] = {"safe_share_target": share, "safe": int(safe.sum())}
+        if ctx.poisoned is not None:
+            poisoned = ctx.poisoned
+            info["poison_in_safe"] = int((safe & poisoned).sum())
+            info["poison_risky_share"] = _share(int((~safe & poisoned).sum()), int(poisoned.sum()))
+        return safe, info
+
+    def loss(
+        self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features
+    ) -> dict[str, Tensor]:
+        if plan.phase == "clip_low_lr":
+            return super().loss(ctx, plan, batch, feats)
+        (ig, _), (jg, _) = feats.image[0], feats.image[1]
+        (tg, _, _), (ug, _, _) = feats.text[0], feats.text[1]
+        risky = None if batch.safe is None else ~batch.safe
+        scale = feats.logit_scale
+        parts = {
+            "image_image": clip_loss(ig, jg, scale, rows=batch.rows, valid=risky),
+            "text_text": clip_loss(
+                tg, ug, scale, rows=batch.rows, valid=risky, ids=batch.caption_ids
+            ),
+        }
+        if plan.phase == "mixed":
+            parts["clip"] = clip_loss(
+                ig, tg, scale, rows=batch.rows, valid=batch.safe, ids=batch.caption_ids
+            )
+        return parts
+
+
+DEFENSES: dict[str, type[Defense]] = {
+    "none": NoDefense,
+    "roclip": RoCLIPDefense,
+    "safeclip": SafeCLIPDefense,
+    "otcclip": OTCCLIPDefense,
+}
+
+
+def make_defense(config: TrainConfig) -> Defense:
+    """The defense `config.defense` names (a clear error for an unknown name)."""
+    try:
+        cls = DEFENSES[config.defense]
+    except KeyError:
+        raise ValueError(
+            f"unknown defense {config.defense!r}; expected one of {', '.join(DEFENSES)}"
+        ) from None
+    return cls(config)
+
+
+def _pick(value: int | None, default: int) -> int:
+    if value is None:
+        return default
+    if not isinstance(value, int) or value < 0:
+        raise ValueError(f"schedule knobs must be integers >= 0, got {value!r}")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _share(part: int, whole: int) -> float:
+    return float(part) / whole if whole else float("nan")

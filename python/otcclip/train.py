@@ -1,0 +1,1083 @@
+"""The training loop: CLIP from scratch with a defense, resumable and data-parallel.
+
+`train(config, callbacks)` builds (or reads) the data, creates the model, and
+runs epochs of AdamW steps under a cosine schedule with linear warm-up. Each
+epoch starts with the defense's plan (`otcclip.defenses`): which images, paired
+with which captions, and how; each step encodes the views the plan asks for in
+one forward pass and adds the defense's loss terms.
+
+Reproducibility is by construction: the data order of an epoch is a pure
+function of (seed, epoch), augmentations of (seed, epoch, step), and the loop
+saves everything else that moves (weights, optimiser, scaler, RNG states, the
+plan, the defense's state, the metrics so far) in checkpoints at epoch ends and
+every `checkpoint_every` steps. A resumed run therefore continues exactly where
+the checkpoint left it, and ends where an uninterrupted run ends.
+
+Under `torchrun` every process takes a contiguous slice of each global batch;
+features are gathered with gradients and each process computes the loss rows
+of its slice, so the update equals the single-process update on the same
+global batch (up to floating-point summation order).
+
+This module never imports `otcclip.evaluate`: per-epoch evaluation is a
+callback (see `otcclip.commands.train`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from otcclip import distributed as dist
+from otcclip.atomic import write_text
+from otcclip.augment import augment_captions, augment_images, batch_generator, batch_rng
+from otcclip.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from otcclip.defenses import (
+    DEFENSES,
+    Batch,
+    Defense,
+    EpochPlan,
+    Features,
+    TrainContext,
+    make_defense,
+)
+
+__all__ = [
+    "Callback",
+    "TrainConfig",
+    "TrainResult",
+    "cosine_lr",
+    "epoch_order",
+    "load_training_data",
+    "train",
+]
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+SUMMARY_FILE = "summary.json"
+_MAX_LOGIT_SCALE = math.log(100.0)
+
+# Settings that may change between a run and its resumption (they do not change
+# what is computed); every other field must match the checkpoint's.
+_RESUMABLE_FIELDS = frozenset(
+    {
+        "out",
+        "resume",
+        "progress",
+        "threads",
+        "eval_every",
+        "tensorboard",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "device",
+        "match_batch",
+        "ot_compile",
+    }
+)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Defaults documented in `otcclip train --help`."""
+
+    # data
+    data: str | None = None
+    scenes: int | None = None
+    data_seed: int | None = None
+    image_size: int | None = None
+    # model and optimisation
+    model: str = "otc-vit-tiny"
+    defense: str = "none"
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    adam_eps: float = 1e-6
+    lr_warmup_steps: int | None = None
+    grad_clip: float | None = None
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    # run directory and logging
+    out: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    eval_every: int = 1
+    progress: bool = True
+    tensorboard: bool = False
+    threads: int | None = None
+    # defense schedule (None: the defense's default, see defenses.DEFAULTS)
+    warmup_epochs: int | None = None
+    match_every: int | None = None
+    # OTCCLIP losses
+    lambda_inter: float = 1.0
+    lambda_intra: float = 0.0
+    ot_negatives: int = 7
+    eps: float = 0.1
+    iters: int = 20
+    ot_rho: float | None = None
+    ot_scale: float | None = None
+    inter_symmetric: bool = False
+    ot_compile: str = "auto"
+    # OTCCLIP matching round
+    k: int = 16
+    alpha: float = 0.5
+    match_eps: float | None = None
+    match_iters: int | None = None
+    assign: str = "argmax"
+    capacity: int | None = None
+    margin: float = 0.05
+    fallback: str = "own"
+    flag_outside_topk: bool = False
+    rematch_from: str = "original"
+    match_batch: int = 256
+    # RoCLIP
+    bank_size: int = 4096
+    # SafeCLIP
+    safeclip_lr_scale: float = 0.1
+    safe_start: float = 0.3
+    safe_growth: float = 0.1
+
+    def validate(self) -> None:
+        """Clear errors for settings that cannot work (before anything is built)."""
+        if self.defense not in DEFENSES:
+            raise ValueError(
+                f"unknown defense {self.defense!r}; expected one of {', '.join(DEFENSES)}"
+            )
+        if (self.data is None) == (self.scenes is None):
+            raise ValueError(
+                "give exactly one data source: data (a file or poison directory) or scenes"
+            )
+        if self.scenes is not None and self.scenes < 1:
+            raise ValueError(f"scenes must be >= 1, got {self.scenes}")
+        positive_ints = (
+            "epochs",
+            "batch_size",
+            "keep_checkpoints",
+            "log_every",
+            "k",
+            "iters",
+            "match_batch",
+        )
+        for name in positive_ints:
+            if _bad_int(getattr(self, name), 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("checkpoint_every", "eval_every", "ot_negatives", "seed"):
+            if _bad_int(getattr(self, name), 0):
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2: a contrastive loss needs negatives")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "lambda_inter", "lambda_intra", "margin"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.ot_compile not in ("auto", "on", "off"):
+            raise ValueError(f"ot_compile must be auto, on or off, got {self.ot_compile!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.threads is not None and _bad_int(self.threads, 1):
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.ot_scale is not None and not self.ot_scale > 0:
+            raise ValueError(
+                f"ot_scale must be > 0 (or None: the learned logit scale), got {self.ot_scale}"
+            )
+        if self.resume and self.out is None:
+            raise ValueError("resume needs the run directory (out) to resume from")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings: {', '.join(unknown)}")
+        return TrainConfig(**d)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the trained model, per-epoch metrics, per-step losses."""
+
+    config: TrainConfig
+    bundle: Any
+    metrics: list[dict[str, Any]]
+    step_losses: list[float]
+    assignment: np.ndarray
+    history: Any = None
+    run_dir: Path | None = None
+
+
+class Callback:
+    """Hooks into the loop; every method is optional. Called on every process.
+
+    `on_epoch_end` may return extra metrics (e.g. an evaluation) merged into the
+    epoch's line; the main process's are the ones recorded. The loop runs
+    callbacks with the random states saved and restored around them, so that a
+    callback (an evaluation drawing random numbers) never changes the training.
+    """
+
+    def on_train_start(self, ctx: TrainContext) -> None:
+        pass
+
+    def on_step_end(self, ctx: TrainContext, info: dict[str, Any]) -> None:
+        pass
+
+    def on_checkpoint(self, ctx: TrainContext, path: Path, info: dict[str, Any]) -> None:
+        pass
+
+    def on_epoch_end(
+        self, ctx: TrainContext, epoch: int, metrics: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        return None
+
+    def on_train_end(self, ctx: TrainContext, result: TrainResult) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_training_data(
+    config: TrainConfig,
+) -> tuple[Any, list[Any]]:
+    """The training table and the poison manifests that describe it (if any).
+
+    `data` is a pairs file (parquet, CSV, webdataset) or a directory from
+    `otcclip poison` (train.parquet + manifest.json); `scenes` builds that many
+    fashion-scenes. Every check that can fail does so here, before training.
+    """
+    from otcclip.data import fashion_scenes, read_pairs
+
+    manifests: list[Any] = []
+    described: dict[str, Any] = {}
+    options = {} if config.image_size is None else {"image_size": config.image_size}
+    if config.scenes is not None:
+        seed = config.seed if config.data_seed is None else config.data_seed
+        size = 56 if config.image_size is None else config.image_size
+        table = fashion_scenes(config.scenes, seed=seed, image_size=size)
+    else:
+        path = Path(str(config.data))
+        if path.is_dir():
+            from otcclip.attacks import MANIFEST_FILE, load_manifests
+
+            pairs = _pairs_file(path)
+            table = read_pairs(pairs, **options)
+            if (path / MANIFEST_FILE).is_file():
+                manifests, described = load_manifests(path)
+        elif path.is_file():
+            table = read_pairs(path, **options)
+        else:
+            raise FileNotFoundError(
+                f"no training data at {str(path)!r} (a pairs file or a poison directory)"
+            )
+    if len(table) == 0:
+        raise ValueError("the training data holds no samples")
+    rows = described.get("n_rows")
+    if manifests and rows is not None and int(rows) != len(table):
+        raise ValueError(
+            f"the poison manifest does not match the data: it describes {rows} rows, "
+            f"the data has {len(table)}"
+        )
+    _check_manifests(table, manifests)
+    return table, manifests
+
+
+def _pairs_file(directory: Path) -> Path:
+    for name in ("train.parquet", "pairs.parquet", "data.parquet"):
+        if (directory / name).is_file():
+            return directory / name
+    found = sorted(p.name for p in directory.glob("*.parquet"))
+    if len(found) == 1:
+        return directory / found[0]
+    raise FileNotFoundError(
+        f"{directory} is not a poison directory: expected train.parquet (and manifest.json) in it"
+        + (f", found {', '.join(found)}" if found else "")
+    )
+
+
+def _check_manifests(table: Any, manifests: Sequence[Any]) -> None:
+    if not manifests:
+        return
+    ids = np.asarray(table.ids, dtype=np.int64)
+    for m in manifests:
+        touched = np.asarray(m.poisoned_ids, dtype=np.int64)
+        missing = np.setdiff1d(touched, ids)
+        if len(missing):
+            raise ValueError(
+                f"the poison manifest does not match the data: {len(missing)} of the "
+                f"{len(touched)} ids its {m.attack!r} attack poisoned are not in the data "
+                f"(e.g. {missing[:5].tolist()})"
+            )
+
+
+def poisoned_mask(table: Any, manifests: Sequence[Any]) -> np.ndarray | None:
+    if not manifests:
+        return None
+    from otcclip.attacks import poisoned_ids
+
+    return np.isin(np.asarray(table.ids, dtype=np.int64), poisoned_ids(manifests))
+
+
+def epoch_order(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """The epoch's shuffled rows: a pure function of (seed, epoch, positions)."""
+    rng = np.random.default_rng([int(seed), int(epoch), 0x5EED])
+    return np.asarray(positions, dtype=np.int64)[rng.permutation(len(positions))]
+
+
+def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
+    """open_clip's schedule: linear warm-up to `base`, then a cosine down to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span))) * base
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Loop:
+    """The loop's moving parts (what a checkpoint must hold besides the weights)."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    plan: EpochPlan | None = None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    sums: dict[str, float] = field(default_factory=dict)
+    steps_done: int = 0
+    seconds: float = 0.0
+    prepare_seconds: float = 0.0
+
+
+def train(
+    config: TrainConfig,
+    callbacks: Sequence[Callback] = (),
+    *,
+    table: Any = None,
+    manifests: Sequence[Any] = (),
+) -> TrainResult:
+    """Train a CLIP model with the configured defense; see the module docstring.
+
+    `table` (a PairTable) and `manifests` may be passed in directly instead of
+    `config.data` / `config.scenes` (tests, notebooks).
+    """
+    if table is not None:
+        config = dataclasses.replace(config, data=None, scenes=None)
+        _validate_without_data(config)
+    else:
+        config.validate()
+    rank, world = dist.rank(), dist.world_size()
+    if config.batch_size % world:
+        raise ValueError(
+            f"batch_size {config.batch_size} must be divisible by the {world} processes"
+        )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    defense = make_defense(config)
+    device = _device(config)
+    precision = _precision(config, device)
+    run_dir = Path(config.out) if config.out is not None else None
+    checkpoint = _open_run(config, run_dir, rank)
+
+    from otcclip.models import create_model
+
+    _seed_everything(config.seed)
+    bundle = create_model(config.model, seed=config.seed, device=str(device))
+    if table is None:
+        table, manifests = load_training_data(config)
+    else:
+        if len(table) == 0:
+            raise ValueError("the training data holds no samples")
+        manifests = list(manifests)
+        _check_manifests(table, manifests)
+    steps_per_epoch = len(table) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the data has {len(table)} samples, fewer than one batch of {config.batch_size}"
+        )
+    if checkpoint is not None:
+        checkpoint.load_weights(bundle)
+    model = bundle.model
+    model.train()
+    encoder: torch.nn.Module = _Encoder(model)
+    if world > 1:
+        encoder = torch.nn.parallel.DistributedDataParallel(
+            encoder,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    optimizer = _optimizer(model, config)
+    scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
+    total_steps = config.epochs * steps_per_epoch
+    _configure_ot_compile(config, total_steps, config.batch_size // world)
+    warmup = (
+        config.lr_warmup_steps
+        if config.lr_warmup_steps is not None
+        else max(1, round(0.05 * total_steps))
+    )
+    ctx = TrainContext(
+        config=config,
+        bundle=bundle,
+        table=table,
+        device=device,
+        rank=rank,
+        world=world,
+        poisoned=poisoned_mask(table, manifests),
+        manifests=list(manifests),
+        progress=config.progress and rank == 0,
+        log=_logger(rank),
+    )
+    defense.setup(ctx)
+    loop = _Loop()
+    if checkpoint is not None:
+        _restore(checkpoint, loop, defense, optimizer, scaler)
+        ctx.log(
+            f"resumed from {checkpoint.path} at epoch {loop.epoch + 1}, step {loop.step} "
+            f"(global step {loop.global_step})"
+        )
+    elif run_dir is not None and rank == 0:
+        write_text(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+    ctx.log(
+        f"training {config.model} with defense {config.defense!r} on {len(table)} pairs, "
+        f"{config.epochs} epochs of {steps_per_epoch} steps (batch {config.batch_size}, "
+        f"{world} process{'es' if world > 1 else ''}, {device}, "
+        f"torch threads {torch.get_num_threads()})"
+    )
+    writer = _tensorboard(config, run_dir, rank)
+    for cb in callbacks:
+        with _isolated_rng():
+            cb.on_train_start(ctx)
+
+    epoch_bar = _bar(config.epochs, "epochs", ctx.progress, initial=loop.epoch, position=0)
+    while loop.epoch < config.epochs:
+        epoch = loop.epoch
+        if loop.plan is None:
+            model.train()
+            start = time.perf_counter()
+            loop.plan = defense.before_epoch(ctx, epoch)
+            model.train()
+            loop.prepare_seconds = time.perf_counter() - start
+            loop.sums, loop.steps_done, loop.seconds, loop.step = {}, 0, 0.0, 0
+        plan = loop.plan
+        order = epoch_order(config.seed, epoch, plan.positions)
+        steps = len(order) // config.batch_size
+        if steps == 0:
+            raise ValueError(
+                f"epoch {epoch + 1}: only {len(order)} pairs left to train on, fewer than a batch"
+            )
+        step_bar = _bar(steps, f"epoch {epoch + 1}", ctx.progress, initial=loop.step, position=1)
+        while loop.step < steps:
+            start = time.perf_counter()
+            lr = cosine_lr(loop.global_step, total_steps, warmup, config.lr) * plan.lr_scale
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            positions = order[loop.step * config.batch_size : (loop.step + 1) * config.batch_size]
+            parts = _step(
+                ctx,
+                encoder,
+                defense,
+                plan,
+                optimizer,
+                scaler,
+                precision,
+                epoch,
+                loop.step,
+                positions,
+            )
+            loop.seconds += time.perf_counter() - start
+            for name, value in parts.items():
+                loop.sums[name] = loop.sums.get(name, 0.0) + value
+            loop.steps_done += 1
+            loop.step += 1
+            loop.global_step += 1
+            loop.step_losses.append(parts["loss"])
+            info = {
+                "event": "step",
+                "epoch": epoch + 1,
+                "step": loop.step,
+                "global_step": loop.global_step,
+                **parts,
+                "lr": lr,
+            }
+            if loop.global_step % config.log_every == 0:
+                loop.metrics.append(info)
+                if writer is not None:
+                    for name, value in parts.items():
+                        writer.add_scalar(f"train/{name}", value, loop.global_step)
+            step_bar.update(1)
+            step_bar.set_postfix(loss=f"{parts['loss']:.4f}")
+            for cb in callbacks:
+                with _isolated_rng():
+                    cb.on_step_end(ctx, info)
+            mid_epoch = loop.step < steps
+            if (
+                run_dir is not None
+                and mid_epoch
+                and config.checkpoint_every
+                and (loop.step % config.checkpoint_every == 0)
+            ):
+                _checkpoint(ctx, run_dir, loop, defense, optimizer, scaler, callbacks)
+        step_bar.close()
+        metrics = _epoch_metrics(ctx, loop, plan, epoch, steps, model, optimizer)
+        for cb in callbacks:
+            with _isolated_rng():
+                extra = cb.on_epoch_end(ctx, epoch, metrics)
+            model.train()
+            if extra:
+                metrics.update(extra)
+        dist.barrier()
+        loop.metrics.append(metrics)
+        if writer is not None:
+            _write_scalars(writer, metrics, epoch + 1)
+        ctx.log(_epoch_line(metrics))
+        loop.epoch += 1
+        loop.step = 0
+        loop.plan = None
+        if run_dir is not None:
+            _checkpoint(ctx, run_dir, loop, defense, optimizer, scaler, callbacks)
+        epoch_bar.update(1)
+    epoch_bar.close()
+    if writer is not None:
+        writer.close()
+
+    assignment = getattr(defense, "assignment", None)
+    if assignment is None:
+        assignment = np.arange(len(table), dtype=np.int64)
+    result = TrainResult(
+        config=config,
+        bundle=bundle,
+        metrics=[m for m in loop.metrics if m.get("event") == "epoch"],
+        step_losses=list(loop.step_losses),
+        assignment=np.asarray(assignment, dtype=np.int64),
+        history=getattr(defense, "history", None),
+        run_dir=run_dir,
+    )
+    if run_dir is not None and rank == 0:
+        from otcclip.models import save_weights
+
+        save_weights(bundle, run_dir / WEIGHTS_FILE)
+        summary = {
+            "config": config.to_dict(),
+            "final": result.metrics[-1] if result.metrics else {},
+        }
+        write_text(run_dir / SUMMARY_FILE, json.dumps(_jsonable(summary), indent=2) + "\n")
+    dist.barrier()
+    for cb in callbacks:
+        with _isolated_rng():
+            cb.on_train_end(ctx, result)
+    return result
+
+
+class _Encoder(torch.nn.Module):
+    """Every view of a step in one forward (one call: what DDP expects)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, pixels: list[Tensor], tokens: list[Tensor]
+    ) -> tuple[list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor, Tensor]], Tensor]:
+        from otcclip.models import encode_image_fine, encode_text_fine
+
+        images: list[tuple[Tensor, Tensor]] = []
+        texts: list[tuple[Tensor, Tensor, Tensor]] = []
+        if pixels:
+            sizes = [p.shape[0] for p in pixels]
+            g, p = encode_image_fine(self.model, torch.cat(pixels))
+            images = list(zip(g.split(sizes), p.split(sizes), strict=True))
+        if tokens:
+            sizes = [t.shape[0] for t in tokens]
+            g, w, m = encode_text_fine(self.model, torch.cat(tokens))
+            texts = list(zip(g.split(sizes), w.split(sizes), m.split(sizes), strict=True))
+        return images, texts, self.model.logit_scale.exp()
+
+
+def _step(
+    ctx: TrainContext,
+    encoder: torch.nn.Module,
+    defense: Defense,
+    plan: EpochPlan,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    precision: torch.dtype,
+    epoch: int,
+    step: int,
+    positions: np.ndarray,
+) -> dict[str, float]:
+    config, table, bundle = ctx.config, ctx.table, ctx.bundle
+    b = len(positions)
+    local_b = b // ctx.world
+    rows = slice(ctx.rank * local_b, (ctx.rank + 1) * local_b)
+    local = positions[rows]
+    caption_rows = plan.caption[positions]
+    batch = Batch(
+        epoch=epoch,
+        step=step,
+        positions=positions,
+        rows=rows,
+        caption_ids=torch.from_numpy(caption_rows.astype(np.int64)).to(ctx.device),
+        safe=None if plan.safe is None else torch.from_numpy(plan.safe[positions]).to(ctx.device),
+    )
+
+    from otcclip.models import image_transform
+
+    base = image_transform(table.images[local], bundle.image_size).to(ctx.device)
+    pixels = []
+    for view in range(plan.image_views):
+        if view > 0 or plan.augment_images:
+            gen = batch_generator(config.seed, epoch, step, view)
+            pixels.append(augment_images(base, gen, offset=rows.start, total=b))
+        else:
+            pixels.append(base)
+    texts = [table.captions[i] for i in caption_rows]
+    token_views = []
+    for view in range(plan.text_views):
+        if view > 0 or plan.augment_text:
+            views = augment_captions(texts, batch_rng(config.seed, epoch, step, 10 + view))
+        else:
+            views = texts
+        token_views.append(bundle.tokenizer(views[rows]).to(ctx.device))
+
+    autocast = (
+        torch.autocast("cuda", dtype=precision)
+        if precision != torch.float32
+        else contextlib.nullcontext()
+    )
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        images, text_out, logit_scale = encoder(pixels, token_views)
+        feats = _gather_features(images, text_out, logit_scale, ctx.world)
+        parts = defense.loss(ctx, plan, batch, feats)
+        total = sum(parts.values(), torch.zeros((), device=ctx.device))
+        if ctx.world > 1:
+            # every gathered feature reaches the loss, so every process runs the
+            # same collectives in backward and DDP sees every parameter used
+            total = total + 0.0 * _touch(feats)
+    loss = total * ctx.world
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(bundle.model.parameters(), config.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    with torch.no_grad():
+        bundle.model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+    detached = Features(
+        image=[tuple(t.detach() for t in v) for v in feats.image],  # type: ignore[misc]
+        text=[tuple(t.detach() for t in v) for v in feats.text],  # type: ignore[misc]
+        logit_scale=feats.logit_scale.detach(),
+    )
+    defense.after_step(ctx, plan, batch, detached)
+    names = sorted(parts)
+    values = torch.stack([total.detach().float()] + [parts[n].detach().float() for n in names])
+    if ctx.world > 1:
+        torch.distributed.all_reduce(values)
+    values = values.cpu().tolist()
+    out = {"loss": values[0]}
+    out.update({n: v for n, v in zip(names, values[1:], strict=True)})
+    out["logit_scale"] = float(feats.logit_scale.detach())
+    return out
+
+
+def _gather_features(
+    images: list[tuple[Tensor, Tensor]],
+    texts: list[tuple[Tensor, Tensor, Tensor]],
+    logit_scale: Tensor,
+    world: int,
+) -> Features:
+    """The global batch's features; rows of other processes carry their gradients back."""
+    gathered_images = [(_gather(g, world), _gather(p, world)) for g, p in images]
+    gathered_texts = []
+    for g, w, m in texts:
+        mask = _gather_mask(m.bool(), world)
+        width = int(mask.any(dim=0).nonzero().max().item()) + 1 if mask.any() else 1
+        gathered_texts.append((_gather(g, world), _gather(w, world)[:, :width], mask[:, :width]))
+    return Features(image=gathered_images, text=gathered_texts, logit_scale=logit_scale)
+
+
+def _gather(t: Tensor, world: int) -> Tensor:
+    if world == 1:
+        return t
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(t.contiguous()), dim=0)
+
+
+def _gather_mask(m: Tensor, world: int) -> Tensor:
+    if world == 1:
+        return m
+    wire = m.to(torch.uint8).contiguous()
+    out = [torch.empty_like(wire) for _ in range(world)]
+    torch.distributed.all_gather(out, wire)
+    return torch.cat(out, dim=0).bool()
+
+
+def _touch(feats: Features) -> Tensor:
+    total = feats.logit_scale.float()
+    for view in feats.image:
+        for t in view:
+            total = total + t.float().sum()
+    for g, w, _ in feats.text:
+        total = total + g.float().sum() + w.float().sum()
+    return total
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on gains, biases, 1-d tensors and the logit scale (as open_clip)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [
+        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": config.weight_decay},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.adam_eps
+    )
+
+
+# --------------------------------------------------------------------------- run dir, checkpoints
+
+
+def _open_run(config: TrainConfig, run_dir: Path | None, rank: int) -> Checkpoint | None:
+    """The checkpoint to resume from (or None), after every check that can fail."""
+    if run_dir is None:
+        return None
+    if not config.resume:
+        if (
+            rank == 0
+            and run_dir.exists()
+            and ((run_dir / WEIGHTS_FILE).exists() or load_checkpoint(run_dir) is not None)
+        ):
+            raise ValueError(
+                f"{run_dir} already holds a training run; resume it (--resume) "
+                "or choose another output directory"
+            )
+        dist.barrier()
+        return None
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is None:
+        raise CheckpointError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}")
+    saved = TrainConfig.from_dict(checkpoint.state["config"])
+    if checkpoint.model_name != config.model:
+        raise CheckpointError(
+            f"the checkpoint in {run_dir} holds model {checkpoint.model_name!r}, "
+            f"not {config.model!r}"
+        )
+    differ = [
+        f"{f.name} ({getattr(saved, f.name)!r} there, {getattr(config, f.name)!r} now)"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in _RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(config, f.name)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"cannot resume {run_dir} with different settings: " + "; ".join(differ)
+        )
+    return checkpoint
+
+
+def _checkpoint(
+    ctx: TrainContext,
+    run_dir: Path,
+    loop: _Loop,
+    defense: Defense,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+    callbacks: Sequence[Callback],
+) -> None:
+    path: Path | None = None
+    if ctx.is_main:
+        state = {
+            "config": ctx.config.to_dict(),
+            "epoch": loop.epoch,
+            "step": loop.step,
+            "global_step": loop.global_step,
+            "plan": None if loop.plan is None else loop.plan.state_dict(),
+            "defense": defense.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": None if scaler is None else scaler.state_dict(),
+            "rng": capture_rng(),
+            "metrics": _jsonable(loop.metrics),
+            "step_losses": list(loop.step_losses),
+            "sums": dict(loop.sums),
+            "steps_done": loop.steps_done,
+            "seconds": loop.seconds,
+            "prepare_seconds": loop.prepare_seconds,
+        }
+        _write_metrics(run_dir, loop.metrics)
+        path = save_checkpoint(
+            run_dir,
+            ctx.bundle,
+            state,
+            global_step=loop.global_step,
+            keep=ctx.config.keep_checkpoints,
+        )
+    dist.barrier()
+    info = {"epoch": loop.epoch, "step": loop.step, "global_step": loop.global_step}
+    for cb in callbacks:
+        with _isolated_rng():
+            cb.on_checkpoint(ctx, path if path is not None else run_dir, info)
+
+
+def _restore(
+    checkpoint: Checkpoint,
+    loop: _Loop,
+    defense: Defense,
+    optimizer: torch.optim.Optimizer,
+    scaler: Any,
+) -> None:
+    s = checkpoint.state
+    loop.epoch, loop.step, loop.global_step = int(s["epoch"]), int(s["step"]), int(s["global_step"])
+    loop.plan = None if s["plan"] is None else EpochPlan.from_state(s["plan"])
+    defense.load_state_dict(s["defense"])
+    optimizer.load_state_dict(s["optimizer"])
+    if scaler is not None and s["scaler"] is not None:
+        scaler.load_state_dict(s["scaler"])
+    restore_rng(s["rng"])
+    loop.metrics = list(s["metrics"])
+    loop.step_losses = [float(x) for x in s["step_losses"]]
+    loop.sums = {k: float(v) for k, v in s["sums"].items()}
+    loop.steps_done = int(s["steps_done"])
+    loop.seconds = float(s["seconds"])
+    loop.prepare_seconds = float(s["prepare_seconds"])
+
+
+def _write_metrics(run_dir: Path, metrics: list[dict[str, Any]]) -> None:
+    lines = "".join(json.dumps(_jsonable(m)) + "\n" for m in metrics)
+    write_text(run_dir / METRICS_FILE, lines)
+
+
+# --------------------------------------------------------------------------- metrics and logs
+
+
+def _epoch_metrics(
+    ctx: TrainContext,
+    loop: _Loop,
+    plan: EpochPlan,
+    epoch: int,
+    steps: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> dict[str, Any]:
+    means = {k: v / max(1, loop.steps_done) for k, v in loop.sums.items()}
+    return _jsonable(
+        {
+            "event": "epoch",
+            "epoch": epoch + 1,
+            "phase": plan.phase,
+            "steps": steps,
+            "pairs": int(len(plan.positions)),
+            **means,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": loop.seconds,
+            "prepare_seconds": loop.prepare_seconds,
+            "defense": plan.info,
+        }
+    )
+
+
+def _epoch_line(m: dict[str, Any]) -> str:
+    parts = [f"epoch {m['epoch']}", m.get("phase", ""), f"loss {m.get('loss', float('nan')):.4f}"]
+    parts.append(f"{m['seconds']:.1f}s (+{m['prepare_seconds']:.1f}s preparing)")
+    defense = m.get("defense") or {}
+    if "changed" in defense:
+        parts.append(f"re-paired {defense['changed']}")
+    ev = m.get("eval") or {}
+    for key in ("zero_shot_top1", "targeted_asr", "backdoor_asr"):
+        if isinstance(ev.get(key), (int, float)):
+            parts.append(f"{key} {ev[key]:.3f}")
+    return " | ".join(p for p in parts if p)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu().tolist()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _tensorboard(config: TrainConfig, run_dir: Path | None, rank: int) -> Any:
+    if not config.tensorboard or rank != 0:
+        return None
+    if run_dir is None:
+        raise ValueError("tensorboard logging needs an output directory")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError(
+            "tensorboard logging needs the tensorboard package (pip install tensorboard)"
+        ) from exc
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _write_scalars(writer: Any, metrics: dict[str, Any], epoch: int, prefix: str = "epoch") -> None:
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            _write_scalars(writer, value, epoch, f"{prefix}/{key}")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(f"{prefix}/{key}", value, epoch)
+
+
+def _logger(rank: int) -> Any:
+    def log(message: str) -> None:
+        if rank == 0:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message, file=sys.stderr)
+
+    return log
+
+
+def _bar(total: int, desc: str, enabled: bool, *, initial: int = 0, position: int = 0) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        initial=initial,
+        disable=not enabled,
+        position=position,
+        leave=position == 0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cpu")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r} asked for, but CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank())
+    return device
+
+
+def _precision(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """Mixed precision on CUDA only: bf16 where supported, else fp16 with a grad scaler."""
+    if config.precision == "fp32":
+        return torch.float32
+    if device.type != "cuda":
+        if config.precision != "auto":
+            raise ValueError(
+                f"precision {config.precision!r} needs a CUDA device (the CPU trains in fp32)"
+            )
+        return torch.float32
+    if config.precision == "fp16":
+        return torch.float16
+    if config.precision == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+# Compiling the Sinkhorn loop costs seconds (tens on a cold cache) and then runs the OT
+# losses about 3x faster on the CPU: worth it from about this much OT work in a run.
+_COMPILE_PAYS_OFF = 20_000_000  # pair-iterations
+
+
+def _configure_ot_compile(config: TrainConfig, total_steps: int, local_batch: int) -> None:
+    """Switch `otcclip.ot` to compiled Sinkhorn for runs long enough to pay for it.
+
+    Process-wide (the matching round's scoring then compiles too). "auto" leaves
+    short runs (tests, smoke runs) to the OT module's own rule.
+    """
+    if config.defense != "otcclip":
+        return
+    terms = (config.lambda_inter > 0) * (1 + config.inter_symmetric) + 2 * (config.lambda_intra > 0)
+    if terms == 0:
+        return
+    mode = config.ot_compile
+    if mode == "auto":
+        work = total_steps * local_batch * (1 + config.ot_negatives) * config.iters * terms
+        if work < _COMPILE_PAYS_OFF:
+            return
+        mode = "on"
+    from otcclip import ot
+
+    ot.set_compile(mode)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _isolated_rng() -> Iterator[None]:
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
+
+
+def _validate_without_data(config: TrainConfig) -> None:
+    probe = dataclasses.replace(config, scenes=1)
+    probe.validate()
+
+
+def _bad_int(value: Any, minimum: int) -> bool:
+    return not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum

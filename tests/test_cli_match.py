@@ -1,0 +1,247 @@
+"""`otcclip match` as a user runs it: files in, one parquet out, clear refusals.
+
+A tiny model from scratch (its pairing is arbitrary; the tests check the
+contract of the output, not the quality of an untrained model) and a few
+fashion-scenes written as a pairs parquet.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from otcclip.cli import main
+from otcclip.data import fashion_scenes, read_pairs, write_pairs
+from otcclip.models import create_model, save_weights
+from PIL import Image
+
+N = 20
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("match")
+    bundle = create_model("otc-vit-tiny", seed=0)
+    weights = root / "weights.safetensors"
+    save_weights(bundle, weights)
+    table = fashion_scenes(N, seed=3, image_size=bundle.image_size)
+    pairs = root / "pairs.parquet"
+    write_pairs(table, pairs)
+    # a pool with other ids, and an images file pointing at it by caption_id
+    pool = root / "pool.parquet"
+    pool_ids = np.arange(N, dtype=np.int64) + 1000
+    pq.write_table(pa.table({"caption_id": pool_ids, "text": table.captions}), pool)
+    pngs = root / "png"
+    pngs.mkdir()
+    for i, img in zip(table.ids, table.images, strict=True):
+        Image.fromarray(img).save(pngs / f"{i}.png")
+    order = np.random.default_rng(0).permutation(N)
+    images = root / "images.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": table.ids[order],
+                "image_path": [f"png/{i}.png" for i in table.ids[order]],
+                "caption_id": pool_ids[order],
+            }
+        ),
+        images,
+    )
+    return {"root": root, "weights": weights, "pairs": pairs, "pool": pool, "images": images}
+
+
+def run(*args: str) -> object:
+    return CliRunner().invoke(main, ["match", *map(str, args)], catch_exceptions=False)
+
+
+def base(
+    files: dict[str, Path], out: Path, pool: Path | None = None, images: Path | None = None
+) -> list[str]:
+    return [
+        "--pool",
+        pool or files["pairs"],
+        "--images",
+        images or files["pairs"],
+        "--checkpoint",
+        files["weights"],
+        "--out",
+        out,
+        "--k",
+        "4",
+        "--iters",
+        "10",
+        "--no-progress",
+    ]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_help_names_the_defaults():
+    result = CliRunner().invoke(main, ["match", "--help"])
+    assert result.exit_code == 0
+    for text in (
+        "--pool",
+        "--flag-only",
+        "--assign",
+        "default: 16",
+        "default: 0.5",
+        "default: argmax",
+        "default: 0.05",
+    ):
+        assert text in result.output
+
+
+def test_pairs_file_is_rematched_and_trainable(files, tmp_path):
+    out = tmp_path / "matched.parquet"
+    result = run(*base(files, out))
+    assert result.exit_code == 0, result.output
+    assert "matched 20 images against 20 captions" in result.output
+    assert f"wrote {out}" in result.output
+    assert "true content (from the class columns): 100.0% before" in result.output
+    t = pq.read_table(out).to_pydict()
+    source = read_pairs(files["pairs"])
+    assert t["id"] == source.ids.tolist()
+    assert t["original_caption_id"] == source.ids.tolist()  # a pairs file: caption id = id
+    by_id = dict(zip(source.ids.tolist(), source.captions, strict=True))
+    for cid, text, orig, changed in zip(
+        t["caption_id"], t["caption"], t["original_caption_id"], t["changed"], strict=True
+    ):
+        assert text == by_id[cid]
+        assert changed == (cid != orig)
+    scores = np.array(t["score"])
+    np.testing.assert_allclose(
+        scores, 0.5 * np.array(t["global_score"]) + 0.5 * np.array(t["ot_score"]), atol=1e-5
+    )
+    assert (scores >= np.array(t["own_score"]) - 1e-6).all()
+    # the output is itself a pairs file: the images came through untouched
+    again = read_pairs(out)
+    np.testing.assert_array_equal(again.images, source.images)
+    assert again.captions == t["caption"]
+    assert pq.read_schema(out).metadata[b"otcclip.matching"]
+
+
+def test_images_by_path_against_a_separate_pool(files, tmp_path):
+    out = tmp_path / "matched.parquet"
+    report = tmp_path / "report.json"
+    args = base(files, out, pool=files["pool"], images=files["images"])
+    result = run(*args, "--alpha", "1", "--margin", "0", "--json", report)
+    assert result.exit_code == 0, result.output
+    t = pq.read_table(out).to_pydict()
+    assert sorted(t["id"]) == list(range(N))
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in t["image_path"])
+    # image i's own caption is pool id 1000 + i: with alpha 1 and no margin the
+    # assigned caption is the best by global cosine, never below the own one
+    assert t["original_caption_id"] == [1000 + i for i in t["id"]]
+    assert all(1000 <= c < 1000 + N for c in t["caption_id"])
+    assert all(np.isnan(x) for x in t["ot_score"])
+    assert (np.array(t["score"]) >= np.array(t["own_score"]) - 1e-6).all()
+    assert '"changed"' in report.read_text()
+
+
+def test_flag_only_keeps_the_pairs_and_flags(files, tmp_path):
+    out = tmp_path / "flags.parquet"
+    result = run(*base(files, out), "--flag-only", "--margin", "0")
+    assert result.exit_code == 0, result.output
+    assert "suspicious:" in result.output and "nothing re-paired" in result.output
+    t = pq.read_table(out).to_pydict()
+    assert "changed" not in t
+    assert t["caption_id"] == t["id"]
+    best, own = np.array(t["best_score"]), np.array(t["score"])
+    np.testing.assert_array_equal(np.array(t["suspicious"]), own < best)
+
+
+def test_capacity_bounds_the_caption_loads(files, tmp_path):
+    out = tmp_path / "cap.parquet"
+    result = run(*base(files, out), "--assign", "capacity", "--capacity", "1", "--margin", "0")
+    assert result.exit_code == 0, result.output
+    ids = pq.read_table(out).column("caption_id").to_pylist()
+    changed = pq.read_table(out).column("changed").to_pylist()
+    moved = [c for c, ch in zip(ids, changed, strict=True) if ch]
+    assert len(moved) == len(set(moved))
+
+
+def test_precomputed_embeddings_are_checked(files, tmp_path):
+    table = pq.read_table(files["pool"])
+    wrong = table.append_column(
+        "embedding", pa.array([[1.0, 0.0, 0.5]] * N, pa.list_(pa.float32()))
+    )
+    pool = tmp_path / "pool_emb.parquet"
+    pq.write_table(wrong, pool)
+    out = tmp_path / "out.parquet"
+    result = run(*base(files, out, pool=pool, images=files["images"]))
+    assert result.exit_code != 0
+    assert "'embedding' column is 3 wide" in result.output
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def _bad_images_file(folder: Path) -> Path:
+    good = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(good, format="PNG")
+    path = folder / "bad_images.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "id": [0, 1, 2],
+                "image": [good.getvalue(), b"not a png", None],
+                "caption_id": [0, 1, 2],
+            }
+        ),
+        path,
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no_text_column", "needs a text column"),
+        ("empty_pool", "the caption pool is empty"),
+        ("unreadable_images", "2 of 3 images cannot be read (ids [1, 2])"),
+        ("k_too_large", "larger than the pool"),
+        ("own_not_in_pool", "caption_id values are not in the pool"),
+        ("missing_image_column", "needs an id"),
+        ("capacity_without_value", "--assign capacity needs --capacity"),
+        ("no_checkpoint", "does not exist"),
+    ],
+)
+def test_bad_input_stops_without_output(files, tmp_path, case, message):
+    out = tmp_path / "out.parquet"
+    args = base(files, out)
+    if case == "no_text_column":
+        pool = tmp_path / "p.parquet"
+        pq.write_table(pa.table({"id": [0, 1]}), pool)
+        args = base(files, out, pool=pool)
+    elif case == "empty_pool":
+        pool = tmp_path / "p.parquet"
+        pq.write_table(
+            pa.table({"id": pa.array([], pa.int64()), "caption": pa.array([], pa.string())}), pool
+        )
+        args = base(files, out, pool=pool)
+    elif case == "unreadable_images":
+        args = base(files, out, images=_bad_images_file(tmp_path))
+    elif case == "k_too_large":
+        args = [*base(files, out), "--k", "50"]
+    elif case == "own_not_in_pool":
+        args = base(files, out, pool=files["pool"], images=_bad_images_file(tmp_path))
+        args[args.index("--images") + 1] = files["images"]
+        args[args.index("--pool") + 1] = files["pairs"]
+    elif case == "missing_image_column":
+        images = tmp_path / "i.parquet"
+        pq.write_table(pa.table({"id": [0], "caption_id": [0]}), images)
+        args = base(files, out, images=images)
+    elif case == "capacity_without_value":
+        args = [*base(files, out), "--assign", "capacity"]
+    elif case == "no_checkpoint":
+        args = base(files, out)
+        args[args.index("--checkpoint") + 1] = tmp_path / "missing.safetensors"
+    result = run(*args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -1,0 +1,258 @@
+"""Defenses: schedules, what each epoch's plan holds, the loss terms, and saved state.
+
+The matching round itself is `otcclip.matching`'s business (tests/test_matching.py);
+here it is replaced by a recorder so that each defense's own logic is checked exactly.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from otcclip.data import PairTable
+from otcclip.defenses import Batch, Features, TrainContext, make_defense
+from otcclip.losses import clip_loss
+from otcclip.train import TrainConfig
+
+N = 12
+
+
+def _table(n: int = N) -> PairTable:
+    rng = np.random.default_rng(0)
+    return PairTable(
+        ids=np.arange(100, 100 + n, dtype=np.int64),
+        images=rng.integers(0, 255, (n, 8, 8), dtype=np.uint8),
+        captions=[f"caption {i}" for i in range(n)],
+        image_classes=None,
+        caption_classes=None,
+    )
+
+
+def _ctx(config: TrainConfig, poisoned: np.ndarray | None = None) -> TrainContext:
+    return TrainContext(
+        config=config,
+        bundle=None,
+        table=_table(),
+        device=torch.device("cpu"),
+        poisoned=poisoned,
+        log=lambda _: None,
+    )
+
+
+def _config(defense: str, **kw) -> TrainConfig:
+    return TrainConfig(scenes=N, defense=defense, batch_size=4, **kw)
+
+
+def _features(b: int = 4, views: int = 1, seed: int = 0) -> Features:
+    g = torch.Generator().manual_seed(seed)
+    image = [
+        (torch.randn(b, 8, generator=g), torch.randn(b, 5, 8, generator=g)) for _ in range(views)
+    ]
+    text = [
+        (
+            torch.randn(b, 8, generator=g),
+            torch.randn(b, 4, 8, generator=g),
+            torch.ones(b, 4, dtype=torch.bool),
+        )
+        for _ in range(views)
+    ]
+    return Features(image=image, text=text, logit_scale=torch.tensor(10.0))
+
+
+def _batch(b: int = 4, safe: torch.Tensor | None = None) -> Batch:
+    return Batch(
+        epoch=0,
+        step=0,
+        positions=np.arange(b),
+        rows=slice(0, b),
+        caption_ids=torch.arange(b),
+        safe=safe,
+    )
+
+
+def test_unknown_defense_is_refused():
+    with pytest.raises(ValueError, match="unknown defense 'nope'"):
+        make_defense(SimpleNamespace(defense="nope"))
+
+
+@pytest.mark.parametrize(
+    ("defense", "warmup", "every", "rounds"),
+    [
+        ("otcclip", None, None, [3, 4, 5, 6, 7]),
+        ("otcclip", 2, 3, [2, 5]),
+        ("otcclip", 2, 0, []),
+        ("roclip", None, None, [1, 3, 5, 7]),
+        ("none", None, None, []),
+    ],
+)
+def test_schedules(defense, warmup, every, rounds):
+    d = make_defense(_config(defense, warmup_epochs=warmup, match_every=every))
+    assert [e for e in range(8) if d.intervenes(e)] == rounds
+
+
+class _Recorder:
+    """Stands in for matching.match_round: records `own`, returns a scripted pairing."""
+
+    def __init__(self, captions: list[np.ndarray]) -> None:
+        self.captions = list(captions)
+        self.owns: list[np.ndarray] = []
+
+    def __call__(self, bundle, images, captions, own, config, **kw):
+        self.owns.append(np.array(own))
+        caption = self.captions.pop(0)
+        return SimpleNamespace(
+            caption=caption,
+            own_global_score=None,
+            report={"changed": int((caption != own).sum()), "seconds": {"score": 0.1}},
+        )
+
+
+def test_otcclip_rematches_after_warmup_from_the_original_captions(monkeypatch):
+    first = np.arange(N)
+    first[[0, 1]] = [5, -1]  # image 0 re-paired with caption 5, image 1 unassigned
+    second = np.arange(N)
+    second[2] = 7
+    recorder = _Recorder([first, second])
+    monkeypatch.setattr("otcclip.matching.match_round", recorder)
+    config = _config("otcclip", warmup_epochs=1, match_every=1, rematch_from="original")
+    d = make_defense(config)
+    ctx = _ctx(config)
+    d.setup(ctx)
+    plan = d.before_epoch(ctx, 0)
+    assert plan.phase == "warmup" and not recorder.owns
+    assert np.array_equal(plan.caption, np.arange(N)) and len(plan.positions) == N
+    plan = d.before_epoch(ctx, 1)
+    assert np.array_equal(recorder.owns[0], np.arange(N))
+    assert plan.caption[0] == 5 and 1 not in plan.positions and len(plan.positions) == N - 1
+    assert plan.info["round"] == 1 and plan.info["changed_from_original"] == 2
+    d.before_epoch(ctx, 2)
+    assert np.array_equal(recorder.owns[1], np.arange(N))  # original, not the previous pairing
+    ids = ctx.table.ids
+    assert d.history.get(int(ids[0])) == [(0, int(ids[0])), (1, int(ids[5])), (2, int(ids[0]))]
+    assert d.history.get(int(ids[1]))[1] == (1, -1)
+
+
+def test_otcclip_can_start_rounds_from_the_previous_pairing(monkeypatch):
+    first = np.arange(N)
+    first[[0, 1]] = [5, -1]
+    recorder = _Recorder([first, np.arange(N)])
+    monkeypatch.setattr("otcclip.matching.match_round", recorder)
+    config = _config("otcclip", warmup_epochs=0, match_every=1, rematch_from="previous")
+    d = make_defense(config)
+    ctx = _ctx(config)
+    d.setup(ctx)
+    d.before_epoch(ctx, 0)
+    d.before_epoch(ctx, 1)
+    want = np.arange(N)
+    want[0] = 5  # the previous pairing; the unassigned image falls back to its own caption
+    assert np.array_equal(recorder.owns[1], want)
+
+
+def test_otcclip_state_survives_a_restart(monkeypatch):
+    first = np.arange(N)[::-1].copy()
+    monkeypatch.setattr("otcclip.matching.match_round", _Recorder([first]))
+    config = _config("otcclip", warmup_epochs=0)
+    d = make_defense(config)
+    ctx = _ctx(config)
+    d.setup(ctx)
+    d.before_epoch(ctx, 0)
+    again = make_defense(config)
+    again.setup(ctx)
+    again.load_state_dict(d.state_dict())
+    assert np.array_equal(again.assignment, first) and again.rounds == 1
+    assert again.history.get(100) == d.history.get(100)
+
+
+@pytest.mark.parametrize(
+    ("kw", "terms", "views"),
+    [
+        ({}, {"clip", "inter"}, 1),
+        ({"lambda_inter": 0.0}, {"clip"}, 1),
+        ({"lambda_intra": 0.5}, {"clip", "inter", "intra"}, 2),
+    ],
+)
+def test_otcclip_loss_terms(kw, terms, views):
+    config = _config("otcclip", ot_negatives=2, **kw)
+    d = make_defense(config)
+    ctx = _ctx(config)
+    d.setup(ctx)
+    plan = d.before_epoch(ctx, 0)
+    assert plan.image_views == views and plan.text_views == views
+    parts = d.loss(ctx, plan, _batch(), _features(views=views))
+    assert set(parts) == terms
+    assert all(torch.isfinite(v) and v > 0 for v in parts.values())
+    half = make_defense(_config("otcclip", ot_negatives=2, **{**kw, "lambda_inter": 0.5}))
+    if "inter" in terms and kw.get("lambda_inter", 1.0) == 1.0:
+        halved = half.loss(ctx, plan, _batch(), _features(views=views))["inter"]
+        assert torch.allclose(halved, 0.5 * parts["inter"])
+
+
+def test_roclip_pairs_each_image_with_its_nearest_bank_caption():
+    config = _config("roclip", bank_size=6)
+    d = make_defense(config)
+    ctx = _ctx(config)
+    assert d.before_epoch(ctx, 0).phase == "clip"
+    plan = d.before_epoch(ctx, 1)
+    assert plan.phase == "nearest" and plan.augment_images and plan.augment_text
+    feats = _features(b=4, seed=1)
+    for step in range(2):  # two batches of 4 into a bank of 6: FIFO keeps the newest 6
+        text = _features(b=4, seed=10 + step).text
+        d.after_step(ctx, plan, _batch(), Features(feats.image, text, feats.logit_scale))
+    assert d.count == 6 and d.cursor == 2
+    newest = torch.nn.functional.normalize(_features(b=4, seed=11).text[0][0], dim=-1)
+    assert np.allclose(d.bank[[4, 5, 0, 1]], newest.numpy(), atol=1e-6)
+    # images that are (noisy copies of) bank rows 3, 0, 5, 1
+    bank = torch.from_numpy(d.bank)
+    pick = [3, 0, 5, 1]
+    images = bank[pick] + 0.01 * torch.randn(
+        4, bank.shape[1], generator=torch.Generator().manual_seed(2)
+    )
+    probe = Features([(images, feats.image[0][1])], feats.text, feats.logit_scale)
+    parts = d.loss(ctx, plan, _batch(), probe)
+    assert set(parts) == {"nearest"}
+    assert torch.allclose(parts["nearest"], clip_loss(images, bank[pick], 10.0), atol=1e-6)
+    restored = make_defense(config)
+    restored.load_state_dict(d.state_dict())
+    assert np.array_equal(restored.bank, d.bank) and restored.count == 6 and restored.cursor == 2
+
+
+def test_safeclip_phases_and_the_safe_split(monkeypatch):
+    rng = np.random.default_rng(0)
+    n = N
+    cos = np.concatenate([rng.normal(0.8, 0.03, n - 3), rng.normal(0.1, 0.03, 3)]).astype(
+        np.float32
+    )
+    poisoned = np.zeros(n, bool)
+    poisoned[-3:] = True
+    calls = []
+
+    def fake_round(bundle, images, captions, own, config, **kw):
+        calls.append(config)
+        return SimpleNamespace(own_global_score=cos, caption=own, report={})
+
+    monkeypatch.setattr("otcclip.matching.match_round", fake_round)
+    config = _config("safeclip", warmup_epochs=1, safe_start=0.5, safe_growth=0.25)
+    d = make_defense(config)
+    ctx = _ctx(config, poisoned=poisoned)
+    unimodal = d.before_epoch(ctx, 0)
+    assert unimodal.phase == "unimodal" and unimodal.image_views == 2 and unimodal.text_views == 2
+    low = d.before_epoch(ctx, 1)
+    assert low.phase == "clip_low_lr" and low.lr_scale == pytest.approx(0.1) and not calls
+    mixed = d.before_epoch(ctx, 2)
+    assert mixed.phase == "mixed" and calls[-1].alpha == 1.0
+    assert int(mixed.safe.sum()) == n // 2 and not (mixed.safe & poisoned).any()
+    assert mixed.info["poison_in_safe"] == 0
+    later = d.before_epoch(ctx, 4)  # share 1.0, but the GMM keeps the poisons out
+    assert int(later.safe.sum()) == n - 3 and not (later.safe & poisoned).any()
+
+    feats = _features(views=2)
+    assert set(d.loss(ctx, unimodal, _batch(), feats)) == {"image_image", "text_text"}
+    assert set(d.loss(ctx, low, _batch(), feats)) == {"clip"}
+    safe = torch.tensor([True, True, False, True])
+    parts = d.loss(ctx, mixed, _batch(safe=safe), feats)
+    assert set(parts) == {"clip", "image_image", "text_text"}
+    (ig, _), (tg, _, _) = feats.image[0], feats.text[0]
+    assert torch.allclose(parts["clip"], clip_loss(ig[safe], tg[safe], 10.0), atol=1e-6)
+    assert parts["image_image"].item() == 0.0  # a single risky row has no negative to learn from

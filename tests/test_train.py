@@ -1,0 +1,306 @@
+"""The training loop: schedules, early refusals, every defense, SIGKILL + resume, two processes.
+
+The slow tests train the tiny built-in model for a few epochs on a few hundred
+fashion-scenes. This file is also the worker script of two of them (see the
+bottom): a run that a test kills with SIGKILL in the middle of an epoch, and the
+torchrun workers of the two-process comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from otcclip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from otcclip.train import (
+    Callback,
+    TrainConfig,
+    cosine_lr,
+    epoch_order,
+    train,
+)
+
+THREADS = 1
+
+
+def _tiny(**kw) -> TrainConfig:
+    base = {
+        "scenes": 192,
+        "model": "otc-vit-tiny",
+        "epochs": 2,
+        "batch_size": 32,
+        "progress": False,
+        "log_every": 1,
+        "threads": THREADS,
+        "match_batch": 64,
+    }
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------- fast
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    lrs = [cosine_lr(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert cosine_lr(100, 100, 10, 1.0) == pytest.approx(0.0)
+
+
+def test_data_order_is_a_pure_function_of_seed_and_epoch():
+    rows = np.arange(10, 60)
+    a = epoch_order(3, 1, rows)
+    assert np.array_equal(a, epoch_order(3, 1, rows))
+    assert sorted(a.tolist()) == rows.tolist()
+    assert not np.array_equal(a, epoch_order(3, 2, rows))
+    assert not np.array_equal(a, epoch_order(4, 1, rows))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"defense": "magic"}, "unknown defense 'magic'"),
+        ({"scenes": None}, "exactly one data source"),
+        ({"data": "x.parquet"}, "exactly one data source"),
+        ({"batch_size": 1}, "batch_size"),
+        ({"precision": "fp16"}, "needs a CUDA device"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"resume": True}, "resume needs"),
+    ],
+)
+def test_bad_settings_are_refused_before_training(change, message, tmp_path):
+    config = _tiny(**change)
+    if "resume" not in change:
+        config.out = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=message):
+        train(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_data_and_models_are_refused_before_training(tmp_path):
+    from otcclip.attacks import Manifest
+    from otcclip.data import fashion_scenes
+
+    with pytest.raises(FileNotFoundError, match="no training data"):
+        train(_tiny(scenes=None, data=str(tmp_path / "missing.parquet")))
+    table = fashion_scenes(40, seed=0)
+    with pytest.raises(ValueError, match="no samples"):
+        train(_tiny(), table=table.subset(np.arange(0)))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        train(_tiny(batch_size=64), table=table)
+    wrong = Manifest(attack="badnet", target_label=8, seed=0, poisoned_ids=[3, 10**9], params={})
+    with pytest.raises(ValueError, match="manifest does not match the data"):
+        train(_tiny(batch_size=8), table=table, manifests=[wrong])
+    with pytest.raises(ValueError, match="no-such-model"):
+        train(_tiny(model="no-such-model", batch_size=8), table=table)
+
+
+def test_runs_are_not_overwritten_and_resume_checks_the_checkpoint(tmp_path):
+    from otcclip.models import create_model
+
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(_tiny(out=str(run), resume=True))
+    bundle = create_model("otc-vit-tiny")
+    config = _tiny(out=str(run))
+    save_checkpoint(run, bundle, {"config": config.to_dict()}, global_step=1)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train(config)
+    with pytest.raises(CheckpointError, match="holds model 'otc-vit-tiny'"):
+        train(_tiny(out=str(run), resume=True, model="ViT-B-32"))
+    with pytest.raises(CheckpointError, match="seed"):
+        train(_tiny(out=str(run), resume=True, seed=5))
+
+
+# --------------------------------------------------------------------------- every defense
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", ["none", "roclip", "safeclip", "otcclip"])
+def test_every_defense_trains_and_records_its_work(defense, tmp_path):
+    config = _tiny(defense=defense, out=str(tmp_path), warmup_epochs=1, match_every=1)
+    result = train(config)
+    assert [m["epoch"] for m in result.metrics] == [1, 2]
+    assert len(result.step_losses) == 2 * (192 // 32)
+    assert all(np.isfinite(result.step_losses))
+    phases = [m["phase"] for m in result.metrics]
+    second = result.metrics[1]
+    if defense == "none":
+        assert phases == ["clip", "clip"] and set(second) >= {"clip", "loss", "lr"}
+    elif defense == "roclip":
+        assert phases == ["clip", "nearest"] and "nearest" in second
+    elif defense == "safeclip":
+        assert phases == ["unimodal", "clip_low_lr"] and "image_image" in result.metrics[0]
+    else:
+        assert phases == ["warmup", "matched"] and "inter" in second
+        info = second["defense"]
+        assert info["round"] == 1 and 0 <= info["changed"] <= 192
+        assert result.history.changes(0) in (0, 1)
+        assert result.assignment.shape == (192,)
+    for name in ("model.safetensors", "metrics.jsonl", "summary.json", "config.json"):
+        assert (tmp_path / name).is_file(), name
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["event"] == "epoch"] == [1, 2]
+    assert sum(x["event"] == "step" for x in lines) == 12
+
+
+@pytest.mark.slow
+def test_safeclip_mixed_epochs_split_safe_from_risky(tmp_path):
+    config = _tiny(defense="safeclip", epochs=3, warmup_epochs=1, safe_start=0.5)
+    result = train(config)
+    mixed = result.metrics[2]
+    assert mixed["phase"] == "mixed" and 0 < mixed["defense"]["safe"] <= 96
+    assert {"clip", "image_image", "text_text"} <= set(mixed)
+
+
+# --------------------------------------------------------------------------- resume after SIGKILL
+
+_KILL_CONFIG = {
+    "defense": "otcclip",
+    "epochs": 3,
+    "warmup_epochs": 1,
+    "match_every": 1,
+    "checkpoint_every": 2,
+    "log_every": 1,
+}
+# 6 steps an epoch; step checkpoints every 2 steps: the last one before global step 9
+# (epoch 2, step 3, just after the first matching round) is at global step 8.
+_KILL_AT_STEP = 9
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+    """A run killed mid-epoch (after a step checkpoint, with unsaved steps since) and
+    resumed ends with the metrics and weights of a run that was never interrupted."""
+    killed = tmp_path / "killed"
+    marker = tmp_path / "reached"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "kill", str(killed), str(marker)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    saved = load_checkpoint(killed)
+    assert saved is not None
+    step, epoch = saved.state["global_step"], saved.state["epoch"]
+    assert saved.state["step"] > 0 and step < _KILL_AT_STEP, "killed at an epoch end"
+    assert epoch == 1 and saved.state["plan"] is not None  # mid-epoch, after a matching round
+
+    resumed = train(_tiny(out=str(killed), resume=True, **_KILL_CONFIG))
+    reference = train(_tiny(out=str(tmp_path / "reference"), **_KILL_CONFIG))
+    np.testing.assert_allclose(resumed.step_losses, reference.step_losses, rtol=0, atol=1e-6)
+    for a, b in zip(resumed.metrics, reference.metrics, strict=True):
+        for key in ("loss", "clip", "inter", "lr"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+        assert a["defense"].get("changed") == b["defense"].get("changed")
+    np.testing.assert_array_equal(resumed.assignment, reference.assignment)
+    ref_state = reference.bundle.model.state_dict()
+    for name, value in resumed.bundle.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=0, atol=1e-6, msg=name)
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["global_step"] for x in lines if '"step"' in x.split(",")[0]]
+    assert steps == sorted(set(steps))  # no step logged twice after the resume
+
+
+# --------------------------------------------------------------------------- two processes
+
+_DDP_CONFIG = {
+    "defense": "otcclip",
+    "epochs": 2,
+    "warmup_epochs": 1,
+    "match_every": 1,
+    "scenes": 128,
+    "match_batch": 32,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path):
+    """Same global batches, so the same loss curve (to float summation order) and,
+    after the epoch-2 matching round, the same caption assignment."""
+    out = tmp_path / "ddp.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        __file__, "ddp", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    single = train(_tiny(**_DDP_CONFIG))
+    with np.load(out) as two:
+        np.testing.assert_allclose(two["losses"], single.step_losses, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(two["assignment"], single.assignment)
+        weights = single.bundle.model.state_dict()
+        for name, value in weights.items():
+            np.testing.assert_allclose(two[f"w.{name}"], value.numpy(), rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class _PauseAt(Callback):
+    """Announce reaching a step, then wait to be killed (a run mid-epoch)."""
+
+    def __init__(self, step: int, marker: Path) -> None:
+        self.step = step
+        self.marker = marker
+
+    def on_step_end(self, ctx, info) -> None:
+        if info["global_step"] == self.step:
+            self.marker.write_text("reached")
+            time.sleep(600)
+
+
+def _kill_worker(run: str, marker: str) -> None:
+    torch.set_num_threads(THREADS)
+    train(_tiny(out=run, **_KILL_CONFIG), [_PauseAt(_KILL_AT_STEP, Path(marker))])
+
+
+def _ddp_worker(out: str) -> None:
+    from otcclip import distributed as dist
+
+    torch.set_num_threads(THREADS)
+    dist.init_from_env("gloo")
+    result = train(_tiny(**_DDP_CONFIG))
+    if dist.is_main():
+        weights = {f"w.{k}": v.numpy() for k, v in result.bundle.model.state_dict().items()}
+        np.savez(out, losses=np.array(result.step_losses), assignment=result.assignment, **weights)
+    dist.barrier()
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "kill":
+        _kill_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "ddp":
+        _ddp_worker(sys.argv[2])
