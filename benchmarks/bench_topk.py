@@ -185,7 +185,7 @@ def _bench_assign(n: int, k: int, m: int, seed: int) -> None:
     )
     print(f"assign N={n:,} k={k} (pool {m:,}):")
     print(f"  argmax            {t_arg * 1e3:8.1f} ms   numpy argmax {t_np * 1e3:.1f} ms")
-    print(f"  otmatch/numpy argmax = {t_np / t_arg:.2f}x (assign also validates and computes stats)")
+    print(f"  otmatch/numpy argmax = {t_np / t_arg:.2f}x (assign also validates, computes stats)")
     print(f"  capacity=4        {t_cap * 1e3:8.1f} ms   target < 1000 ms: {_ok(t_cap < 1.0)}")
     print(f"  capacity, margin  {t_cap_m * 1e3:8.1f} ms   target < 1000 ms: {_ok(t_cap_m < 1.0)}")
 
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per method (best is kept)")
     ap.add_argument("--torch-chunk", type=int, default=1024, help="queries per torch mm chunk")
-    ap.add_argument("--assign-n", type=int, default=1_000_000)
+    ap.add_argument("--assign-n", type=int, help="default 1,000,000 (100,000 with --quick)")
     ap.add_argument("--quick", action="store_true", help="N=2000, M=20000, assign N=100000")
     ap.add_argument("--skip", default="", help="comma-separated methods to skip")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -217,7 +217,9 @@ def main() -> None:
         _worker(args)
         return
     if args.quick:
-        args.n, args.m, args.assign_n, args.repeat = 2000, 20_000, 100_000, 3
+        args.n, args.m, args.repeat = 2000, 20_000, 3
+    if args.assign_n is None:
+        args.assign_n = 100_000 if args.quick else 1_000_000
 
     from otcclip import otmatch
 

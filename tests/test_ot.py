@@ -200,6 +200,15 @@ def test_detach_plan_differentiates_only_through_the_cost(domain):
     assert not torch.allclose(g_detached, g_full, atol=1e-6)  # the plan's own gradient
 
 
+def test_empty_batches():
+    x, y = _sets(2, 4, 3, 8, seed=38)
+    d, plan = otc.ot_distance(x[:0], y[:0], return_plan=True)
+    assert d.shape == (0,) and plan.shape == (0, 4, 3)
+    assert otc.ot_similarity_matrix(x, y[:0]).shape == (2, 0)
+    assert otc.ot_similarity_candidates(x, y, torch.zeros(2, 0, dtype=torch.long)).shape == (2, 0)
+    assert otc.ot_similarity_pairs(x, y, torch.zeros(0, 2, dtype=torch.long)).shape == (0,)
+
+
 def test_no_gradient_without_requires_grad():
     x, y = _sets(2, 4, 3, 8, seed=19)
     assert not otc.ot_distance(x, y).requires_grad
@@ -229,11 +238,12 @@ def test_tolerance_stops_early_and_is_close(monkeypatch):
 
 
 def test_chunks_and_batch_composition_do_not_change_results():
-    n = otc._CPU_CHUNK * 2 + 5
+    chunk = otc._chunk_size(torch.device("cpu"))
+    n = chunk * 2 + 5
     x, y = _sets(n, 7, 5, 8, seed=23)
     xm, ym = _masks(n, 7, 5, seed=24)
     d = otc.ot_distance(x, y, xm, ym, iters=30)
-    for i in (0, otc._CPU_CHUNK, n - 1):
+    for i in (0, chunk, n - 1):
         alone = otc.ot_distance(x[i : i + 1], y[i : i + 1], xm[i : i + 1], ym[i : i + 1], iters=30)
         assert torch.allclose(d[i], alone[0], rtol=1e-6, atol=1e-7)
 
@@ -268,8 +278,9 @@ def test_similarity_gradients_and_detached_plan():
 
 @pytest.mark.slow  # compiles (about 15-30 s on 2 cores when inductor's cache is cold)
 def test_compiled_loop_matches_eager():
-    x, y = _sets(otc._CPU_CHUNK + 3, 9, 7, 16, seed=30)
-    xm, ym = _masks(otc._CPU_CHUNK + 3, 9, 7, seed=31)
+    n = otc._chunk_size(torch.device("cpu")) + 3
+    x, y = _sets(n, 9, 7, 16, seed=30)
+    xm, ym = _masks(n, 9, 7, seed=31)
     otc.set_compile("off")
     try:
         eager = otc.ot_distance(x, y, xm, ym, iters=25, rho=0.5)

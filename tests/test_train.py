@@ -163,6 +163,51 @@ def test_safeclip_mixed_epochs_split_safe_from_risky(tmp_path):
     assert {"clip", "image_image", "text_text"} <= set(mixed)
 
 
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.mark.slow
+def test_the_command_trains_on_a_poison_directory_and_resumes(tmp_path):
+    from click.testing import CliRunner
+    from otcclip.cli import main
+
+    runner = CliRunner()
+    poisoned = tmp_path / "poisoned"
+    args = ["poison", "--out", str(poisoned), "--scenes", "160", "--attack", "badnet"]
+    args += ["--target-label", "bag", "--n-poison", "8", "--seed", "0"]
+    done = runner.invoke(main, args)
+    assert done.exit_code == 0, done.output
+    run = tmp_path / "run"
+    common = ["--eval-size", "60", "--no-progress", "--threads", str(THREADS)]
+    # a first invocation interrupted after its first epoch's checkpoint ...
+    config = _tiny(
+        scenes=None, data=str(poisoned), out=str(run), defense="otcclip", warmup_epochs=1,
+        batch_size=32, eval_every=1,
+    )  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        train(config, [_Interrupt()])
+    # ... is finished by `otcclip train --out RUN --resume`, with the run's own settings
+    done = runner.invoke(main, ["train", "--out", str(run), "--resume", *common])
+    assert done.exit_code == 0, done.output
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [x for x in lines if x["event"] == "epoch"]
+    assert [x["epoch"] for x in epochs] == [1, 2] and epochs[1]["phase"] == "matched"
+    assert epochs[1]["eval"]["backdoor_asr"] is not None  # the manifest gives a per-epoch ASR
+    assert '"zero_shot_top1"' in done.output
+    refused = runner.invoke(main, ["train", "--data", str(poisoned), "--out", str(run)])
+    assert refused.exit_code != 0 and "already holds a training run" in refused.output
+    refused = runner.invoke(main, ["train", "--out", str(run), "--resume", "--model", "RN50"])
+    assert refused.exit_code != 0 and "holds model 'otc-vit-tiny'" in refused.output
+
+
+class _Interrupt(Callback):
+    """Stop a run right after its first epoch-end checkpoint."""
+
+    def on_checkpoint(self, ctx, path, info):
+        if info["epoch"] == 1 and info["step"] == 0:
+            raise KeyboardInterrupt
+
+
 # --------------------------------------------------------------------------- resume after SIGKILL
 
 _KILL_CONFIG = {
@@ -234,6 +279,7 @@ _DDP_CONFIG = {
     "match_every": 1,
     "scenes": 128,
     "match_batch": 32,
+    "margin": 0.0,  # re-pair freely: many changes to compare
 }
 
 

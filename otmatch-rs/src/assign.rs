@@ -94,10 +94,19 @@ pub fn assign(
     own_scores: Option<&[f32]>,
     config: &AssignConfig,
 ) -> Result<Assignment> {
-    let n = validate(candidates, scores, k, own, own_scores, config)?;
+    // Validation scans in parallel too: inside the (fork-safe) pool.
     run_in_pool(Threads::Auto, || {
+        let n = validate(candidates, scores, k, own, own_scores, config)?;
         let ranked = matches!(config.method, Method::Capacity(_));
-        let rows = Rows::new(candidates, scores, k, own, own_scores, config.margin, ranked);
+        let rows = Rows::new(
+            candidates,
+            scores,
+            k,
+            own,
+            own_scores,
+            config.margin,
+            ranked,
+        )?;
         let (caption, score, kept_by_margin) = match config.method {
             Method::Argmax => argmax(&rows),
             Method::Capacity(c) => capacity(&rows, c, config.fallback),
@@ -141,21 +150,6 @@ fn validate(
         return Err(Error::invalid(format!(
             "scores must have the shape of candidates ({n}, {k}), got {} values",
             scores.len()
-        )));
-    }
-    if let Some(pos) = first_where(candidates, |&c| c < 0) {
-        return Err(Error::invalid(format!(
-            "candidates must be pool indices >= 0; found {} at row {}, column {}",
-            candidates[pos],
-            pos / k,
-            pos % k
-        )));
-    }
-    if let Some(pos) = first_where(scores, |s| !s.is_finite()) {
-        return Err(Error::NonFinite(format!(
-            "scores contain NaN or infinity (first at row {}, column {})",
-            pos / k,
-            pos % k
         )));
     }
     if let Some(own) = own {
@@ -202,6 +196,26 @@ fn validate(
     Ok(n)
 }
 
+/// The precise complaint about candidates or scores, once a row was found bad.
+fn check_values(candidates: &[i64], scores: &[f32], k: usize) -> Result<()> {
+    if let Some(pos) = first_where(candidates, |&c| c < 0) {
+        return Err(Error::invalid(format!(
+            "candidates must be pool indices >= 0; found {} at row {}, column {}",
+            candidates[pos],
+            pos / k,
+            pos % k
+        )));
+    }
+    if let Some(pos) = first_where(scores, |s| !s.is_finite()) {
+        return Err(Error::NonFinite(format!(
+            "scores contain NaN or infinity (first at row {}, column {})",
+            pos / k,
+            pos % k
+        )));
+    }
+    Ok(())
+}
+
 /// Index of the first element for which `bad` holds. Scans in parallel blocks
 /// with a branch-free fold (vectorised), searching a block only when it has one.
 fn first_where<T: Sync>(v: &[T], bad: impl Fn(&T) -> bool + Sync) -> Option<usize> {
@@ -225,9 +239,9 @@ fn rank_order(candidates: &[i64], scores: &[f32], k: usize) -> Option<Vec<u32>> 
         .par_chunks(k * ROW_BLOCK)
         .zip(scores.par_chunks(k * ROW_BLOCK))
         .all(|(cb, sb)| {
-            cb.chunks_exact(k).zip(sb.chunks_exact(k)).all(|(c, s)| {
-                (1..k).all(|e| !rank_before(s[e], c[e], s[e - 1], c[e - 1]))
-            })
+            cb.chunks_exact(k)
+                .zip(sb.chunks_exact(k))
+                .all(|(c, s)| (1..k).all(|e| !rank_before(s[e], c[e], s[e - 1], c[e - 1])))
         });
     if sorted {
         return None;
@@ -269,13 +283,22 @@ struct Rows<'a> {
     keep: Vec<bool>,
 }
 
+/// What one pass over a row learns.
+struct RowFacts {
+    best: (i64, f32),
+    own_score: Option<f32>,
+    keep: bool,
+    bad: bool,
+}
+
 fn rank_before(s1: f32, c1: i64, s2: f32, c2: i64) -> bool {
     s1 > s2 || (s1 == s2 && c1 < c2)
 }
 
 impl<'a> Rows<'a> {
     /// `ranked`: whether candidates will be walked in rank order (capacity),
-    /// which needs a permutation for rows not already sorted.
+    /// which needs a permutation for rows not already sorted. Refuses negative
+    /// candidates and non-finite scores.
     fn new(
         candidates: &'a [i64],
         scores: &'a [f32],
@@ -284,14 +307,18 @@ impl<'a> Rows<'a> {
         own_scores: Option<&[f32]>,
         margin: f32,
         ranked: bool,
-    ) -> Rows<'a> {
+    ) -> Result<Rows<'a>> {
         let n = candidates.len() / k;
-        let per_row: Vec<((i64, f32), Option<f32>, bool)> = (0..n)
+        // One pass per row: validity (checked here rather than in a separate
+        // scan over all N*k values), best candidate, own score, keep decision.
+        let per_row: Vec<RowFacts> = (0..n)
             .into_par_iter()
             .with_min_len(ROW_BLOCK)
             .map(|i| {
                 let c = &candidates[i * k..(i + 1) * k];
                 let s = &scores[i * k..(i + 1) * k];
+                let bad = c.iter().fold(false, |b, &x| b | (x < 0))
+                    | s.iter().fold(false, |b, x| b | !x.is_finite());
                 let mut best = (c[0], s[0]);
                 for e in 1..k {
                     if rank_before(s[e], c[e], best.1, best.0) {
@@ -300,26 +327,45 @@ impl<'a> Rows<'a> {
                 }
                 let o = own.map_or(-1, |own| own[i]);
                 if o < 0 {
-                    return (best, None, false);
+                    return RowFacts {
+                        best,
+                        own_score: None,
+                        keep: false,
+                        bad,
+                    };
                 }
                 let known = match own_scores {
                     // -inf: the caller says the own caption must not be kept.
                     Some(os) => Some(os[i]).filter(|s| s.is_finite()),
                     None => (0..k).filter(|&e| c[e] == o).map(|e| s[e]).reduce(f32::max),
                 };
-                (best, known, known.is_some_and(|s| s >= best.1 - margin))
+                RowFacts {
+                    best,
+                    own_score: known,
+                    keep: known.is_some_and(|s| s >= best.1 - margin),
+                    bad,
+                }
             })
             .collect();
         let mut best = Vec::with_capacity(n);
         let mut own_score = Vec::with_capacity(n);
         let mut keep = Vec::with_capacity(n);
-        for (b, o, kp) in per_row {
-            best.push(b);
-            own_score.push(o);
-            keep.push(kp);
+        let mut any_bad = false;
+        for f in per_row {
+            best.push(f.best);
+            own_score.push(f.own_score);
+            keep.push(f.keep);
+            any_bad |= f.bad;
         }
-        let order = if ranked { rank_order(candidates, scores, k) } else { None };
-        Rows {
+        if any_bad {
+            check_values(candidates, scores, k)?;
+        }
+        let order = if ranked {
+            rank_order(candidates, scores, k)
+        } else {
+            None
+        };
+        Ok(Rows {
             candidates,
             scores,
             k,
@@ -328,7 +374,7 @@ impl<'a> Rows<'a> {
             best,
             own_score,
             keep,
-        }
+        })
     }
 
     fn n(&self) -> usize {
@@ -442,7 +488,11 @@ fn key(score: f32, image: usize) -> u64 {
 #[inline]
 fn score_of(key: u64) -> f32 {
     let s = (key >> 32) as u32;
-    f32::from_bits(if s & 0x8000_0000 != 0 { s & 0x7fff_ffff } else { !s })
+    f32::from_bits(if s & 0x8000_0000 != 0 {
+        s & 0x7fff_ffff
+    } else {
+        !s
+    })
 }
 
 #[inline]

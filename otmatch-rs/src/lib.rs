@@ -7,6 +7,8 @@
 //! per-caption capacity so that one caption cannot absorb hundreds of images,
 //! with a keep-own margin), and remembering who changed across rounds
 //! ([`History`]). The `otmatch` binary does the same on `.npy` files.
+//!
+#![doc = include_str!("../README.md")]
 
 mod assign;
 mod error;

@@ -24,7 +24,7 @@ from otcclip.data.readers import read_pair_columns
 from otcclip.data.table import EvalSet, PairTable
 
 RECALL_KS = (1, 5, 10)
-PROBE_CS = (0.01, 0.1, 1.0, 10.0, 100.0)
+PROBE_CS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 @runtime_checkable

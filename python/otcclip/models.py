@@ -24,7 +24,6 @@ embedding 64), ``otc-vit-small`` (49 patches, width 128, 6 layers, embedding 128
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -352,7 +351,6 @@ def _resnet_fine(r: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
     x = r.stem(pixels)
     x = r.layer4(r.layer3(r.layer2(r.layer1(x))))
     pool = r.attnpool
-    pooled = pool(x)
     grid = x.flatten(2).transpose(1, 2)  # (B, HW, C)
     pos = pool.positional_embedding[1:]
     if pos.shape[0] != grid.shape[1]:
@@ -360,6 +358,7 @@ def _resnet_fine(r: nn.Module, pixels: Tensor) -> tuple[Tensor, Tensor]:
             f"the ResNet's grid has {grid.shape[1]} cells but its attention pool expects "
             f"{pos.shape[0]}: feed images of the model's image_size"
         )
+    pooled = pool(x)
     tokens = pool.c_proj(pool.v_proj(grid + pos.to(grid.dtype)))
     return pooled, tokens
 
@@ -538,14 +537,3 @@ def embed_texts(
     if bar is not None:
         bar.close()
     return (glob, toks, masks) if fine else glob
-
-
-def model_config(name: str) -> dict:
-    """The open_clip configuration of a model name (built-ins included), as a dict copy."""
-    import open_clip
-
-    _register_configs()
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise ValueError(f"unknown model {name!r}")
-    return json.loads(json.dumps(cfg))

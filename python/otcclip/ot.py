@@ -86,13 +86,15 @@ _COMPILE_MODES = ("auto", "on", "off")
 _COMPILE_MIN_WORK = 200_000
 # Iterations fused into one compiled call; the loop calls it iters // _BLOCK times.
 _BLOCK = 10
-# Pairs per chunk of the no-gradient path: on the CPU the kernel, its transpose and the cost
-# of a chunk (about 19 KB a pair at 49 x 32) stay in the L2 cache through all iterations.
+# Pairs per chunk and CPU thread of the no-gradient path: each thread's share of the kernel,
+# its transpose and the cost (about 19 KB a pair at 49 x 32) stays in its L2 cache through
+# all iterations.
 _CPU_CHUNK = 64
 _CUDA_CHUNK = 8192
-# Pairs per cost sub-chunk: a sub-chunk's tokens (165 KB a pair at 49 + 32 tokens of 512
-# floats) stay in L2 between the matrix product and the norms.
-_CPU_COST_CHUNK = 8
+# Pairs per cost sub-chunk and CPU thread: a sub-chunk's tokens (165 KB a pair at 49 + 32
+# tokens of 512 floats) stay in L2 between the matrix product and the norms, so they are read
+# from memory once (measured: twice as fast as 8 pairs a thread, whose norms miss the cache).
+_CPU_COST_CHUNK = 2
 # Materialise every intermediate vector: by default inductor recomputes b / s inside the next
 # reduction, once per vector lane block, which costs more than the reduction itself.
 _INDUCTOR_OPTIONS = {"realize_reads_threshold": 0}
@@ -137,6 +139,8 @@ def sinkhorn(
     a = _weights(a, None, (n, p), "a", cost.device, dtype)
     b = _weights(b, None, (n, w), "b", cost.device, dtype)
     c = cost.to(dtype)
+    if n == 0:
+        return c.clone()
     plan, _ = _solve(c, a, b, params, need_plan=True, fast=not _grad_through(c, a, b))
     return plan
 
@@ -179,6 +183,9 @@ def ot_distance(
     ym = _mask(y_mask, (n, w), "y_mask", x.device)
     aw = _weights(a, xm, (n, p), "a", x.device, dtype)
     bw = _weights(b, ym, (n, w), "b", x.device, dtype)
+    if n == 0:
+        d = torch.zeros(0, dtype=dtype, device=x.device)
+        return (d, torch.zeros((0, p, w), dtype=dtype, device=x.device)) if return_plan else d
 
     if _grad_through(x, y, aw, bw):
         c = _cosine_cost(x.to(dtype), y.to(dtype))
@@ -447,14 +454,14 @@ def _solve(
     ``fast``: no gradient needed, chunked (and maybe compiled); otherwise differentiable.
     """
     if not fast:
-        return _solve_chunk(c, a, b, params, need_plan=True, compiled=False)
+        return _solve_chunk(c, a, b, params, need_plan=True, how="grad")
     n = c.shape[0]
     chunk = _chunk_size(c.device)
-    compiled = _COMPILER.wanted(n * params.iters)
+    how = _COMPILER.how(n * params.iters)
     plans, ds = [], []
     for s in range(0, n, chunk):
         plan, d = _solve_chunk(
-            c[s : s + chunk], a[s : s + chunk], b[s : s + chunk], params, need_plan, compiled
+            c[s : s + chunk], a[s : s + chunk], b[s : s + chunk], params, need_plan, how
         )
         ds.append(d)
         if need_plan:
@@ -465,13 +472,19 @@ def _solve(
 
 
 def _chunk_size(device: torch.device) -> int:
-    return _CUDA_CHUNK if device.type == "cuda" else _CPU_CHUNK
+    if device.type == "cpu":
+        return _CPU_CHUNK * max(1, torch.get_num_threads())
+    return _CUDA_CHUNK
 
 
 def _solve_chunk(
-    c: Tensor, a: Tensor, b: Tensor, params: _Params, need_plan: bool, compiled: bool
+    c: Tensor, a: Tensor, b: Tensor, params: _Params, need_plan: bool, how: str
 ) -> tuple[Tensor | None, Tensor]:
-    """One chunk of pairs: masks, empty pairs, domain choice, iterations, plan and cost."""
+    """One chunk of pairs: empty pairs, masks, domain choice, iterations, plan and cost.
+
+    ``how``: "grad" (differentiable ops), "eager" or "compiled" (no gradient needed; the
+    iterations may run through torch.compile).
+    """
     a_real, b_real = a > 0, b > 0
     empty = ~(a_real.any(-1) & b_real.any(-1))
     any_empty = bool(empty.any())
@@ -480,68 +493,100 @@ def _solve_chunk(
         a = torch.where(e, torch.full_like(a, 1.0 / a.shape[-1]), a)
         b = torch.where(e, torch.full_like(b, 1.0 / b.shape[-1]), b)
         a_real, b_real = a > 0, b > 0
-    real = a_real.unsqueeze(-1) & b_real.unsqueeze(-2)
-    masked = not bool(real.all())
-    if masked:  # padding may hold anything (even NaN): give it a neutral, finite cost
-        c = torch.where(real, c, torch.zeros((), dtype=c.dtype, device=c.device))
-    cmin = _masked_extreme(c, real if masked else None, largest=False)
-    domain = params.domain
-    if domain == "auto":
-        cmax = _masked_extreme(c, real if masked else None, largest=True)
-        spread = float((cmax - cmin).max().detach()) if c.numel() else 0.0
-        domain = "kernel" if spread / params.eps <= KERNEL_MAX_EXPONENT[c.dtype] else "log"
-
-    if domain == "kernel":
-        plan = _kernel_plan(c, cmin, a, b, params, compiled)
+    compiled, fast = how == "compiled", how != "grad"
+    stage = _COMPILER.stage if compiled else _eager_stage
+    eps = params.eps
+    kernel = None
+    if params.domain != "log":
+        cs, k, kt, cmin, spread = _kernel_prep(c, a_real, b_real, eps, fast, compiled)
+        if (
+            params.domain == "kernel"
+            or float(spread.detach()) / eps <= KERNEL_MAX_EXPONENT[c.dtype]
+        ):
+            kernel = (k, kt, cmin)
     else:
-        plan = _log_plan(c, a, b, params)
+        cs = _sanitize(c, a_real, b_real)
+    if kernel is not None:
+        k, kt, cmin = kernel
+        u, v = _kernel_iterate(k, kt, cmin, a, b, params, compiled)
+        if need_plan or any_empty:
+            plan = u.unsqueeze(-1) * k * v.unsqueeze(-2)
+        else:
+            return None, stage(_kernel_cost, u, k, v, cs)
+    else:
+        plan = _log_plan(cs, a, b, params)
     if any_empty:
         plan = plan * (~empty).to(plan.dtype)[:, None, None]
-    d = (plan * c).sum((1, 2))
+    d = (plan * cs).sum((1, 2))
     if any_empty:
         d = torch.where(empty, torch.full_like(d, EMPTY_DISTANCE), d)
     return (plan if need_plan else None), d
 
 
-def _masked_extreme(c: Tensor, real: Tensor | None, largest: bool) -> Tensor:
-    """Per-pair min (or max) of the cost over real entries, shape (n, 1, 1)."""
-    if real is not None:
-        fill = float("-inf") if largest else float("inf")
-        c = torch.where(real, c, torch.full((), fill, dtype=c.dtype, device=c.device))
-    flat = c.flatten(1)
-    ext = flat.amax(-1) if largest else flat.amin(-1)
-    return ext.view(-1, 1, 1)
+def _sanitize(c: Tensor, a_real: Tensor, b_real: Tensor) -> Tensor:
+    """Zero cost on entries without mass: padding may hold anything (even NaN)."""
+    real = a_real.unsqueeze(-1) & b_real.unsqueeze(-2)
+    return torch.where(real, c, torch.zeros((), dtype=c.dtype, device=c.device))
 
 
 def _transport_cost(plan: Tensor, c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """<T, C> with the conventions of _solve_chunk (empty pairs -> EMPTY_DISTANCE)."""
-    real = (a > 0).unsqueeze(-1) & (b > 0).unsqueeze(-2)
-    d = (plan * torch.where(real, c, torch.zeros((), dtype=c.dtype, device=c.device))).sum((1, 2))
+    d = (plan * _sanitize(c, a > 0, b > 0)).sum((1, 2))
     empty = ~((a > 0).any(-1) & (b > 0).any(-1))
     return torch.where(empty, torch.full_like(d, EMPTY_DISTANCE), d)
 
 
 # ---- kernel domain
 #
-# The plan is T = diag(u) K diag(v) with K = exp(-(C - cmin) / eps) (cmin: per-pair minimum,
-# which keeps K <= 1). One iteration updates v then u:
+# The plan is T = diag(u) K diag(v) with K = exp(-(C - cmin) / eps) (cmin: per-pair minimum
+# over real entries, which keeps K <= 1; entries without mass get K = 1, so that no row or
+# column sum is zero). One iteration updates v then u:
 #     v = b * (K^T u)^-fi ,   u = a * gamma * (K v)^-fi ,   gamma = exp(-(1 - fi) * cmin / eps)
 # For balanced OT (fi = 1) this is plain Sinkhorn; for unbalanced OT gamma undoes the shift of
 # the cost, to which the unbalanced plan is not invariant.
 
 
-def _kernel_plan(
-    c: Tensor, cmin: Tensor, a: Tensor, b: Tensor, params: _Params, compiled: bool
-) -> Tensor:
-    eps, fi = params.eps, params.fi
-    k = torch.exp((cmin - c).clamp_max(0.0) / eps)
-    au = a if fi == 1.0 else a * torch.exp(-(1.0 - fi) * cmin.view(-1, 1) / eps)
-    if _grad_through(k, a, b):
-        kt, step = None, _eager_block
+def _kernel_prep(c: Tensor, a_real: Tensor, b_real: Tensor, eps: float, fast: bool, with_kt: bool):
+    """Sanitised cost, kernel (and K^T for the compiled iterations), per-pair minimum, spread.
+
+    ``fast``: no gradient needed, in-place ops. (Eager on purpose: inductor's fused version of
+    these few passes measured slower than ATen's.)
+    """
+    masked = not (bool(a_real.all()) and bool(b_real.all()))
+    if masked:
+        real = a_real.unsqueeze(-1) & b_real.unsqueeze(-2)
+        inf = torch.full((), float("inf"), dtype=c.dtype, device=c.device)
+        cs = torch.where(real, c, torch.zeros_like(inf))
+        cmin = torch.where(real, c, inf).amin((1, 2), keepdim=True)
+        cmax = torch.where(real, c, -inf).amax((1, 2), keepdim=True)
     else:
-        kt = k.transpose(1, 2).contiguous() if compiled else None
-        step = _COMPILER.block if compiled else _eager_block
-    u, v = a, b
+        cs = c
+        cmin = c.amin((1, 2), keepdim=True)
+        cmax = c.amax((1, 2), keepdim=True)
+    if fast:
+        k = torch.sub(cmin, cs).mul_(1.0 / eps)
+        k = (k.clamp_max_(0.0) if masked else k).exp_()
+    else:
+        k = torch.exp((cmin - cs).clamp_max(0.0) / eps)
+    kt = k.transpose(1, 2).contiguous() if with_kt else k
+    return cs, k, kt, cmin, (cmax - cmin).amax()
+
+
+def _kernel_cost(u: Tensor, k: Tensor, v: Tensor, c: Tensor) -> Tensor:
+    """<T, C> without materialising T."""
+    return (u.unsqueeze(-1) * k * v.unsqueeze(-2) * c).sum((1, 2))
+
+
+def _kernel_iterate(
+    k: Tensor, kt: Tensor, cmin: Tensor, a: Tensor, b: Tensor, params: _Params, compiled: bool
+) -> tuple[Tensor, Tensor]:
+    eps, fi = params.eps, params.fi
+    au = a if fi == 1.0 else a * torch.exp(-(1.0 - fi) * cmin.view(-1, 1) / eps)
+    if compiled:
+        step = _COMPILER.block
+    else:
+        kt, step = None, _eager_block
+    u, v = a.clone(), b  # a fresh u: an input aliasing another makes dynamo compile a slow variant
     done = 0
     while done < params.iters:
         n = min(_BLOCK, params.iters - done)
@@ -552,7 +597,7 @@ def _kernel_plan(
                 change = _kernel_marginal_change(k.detach(), u.detach(), v.detach(), b, fi)
             if float(change.max()) <= params.tol:
                 break
-    return u.unsqueeze(-1) * k * v.unsqueeze(-2)
+    return u, v
 
 
 def _kernel_step_bmm(k: Tensor, a: Tensor, b: Tensor, u: Tensor, fi: float):
@@ -567,7 +612,7 @@ def _kernel_step_bmm(k: Tensor, a: Tensor, b: Tensor, u: Tensor, fi: float):
 def _kernel_block(k: Tensor, kt: Tensor, a: Tensor, b: Tensor, u: Tensor, n: int, fi: float):
     """n iterations as column reductions over K and K^T (vectorised over the contiguous axis).
 
-    Written for inductor, which turns each half-step into one fused loop over the kernel.
+    Written for inductor, which turns each half-step into one loop over the kernel.
     """
     v = b
     for _ in range(n):
@@ -597,8 +642,8 @@ def _kernel_marginal_change(k: Tensor, u: Tensor, v: Tensor, b: Tensor, fi: floa
 #
 # f = log u, g = log v, Ce = C / eps; one iteration:
 #     g = log b - fi * LSE_i(f_i - Ce_ij) ,   f = log a - fi * LSE_j(g_j - Ce_ij)
-# Masked entries have log weight -inf, hence -inf potentials and zero plan; every pair has a
-# real entry on each side (empty pairs were replaced), so no LSE is over -inf only.
+# Entries without mass have log weight -inf, hence -inf potentials and zero plan; every pair
+# has a real entry on each side (empty pairs were replaced), so no LSE is over -inf only.
 
 
 def _log_plan(c: Tensor, a: Tensor, b: Tensor, params: _Params) -> Tensor:
@@ -627,14 +672,14 @@ def _aligned_no_grad(x, y, aw, bw, params, dtype, return_plan):
     """ot_distance without gradients: costs and plans chunk by chunk, never all in memory."""
     n = x.shape[0]
     chunk = _chunk_size(x.device)
-    sub = _CPU_COST_CHUNK if x.device.type == "cpu" else chunk
-    compiled = _COMPILER.wanted(n * params.iters)
+    sub = _CPU_COST_CHUNK * max(1, torch.get_num_threads()) if x.device.type == "cpu" else chunk
+    how = _COMPILER.how(n * params.iters)
     ds, plans = [], []
     with torch.no_grad():
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             c = _aligned_cost_chunk(x[s:e], y[s:e], dtype, sub)
-            plan, d = _solve_chunk(c, aw[s:e], bw[s:e], params, return_plan, compiled)
+            plan, d = _solve_chunk(c, aw[s:e], bw[s:e], params, return_plan, how)
             ds.append(d)
             if return_plan:
                 plans.append(plan)
@@ -690,14 +735,14 @@ def _similarity(x, y, x_mask, y_mask, ix, iy, group: int, shared_y: bool, ot_kwa
         x_inv, y_inv = _inv_norm(xc), _inv_norm(yc)
         # whole runs per chunk, so that each x meets its run in one product
         per = max(1, _chunk_size(x.device) // group) * group
-        compiled = _COMPILER.wanted(ix.numel() * params.iters)
+        how = _COMPILER.how(ix.numel() * params.iters)
         out = []
         for s in range(0, ix.numel(), per):
             jx, jy = ix[s : s + per], iy[s : s + per]
             prod = _pair_products(xc, yc, jx, jy, group, shared_y)
             c = prod.mul_(x_inv[jx].unsqueeze(-1)).mul_(y_inv[jy].unsqueeze(-2))
             c = torch.sub(1.0, c, out=c)
-            _, d = _solve_chunk(c, aw[jx], bw[jy], params, False, compiled)
+            _, d = _solve_chunk(c, aw[jx], bw[jy], params, False, how)
             out.append(d)
         return 1.0 - torch.cat(out)
 
@@ -726,36 +771,53 @@ def _pair_products(
 # ----------------------------------------------------------------------------- compilation
 
 
+def _eager_stage(fn: Callable, *args):
+    """Run a stage as is (the stage's last argument says whether it is compiled)."""
+    return fn(*args)
+
+
 class _Compiler:
-    """Lazily compiled kernel-domain block, with a clean fallback to eager."""
+    """Lazily compiled stages of the no-gradient path, with a clean fallback to eager."""
 
     def __init__(self) -> None:
         env = os.environ.get("OTCCLIP_OT_COMPILE", "auto").strip().lower()
         self.mode = env if env in _COMPILE_MODES else "auto"
         self.failed = False
-        self._fn: Callable | None = None
+        self._compiled: dict[Callable, Callable] = {}
         self._lock = threading.Lock()
 
-    def wanted(self, work: int) -> bool:
+    def how(self, work: int) -> str:
+        """ "compiled" or "eager" for a no-gradient call of ``work`` pair-iterations."""
         if self.failed or self.mode == "off":
-            return False
-        return self.mode == "on" or work >= _COMPILE_MIN_WORK
+            return "eager"
+        return "compiled" if self.mode == "on" or work >= _COMPILE_MIN_WORK else "eager"
+
+    def _get(self, fn: Callable) -> Callable:
+        compiled = self._compiled.get(fn)
+        if compiled is None:
+            with self._lock:
+                compiled = self._compiled.get(fn)
+                if compiled is None:
+                    compiled = torch.compile(fn, dynamic=False, options=_INDUCTOR_OPTIONS)
+                    self._compiled[fn] = compiled
+        return compiled
+
+    def stage(self, fn: Callable, *args):
+        """fn(*args) through torch.compile; eagerly (for good) once compilation has failed."""
+        if not self.failed:
+            try:
+                return self._get(fn)(*args)
+            except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
+                self.failed = True
+                log.warning(
+                    "torch.compile of the Sinkhorn stages failed (%s); running eagerly", err
+                )
+        return fn(*args)
 
     def block(self, k, kt, a, b, u, n: int, fi: float):
         if self.failed:
             return _eager_block(k, kt, a, b, u, n, fi)
-        if self._fn is None:
-            with self._lock:
-                if self._fn is None:
-                    self._fn = torch.compile(
-                        _kernel_block, dynamic=False, options=_INDUCTOR_OPTIONS
-                    )
-        try:
-            return self._fn(k, kt, a, b, u, n, fi)
-        except Exception as err:  # noqa: BLE001 - any compiler failure means: run eagerly
-            self.failed = True
-            log.warning("torch.compile of the Sinkhorn loop failed (%s); running eagerly", err)
-            return _eager_block(k, kt, a, b, u, n, fi)
+        return self.stage(_kernel_block, k, kt, a, b, u, n, fi)
 
 
 _COMPILER = _Compiler()

@@ -732,9 +732,22 @@ def _gather_features(
     gathered_texts = []
     for g, w, m in texts:
         mask = _gather_mask(m.bool(), world)
-        width = int(mask.any(dim=0).nonzero().max().item()) + 1 if mask.any() else 1
+        width = _token_width(mask)
         gathered_texts.append((_gather(g, world), _gather(w, world)[:, :width], mask[:, :width]))
     return Features(image=gathered_images, text=gathered_texts, logit_scale=logit_scale)
+
+
+_WIDTH_STEP = 8
+
+
+def _token_width(mask: Tensor) -> int:
+    """Word-token columns the OT losses need: the longest caption, rounded up to 8.
+
+    Trimming the padding saves transport work; rounding keeps the number of distinct
+    shapes small, so that a compiled Sinkhorn loop is not recompiled for every batch.
+    """
+    longest = int(mask.any(dim=0).nonzero().max().item()) + 1 if mask.any() else 1
+    return min(mask.shape[1], -(-longest // _WIDTH_STEP) * _WIDTH_STEP)
 
 
 def _gather(t: Tensor, world: int) -> Tensor:

@@ -272,16 +272,19 @@ impl Plan {
     fn new(n: usize, m: usize, d: usize, threads: usize) -> Plan {
         // Several tasks per thread, so that a slow thread does not hold up the rest.
         let want = if threads <= 1 { 1 } else { 4 * threads };
+        let max_block = max_query_block(d);
+        // Large query blocks first: each task streams its part of the pool once,
+        // so a block of 32 queries reads 8x more pool per flop than one of 256.
+        // With too few blocks, split the pool rather than shrink the blocks.
+        let full_blocks = n.div_ceil(max_block);
+        let pool_chunks = want
+            .div_ceil(full_blocks)
+            .clamp(1, (m / MIN_POOL_CHUNK).max(1));
+        let blocks_wanted = want.div_ceil(pool_chunks);
         let query_block = n
-            .div_ceil(want)
+            .div_ceil(blocks_wanted)
             .next_multiple_of(32)
-            .clamp(32, max_query_block(d));
-        let blocks = n.div_ceil(query_block);
-        let pool_chunks = if blocks >= want {
-            1
-        } else {
-            want.div_ceil(blocks).min((m / MIN_POOL_CHUNK).max(1))
-        };
+            .clamp(32, max_block);
         Plan {
             query_block,
             pool_chunks,
@@ -366,6 +369,7 @@ fn scan(
 /// A block of queries packed for the AVX-512 kernel: panels of 32 queries laid
 /// out column by column (`d x 32`, 64-byte aligned), zero-padded, with each
 /// query's current admission threshold (`+inf` on padding lanes: never admitted).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) struct QueryPanels {
     buf: Vec<f32>,
     offset: usize,

@@ -221,3 +221,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn plans_keep_blocks_large_and_threads_busy() {
+    let p = Plan::new(20_000, 100_000, 512, 2);
+    assert_eq!((p.query_block, p.pool_chunks), (256, 1));
+    // Few queries: split the pool, keep the block whole.
+    let p = Plan::new(256, 20_000, 512, 2);
+    assert_eq!((p.query_block, p.pool_chunks), (256, 8));
+    let p = Plan::new(1, 100_000, 512, 2);
+    assert_eq!((p.query_block, p.pool_chunks), (32, 8));
+    // A small pool cannot be split: smaller blocks instead.
+    let p = Plan::new(256, 3000, 512, 2);
+    assert_eq!((p.query_block, p.pool_chunks), (32, 1));
+    // One thread: one task per block of the largest size.
+    let p = Plan::new(5000, 100_000, 128, 1);
+    assert_eq!((p.query_block, p.pool_chunks), (512, 1));
+}
