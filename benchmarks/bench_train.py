@@ -11,7 +11,9 @@ amortised over R (use an even number of timed epochs for R = 2).
 
 The defenses take turns epoch by epoch (each run pauses after an epoch's
 checkpoint and resumes for the next), so that a change in the machine's load
-during the benchmark hits all of them alike. Ratios are against `none`.
+during the benchmark hits all of them alike, and an epoch's training time is
+its median step time times its steps (a shared machine's bursts of load hit
+single steps). Ratios are against `none`.
 
     python benchmarks/bench_train.py            # 4,000 scenes, batch 256, 1 + 4 epochs
     python benchmarks/bench_train.py --quick    # a small smoke run
@@ -23,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -57,10 +60,14 @@ def main() -> None:
     from otcclip.train import Callback, TrainConfig, train
 
     class Pause(Callback):
-        """Stop a run after the checkpoint that ends epoch `epoch`."""
+        """Record step times; stop the run after the checkpoint that ends epoch `epoch`."""
 
-        def __init__(self, epoch: int) -> None:
+        def __init__(self, epoch: int, steps: dict) -> None:
             self.epoch = epoch
+            self.steps = steps
+
+        def on_step_end(self, ctx, info) -> None:
+            self.steps.setdefault(info["epoch"], []).append(info["seconds"])
 
         def on_checkpoint(self, ctx, path, info) -> None:
             if info["step"] == 0 and info["epoch"] == self.epoch:
@@ -76,6 +83,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bench_train.") as tmp:
         runs = {d: Path(tmp) / d for d in defenses}
+        steps: dict[str, dict[int, list[float]]] = {d: {} for d in defenses}
         for epoch in range(1, args.epochs + 1):
             for defense in defenses:
                 config = TrainConfig(
@@ -93,9 +101,9 @@ def main() -> None:
                     resume=epoch > 1,
                 )
                 with contextlib.suppress(_Paused):
-                    train(config, [Pause(epoch)], table=table)
+                    train(config, [Pause(epoch, steps[defense])], table=table)
                 print(f"  {defense}: epoch {epoch} done", file=sys.stderr)
-        rows = [_summary(d, runs[d]) for d in defenses]
+        rows = [_summary(d, runs[d], steps[d]) for d in defenses]
 
     base = next((r["total"] for r in rows if r["defense"] == "none"), None)
     header = f"{'defense':<10}{'phases':<22}{'train s/ep':>11}{'prep s/ep':>11}{'total s/ep':>12}"
@@ -117,22 +125,28 @@ def main() -> None:
         print(f"target otcclip <= 1.30x none: {ratio:.2f}x, {verdict}")
 
 
-def _summary(defense: str, run: Path) -> dict:
+def _summary(defense: str, run: Path, steps: dict[int, list[float]]) -> dict:
+    """Per timed epoch: median step time x steps (robust to a neighbour's burst of load)
+    plus the epoch's preparation; a round every R epochs counts once per R epochs."""
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     timed = [m for m in lines if m["event"] == "epoch"][1:]
-    train_s = sum(m["seconds"] for m in timed) / len(timed)
-    prep_s = sum(m["prepare_seconds"] for m in timed) / len(timed)
-    stages: dict[str, float] = {}
+    train_s = statistics.mean(statistics.median(steps[m["epoch"]]) * m["steps"] for m in timed)
+    preps = [m["prepare_seconds"] for m in timed]
+    rounds = [p for p in preps if p > 0]
+    typical = statistics.median(rounds) if rounds else 0.0
+    prep_s = typical * len(rounds) / len(preps)
+    stages: dict[str, list[float]] = {}
     for m in timed:
         for stage, sec in (m.get("defense") or {}).get("seconds_by_stage", {}).items():
-            stages[stage] = stages.get(stage, 0.0) + sec / len(timed)
+            stages.setdefault(stage, []).append(sec)
+    share = len(rounds) / len(preps)
     return {
         "defense": defense,
         "phases": ",".join(sorted({m["phase"] for m in timed})),
         "train": train_s,
         "prep": prep_s,
         "total": train_s + prep_s,
-        "stages": stages,
+        "stages": {k: statistics.median(v) * share for k, v in stages.items()},
     }
 
 

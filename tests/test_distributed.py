@@ -127,6 +127,7 @@ def test_match_round_under_torchrun_equals_one_process(torchrun_outcome):
 
 def _worker(out: str) -> None:
     import torch
+
     from otcclip.matching import MatchConfig, match_round
     from otcclip.models import create_model
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-import otcclip.matching as matching
 import pytest
 import torch
+
+import otcclip.matching as matching
 from otcclip.matching import CaptionBank, MatchConfig, match_round, score_candidates
 from otcclip.ot import ot_distance
 

@@ -416,3 +416,69 @@ def load_eval_inputs(
     manifests, data = load_manifests(poison_dir)
     train = Path(poison_dir) / "train.parquet"
     return manifests, data, train if train.is_file() else None
+
+
+class EpochEvaluation:
+    """A training callback: evaluate every `every` epochs and after the last one.
+
+    Zero-shot always; targeted/backdoor ASR when the run has poison manifests;
+    the linear probe (slower) only after the last epoch. It duck-types the
+    trainer's `Callback` so that this module never imports the trainer (data
+    flows one way: training -> evaluation). Only the main process evaluates.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        epochs: int,
+        eval_size: int = 1000,
+        probe_size: int = 0,
+        seed: int = 0,
+        manifests: Sequence[Manifest] | None = None,
+    ) -> None:
+        self.every = every
+        self.epochs = epochs
+        self.eval_size = eval_size
+        self.probe_size = probe_size
+        self.seed = seed
+        self.manifests = manifests
+        self.sets: tuple[EvalSet, tuple[EvalSet, EvalSet] | None] | None = None
+
+    def on_train_start(self, ctx: Any) -> None:
+        if not ctx.is_main:
+            return
+        from otcclip.data import probe_sets, zero_shot_set
+
+        image_size = int(ctx.table.images.shape[1])
+        eval_set = zero_shot_set(self.eval_size, seed=self.seed, image_size=image_size)
+        probe = (
+            probe_sets(self.probe_size, self.probe_size, seed=self.seed, image_size=image_size)
+            if self.probe_size
+            else None
+        )
+        self.sets = (eval_set, probe)
+
+    def on_step_end(self, ctx: Any, info: dict) -> None:
+        pass
+
+    def on_checkpoint(self, ctx: Any, path: Path, info: dict) -> None:
+        pass
+
+    def on_epoch_end(self, ctx: Any, epoch: int, metrics: dict) -> dict | None:
+        done = epoch + 1
+        last = done == self.epochs
+        if not ctx.is_main or self.sets is None or not (done % self.every == 0 or last):
+            return None
+        eval_set, probe = self.sets
+        manifests = ctx.manifests if self.manifests is None else self.manifests
+        result = evaluate(
+            ctx.bundle,
+            eval_set,
+            manifests=manifests,
+            probe=probe if last else None,
+            seed=self.seed,
+        )
+        return {"eval": result}
+
+    def on_train_end(self, ctx: Any, result: Any) -> None:
+        pass

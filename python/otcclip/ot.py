@@ -427,20 +427,25 @@ def _cosine_cost(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _aligned_cost_chunk(x: Tensor, y: Tensor, dtype: torch.dtype, sub: int) -> Tensor:
-    """Costs of the pairs (x_i, y_i) of a chunk, computed sub-chunk by sub-chunk.
+    """Costs of the pairs (x_i, y_i) of a chunk; products and norms sub-chunk by sub-chunk.
 
     Each sub-chunk's tokens are read from memory once: the norms come from the cache the
-    matrix product just filled. Streaming the tokens is what limits the CPU here.
+    matrix product just filled. Streaming the tokens is what limits the CPU here, and op
+    count the small sub-chunks, so the loop holds three ops and the scaling is done once.
     """
     n, p, _ = x.shape
-    out = torch.empty((n, p, y.shape[1]), dtype=dtype, device=x.device)
+    w = y.shape[1]
+    out = torch.empty((n, p, w), dtype=dtype, device=x.device)
+    nx = torch.empty((n, p), dtype=dtype, device=x.device)
+    ny = torch.empty((n, w), dtype=dtype, device=x.device)
     for s in range(0, n, sub):
-        xs, ys = x[s : s + sub].to(dtype), y[s : s + sub].to(dtype)
-        o = out[s : s + sub]
-        torch.bmm(xs, ys.transpose(1, 2), out=o)
-        o.mul_(_inv_norm(xs).unsqueeze(-1)).mul_(_inv_norm(ys).unsqueeze(-2))
-        torch.sub(1.0, o, out=o)
-    return out
+        e = min(n, s + sub)
+        xs, ys = x[s:e].to(dtype), y[s:e].to(dtype)
+        torch.bmm(xs, ys.transpose(1, 2), out=out[s:e])
+        torch.linalg.vector_norm(xs, dim=-1, out=nx[s:e])
+        torch.linalg.vector_norm(ys, dim=-1, out=ny[s:e])
+    out.div_(nx.clamp_min_(1e-12).unsqueeze(-1)).div_(ny.clamp_min_(1e-12).unsqueeze(-2))
+    return out.neg_().add_(1.0)
 
 
 # ----------------------------------------------------------------------------- solver
@@ -461,7 +466,12 @@ def _solve(
     plans, ds = [], []
     for s in range(0, n, chunk):
         plan, d = _solve_chunk(
-            c[s : s + chunk], a[s : s + chunk], b[s : s + chunk], params, need_plan, how
+            c[s : s + chunk],
+            a[s : s + chunk],
+            b[s : s + chunk],
+            params,
+            need_plan,
+            _tail_eager(how, min(n, s + chunk) - s, chunk),
         )
         ds.append(d)
         if need_plan:
@@ -469,6 +479,12 @@ def _solve(
     d = torch.cat(ds) if len(ds) > 1 else ds[0]
     plan = (torch.cat(plans) if len(plans) > 1 else plans[0]) if need_plan else None
     return plan, d
+
+
+def _tail_eager(how: str, size: int, chunk: int) -> str:
+    """A partial chunk runs eagerly: compiled code is specialised to the full chunk's shape,
+    and every new shape would cost a compilation (and count towards dynamo's limit)."""
+    return "eager" if how == "compiled" and size != chunk else how
 
 
 def _chunk_size(device: torch.device) -> int:
@@ -590,7 +606,8 @@ def _kernel_iterate(
     done = 0
     while done < params.iters:
         n = min(_BLOCK, params.iters - done)
-        u, v = step(k, kt, au, b, u, n, fi)
+        # a short last block runs eagerly: one compiled variant per shape is enough
+        u, v = (step if n == _BLOCK else _eager_block)(k, kt, au, b, u, n, fi)
         done += n
         if params.tol is not None and done < params.iters:
             with torch.no_grad():
@@ -679,7 +696,8 @@ def _aligned_no_grad(x, y, aw, bw, params, dtype, return_plan):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             c = _aligned_cost_chunk(x[s:e], y[s:e], dtype, sub)
-            plan, d = _solve_chunk(c, aw[s:e], bw[s:e], params, return_plan, how)
+            how_c = _tail_eager(how, e - s, chunk)
+            plan, d = _solve_chunk(c, aw[s:e], bw[s:e], params, return_plan, how_c)
             ds.append(d)
             if return_plan:
                 plans.append(plan)
@@ -742,7 +760,7 @@ def _similarity(x, y, x_mask, y_mask, ix, iy, group: int, shared_y: bool, ot_kwa
             prod = _pair_products(xc, yc, jx, jy, group, shared_y)
             c = prod.mul_(x_inv[jx].unsqueeze(-1)).mul_(y_inv[jy].unsqueeze(-2))
             c = torch.sub(1.0, c, out=c)
-            _, d = _solve_chunk(c, aw[jx], bw[jy], params, False, how)
+            _, d = _solve_chunk(c, aw[jx], bw[jy], params, False, _tail_eager(how, len(jx), per))
             out.append(d)
         return 1.0 - torch.cat(out)
 

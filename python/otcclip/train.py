@@ -519,7 +519,8 @@ def train(
                 loop.step,
                 positions,
             )
-            loop.seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            loop.seconds += elapsed
             for name, value in parts.items():
                 loop.sums[name] = loop.sums.get(name, 0.0) + value
             loop.steps_done += 1
@@ -533,6 +534,7 @@ def train(
                 "global_step": loop.global_step,
                 **parts,
                 "lr": lr,
+                "seconds": elapsed,
             }
             if loop.global_step % config.log_every == 0:
                 loop.metrics.append(info)

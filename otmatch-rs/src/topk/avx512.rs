@@ -21,7 +21,8 @@ pub(crate) fn available() -> bool {
 }
 
 /// Scores every packed query against pool rows `p0..p1` (`pool` is the whole
-/// pool, row-major with `d` columns) and offers the scores to `sel`.
+/// pool, row-major with `d` columns) and offers the scores to `sel`. Returns
+/// whether any score was NaN or infinite (a non-finite input, or overflow).
 ///
 /// # Safety
 /// The CPU must support AVX-512F (see [`available`]); `pool` must hold rows
@@ -34,8 +35,10 @@ pub(crate) unsafe fn scan(
     p0: usize,
     p1: usize,
     sel: &mut RowsTopK,
-) {
+) -> bool {
     debug_assert!(pool.len() >= p1 * d);
+    // Sums x - x over every score: 0 while all are finite, NaN for ever after.
+    let mut check = _mm512_setzero_ps();
     let mut j = p0;
     while j < p1 {
         let r = (p1 - j).min(ROWS);
@@ -44,23 +47,24 @@ pub(crate) unsafe fn scan(
             unsafe {
                 let a = pool.as_ptr().add(j * d);
                 match r {
-                    12 => tile::<12>(a, d, j, panels, panel, sel),
-                    11 => tile::<11>(a, d, j, panels, panel, sel),
-                    10 => tile::<10>(a, d, j, panels, panel, sel),
-                    9 => tile::<9>(a, d, j, panels, panel, sel),
-                    8 => tile::<8>(a, d, j, panels, panel, sel),
-                    7 => tile::<7>(a, d, j, panels, panel, sel),
-                    6 => tile::<6>(a, d, j, panels, panel, sel),
-                    5 => tile::<5>(a, d, j, panels, panel, sel),
-                    4 => tile::<4>(a, d, j, panels, panel, sel),
-                    3 => tile::<3>(a, d, j, panels, panel, sel),
-                    2 => tile::<2>(a, d, j, panels, panel, sel),
-                    _ => tile::<1>(a, d, j, panels, panel, sel),
+                    12 => tile::<12>(a, d, j, panels, panel, sel, &mut check),
+                    11 => tile::<11>(a, d, j, panels, panel, sel, &mut check),
+                    10 => tile::<10>(a, d, j, panels, panel, sel, &mut check),
+                    9 => tile::<9>(a, d, j, panels, panel, sel, &mut check),
+                    8 => tile::<8>(a, d, j, panels, panel, sel, &mut check),
+                    7 => tile::<7>(a, d, j, panels, panel, sel, &mut check),
+                    6 => tile::<6>(a, d, j, panels, panel, sel, &mut check),
+                    5 => tile::<5>(a, d, j, panels, panel, sel, &mut check),
+                    4 => tile::<4>(a, d, j, panels, panel, sel, &mut check),
+                    3 => tile::<3>(a, d, j, panels, panel, sel, &mut check),
+                    2 => tile::<2>(a, d, j, panels, panel, sel, &mut check),
+                    _ => tile::<1>(a, d, j, panels, panel, sel, &mut check),
                 }
             }
         }
         j += r;
     }
+    _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(check, check) != 0
 }
 
 /// One micro-tile: `R` pool rows starting at pool index `j` against query panel `panel`.
@@ -72,6 +76,7 @@ unsafe fn tile<const R: usize>(
     panels: &mut QueryPanels,
     panel: usize,
     sel: &mut RowsTopK,
+    check: &mut __m512,
 ) {
     // SAFETY (whole body): the caller guarantees R rows of d values at `a`, and
     // the panel holds d x 32 values; only called from `scan`, which enables AVX-512F.
@@ -88,6 +93,10 @@ unsafe fn tile<const R: usize>(
             }
         }
         let row0 = panel * 32;
+        for acc_r in &acc {
+            *check = _mm512_add_ps(*check, _mm512_sub_ps(acc_r[0], acc_r[0]));
+            *check = _mm512_add_ps(*check, _mm512_sub_ps(acc_r[1], acc_r[1]));
+        }
         for (r, acc_r) in acc.iter().enumerate() {
             let thr = panels.thresholds_ptr(panel);
             let t0 = _mm512_loadu_ps(thr);

@@ -98,7 +98,7 @@ pub struct TopK {
 ///
 /// Exact (no approximation): the answer equals a brute-force scan up to the
 /// rounding of `f32` sums. Refuses empty inputs, `k` outside `1..=M`,
-/// mismatched dimensions, NaN/inf, and values whose products would overflow.
+/// mismatched dimensions, NaN/inf, and values whose products overflow `f32`.
 pub fn topk(queries: MatRef<'_>, pool: MatRef<'_>, k: usize, threads: Threads) -> Result<TopK> {
     let config = TopkConfig {
         threads,
@@ -121,7 +121,8 @@ pub fn topk(queries: MatRef<'_>, pool: MatRef<'_>, k: usize, threads: Threads) -
 }
 
 /// [`topk`] writing into caller-owned buffers of `N * k` entries (for example
-/// numpy arrays), so that the results are not copied either.
+/// numpy arrays), so that the results are not copied either. After an error
+/// the buffers hold nothing meaningful.
 pub fn topk_into(
     queries: MatRef<'_>,
     pool: MatRef<'_>,
@@ -142,9 +143,13 @@ pub fn topk_into(
     }
     let kernel = config.kernel.resolve()?;
     run_in_pool(config.threads, || {
-        validate_values(queries, pool)?;
         let plan = Plan::new(n, pool.rows(), queries.cols(), rayon::current_num_threads());
-        run(queries, pool, k, kernel, plan, indices, scores);
+        // A NaN or inf in the inputs, or an overflow, makes some score NaN or
+        // inf (x - x of it is NaN): the kernels watch every score they compute,
+        // which costs far less than a separate pass over the pool before each call.
+        if run(queries, pool, k, kernel, plan, indices, scores) {
+            return Err(explain_nonfinite(queries, pool));
+        }
         Ok(())
     })?
 }
@@ -186,65 +191,37 @@ fn validate_shapes(queries: MatRef<'_>, pool: MatRef<'_>, k: usize) -> Result<()
     Ok(())
 }
 
-/// First non-finite value (row, column) and the largest squared row norm.
-fn scan_values(m: MatRef<'_>) -> (Option<(usize, usize)>, f64) {
+/// First non-finite value (row, column) of `m`.
+fn first_nonfinite(m: MatRef<'_>) -> Option<(usize, usize)> {
     const ROWS: usize = 256;
     let d = m.cols();
     m.as_slice()
         .par_chunks(ROWS * d)
         .enumerate()
-        .map(|(b, block)| {
-            let mut bad = None;
-            let mut max_norm2 = 0f64;
-            for (r, row) in block.chunks_exact(d).enumerate() {
-                let mut finite = true;
-                let mut norm2 = 0f64;
-                for &x in row {
-                    finite &= x.is_finite();
-                    norm2 += f64::from(x) * f64::from(x);
-                }
-                if !finite && bad.is_none() {
-                    let col = row.iter().position(|x| !x.is_finite()).unwrap_or(0);
-                    bad = Some((b * ROWS + r, col));
-                }
-                max_norm2 = max_norm2.max(norm2);
-            }
-            (bad, max_norm2)
+        .filter_map(|(b, block)| {
+            let pos = block.iter().position(|x| !x.is_finite())?;
+            Some((b * ROWS + pos / d, pos % d))
         })
-        .reduce(
-            || (None, 0f64),
-            |(ba, na), (bb, nb)| {
-                let bad = match (ba, bb) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                (bad, na.max(nb))
-            },
-        )
+        .min()
 }
 
-fn validate_values(queries: MatRef<'_>, pool: MatRef<'_>) -> Result<()> {
-    let (bad_q, norm_q) = scan_values(queries);
-    if let Some((r, c)) = bad_q {
-        return Err(Error::NonFinite(format!(
+/// Says why some score came out NaN or infinite: a non-finite input (named by
+/// its first position), or else an overflow of the float32 sums.
+fn explain_nonfinite(queries: MatRef<'_>, pool: MatRef<'_>) -> Error {
+    if let Some((r, c)) = first_nonfinite(queries) {
+        return Error::NonFinite(format!(
             "queries contain NaN or infinity (first at row {r}, column {c})"
-        )));
+        ));
     }
-    let (bad_p, norm_p) = scan_values(pool);
-    if let Some((r, c)) = bad_p {
-        return Err(Error::NonFinite(format!(
+    if let Some((r, c)) = first_nonfinite(pool) {
+        return Error::NonFinite(format!(
             "pool contains NaN or infinity (first at row {r}, column {c})"
-        )));
+        ));
     }
-    // |<q, p>| <= |q| |p| bounds every partial sum too; keep a factor 2 of slack
-    // for rounding. Beyond it a score could be inf, and the ranking meaningless.
-    let bound = norm_q.sqrt() * norm_p.sqrt();
-    if bound > f64::from(f32::MAX) / 2.0 {
-        return Err(Error::NonFinite(format!(
-            "inner products could overflow float32: largest query norm x largest pool norm = {bound:.3e}"
-        )));
-    }
-    Ok(())
+    Error::NonFinite(
+        "inner products overflow float32: the embeddings' values are too large (normalise the rows)"
+            .into(),
+    )
 }
 
 /// Most queries per block (a multiple of 32: the AVX-512 kernel's panel width).
@@ -293,6 +270,8 @@ impl Plan {
     }
 }
 
+/// Fills `indices`/`scores`; returns whether any score was NaN or infinite
+/// (the outputs are then meaningless).
 fn run(
     queries: MatRef<'_>,
     pool: MatRef<'_>,
@@ -301,7 +280,7 @@ fn run(
     plan: Plan,
     indices: &mut [i64],
     scores: &mut [f32],
-) {
+) -> bool {
     let n = queries.rows();
     let m = pool.rows();
     let qb = plan.query_block;
@@ -309,13 +288,13 @@ fn run(
         .par_chunks_mut(qb * k)
         .zip(scores.par_chunks_mut(qb * k))
         .enumerate()
-        .for_each(|(b, (idx_out, score_out))| {
+        .map(|(b, (idx_out, score_out))| {
             let q0 = b * qb;
             let q1 = (q0 + qb).min(n);
-            let sel = if plan.pool_chunks == 1 {
+            let (sel, nonfinite) = if plan.pool_chunks == 1 {
                 scan(kernel, queries, q0, q1, pool, 0, m, k)
             } else {
-                let parts: Vec<RowsTopK> = (0..plan.pool_chunks)
+                let parts: Vec<(RowsTopK, bool)> = (0..plan.pool_chunks)
                     .into_par_iter()
                     .map(|c| {
                         let p0 = (c * plan.pool_chunk).min(m);
@@ -324,11 +303,12 @@ fn run(
                     })
                     .collect();
                 let mut parts = parts.into_iter();
-                let mut sel = parts.next().expect("at least one pool chunk");
-                for part in parts {
+                let (mut sel, mut nonfinite) = parts.next().expect("at least one pool chunk");
+                for (part, bad) in parts {
                     sel.merge(&part);
+                    nonfinite |= bad;
                 }
-                sel
+                (sel, nonfinite)
             };
             for r in 0..q1 - q0 {
                 sel.write_sorted(
@@ -337,7 +317,9 @@ fn run(
                     &mut score_out[r * k..(r + 1) * k],
                 );
             }
-        });
+            nonfinite
+        })
+        .reduce(|| false, |a, b| a | b)
 }
 
 /// The top k of queries `q0..q1` among pool rows `p0..p1`.
@@ -351,19 +333,19 @@ fn scan(
     p0: usize,
     p1: usize,
     k: usize,
-) -> RowsTopK {
+) -> (RowsTopK, bool) {
     let mut sel = RowsTopK::new(q1 - q0, k);
-    match kernel {
+    let nonfinite = match kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512 => {
             let mut panels = QueryPanels::pack(queries, q0, q1);
             // SAFETY: `Kernel::resolve` only yields Avx512 when the CPU has
             // AVX-512F; the panels were packed from `queries`, whose d equals the pool's.
-            unsafe { avx512::scan(&mut panels, pool.as_slice(), pool.cols(), p0, p1, &mut sel) };
+            unsafe { avx512::scan(&mut panels, pool.as_slice(), pool.cols(), p0, p1, &mut sel) }
         }
         _ => portable::scan(queries, q0, q1, pool, p0, p1, &mut sel),
-    }
-    sel
+    };
+    (sel, nonfinite)
 }
 
 /// A block of queries packed for the AVX-512 kernel: panels of 32 queries laid

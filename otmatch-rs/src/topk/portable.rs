@@ -10,6 +10,7 @@ use crate::matrix::MatRef;
 const TILE: usize = 256;
 
 /// Scores queries `q0..q1` against pool rows `p0..p1` and offers them to `sel`.
+/// Returns whether any score was NaN or infinite.
 pub(crate) fn scan(
     queries: MatRef<'_>,
     q0: usize,
@@ -18,8 +19,9 @@ pub(crate) fn scan(
     p0: usize,
     p1: usize,
     sel: &mut RowsTopK,
-) {
+) -> bool {
     let d = queries.cols();
+    let mut nonfinite = false;
     let nq = q1 - q0;
     let mut tile = vec![0f32; nq * TILE];
     let mut thr: Vec<f32> = (0..nq).map(|r| sel.threshold(r)).collect();
@@ -54,6 +56,7 @@ pub(crate) fn scan(
         }
         for (r, t) in thr.iter_mut().enumerate() {
             let row = &tile[r * mt..(r + 1) * mt];
+            nonfinite |= row.iter().fold(false, |b, s| b | !s.is_finite());
             for (c, &s) in row.iter().enumerate() {
                 if s >= *t {
                     *t = sel.offer(r, s, (j + c) as u32);
@@ -62,4 +65,5 @@ pub(crate) fn scan(
         }
         j += mt;
     }
+    nonfinite
 }

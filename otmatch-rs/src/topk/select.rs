@@ -108,12 +108,15 @@ impl RowsTopK {
         }
     }
 
-    /// Writes row `r` sorted best first into `idx_out` and `score_out` (k entries each).
+    /// Writes row `r` sorted best first into `idx_out` and `score_out` (k
+    /// entries each). A row holds k entries unless NaN scores were refused, in
+    /// which case the call fails anyway; the missing places get (-1, NaN).
     pub(crate) fn write_sorted(&self, r: usize, idx_out: &mut [i64], score_out: &mut [f32]) {
         let k = self.k;
         let base = r * k;
         let len = self.len[r] as usize;
-        debug_assert_eq!(len, k, "every row sees at least k pool entries");
+        idx_out[len..].fill(-1);
+        score_out[len..].fill(f32::NAN);
         let mut order: Vec<(f32, u32)> = (0..len)
             .map(|e| (self.scores[base + e], self.indices[base + e]))
             .collect();

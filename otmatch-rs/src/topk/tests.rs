@@ -47,7 +47,7 @@ fn run_with(
     let pm = MatRef::new(p, p.len() / d, d).unwrap();
     let mut idx = vec![0; qm.rows() * k];
     let mut sc = vec![0.0; qm.rows() * k];
-    run(qm, pm, k, kernel, plan, &mut idx, &mut sc);
+    assert!(!run(qm, pm, k, kernel, plan, &mut idx, &mut sc));
     (idx, sc)
 }
 
@@ -168,7 +168,11 @@ fn public_topk_and_errors() {
         .contains("pool contains NaN or infinity (first at row 1, column 1)"));
     let huge = vec![1e20f32; 8];
     let hm = MatRef::new(&huge, 2, 4).unwrap();
-    assert!(err(topk(hm, hm, 1, Threads::Auto)).contains("could overflow float32"));
+    assert!(err(topk(hm, hm, 1, Threads::Auto)).contains("inner products overflow float32"));
+    // Large values whose products stay finite are fine (no conservative bound).
+    let big = vec![1e18f32, 0.0, 0.0, 0.0, 1e18, 0.0, 0.0, 0.0];
+    let bm = MatRef::new(&big, 2, 4).unwrap();
+    assert_eq!(topk(bm, bm, 1, Threads::Auto).unwrap().indices, vec![0, 1]);
     assert!(MatRef::new(&q, 4, 4)
         .unwrap_err()
         .to_string()
