@@ -42,7 +42,7 @@ def _ctx(config: TrainConfig, poisoned: np.ndarray | None = None) -> TrainContex
 
 
 def _config(defense: str, **kw) -> TrainConfig:
-    return TrainConfig(scenes=N, defense=defense, batch_size=4, **kw)
+    return TrainConfig(scenes=N, defense=defense, batch_size=4, **{"k": 4, **kw})
 
 
 def _features(b: int = 4, views: int = 1, seed: int = 0) -> Features:

@@ -305,7 +305,7 @@ def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setattr(otc, "_COMPILER", compiler)
-    x, y = _sets(4, 6, 5, 8, seed=32)
+    x, y = _sets(otc._chunk_size(torch.device("cpu")), 6, 5, 8, seed=32)  # one full chunk
     with caplog.at_level(logging.WARNING, logger="otcclip.ot"):
         d = otc.ot_distance(x, y, iters=20)
     assert compiler.failed and "running eagerly" in caplog.text

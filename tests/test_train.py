@@ -76,6 +76,9 @@ def test_data_order_is_a_pure_function_of_seed_and_epoch():
         ({"precision": "fp16"}, "needs a CUDA device"),
         ({"alpha": 1.5}, "alpha"),
         ({"resume": True}, "resume needs"),
+        ({"defense": "otcclip", "capacity": 3}, "only meaningful with method 'capacity'"),
+        ({"defense": "otcclip", "k": 500}, "only 192 captions"),
+        ({"defense": "safeclip", "safe_start": 2.0}, "safe_start"),
     ],
 )
 def test_bad_settings_are_refused_before_training(change, message, tmp_path):
@@ -120,6 +123,17 @@ def test_runs_are_not_overwritten_and_resume_checks_the_checkpoint(tmp_path):
         train(_tiny(out=str(run), resume=True, model="ViT-B-32"))
     with pytest.raises(CheckpointError, match="seed"):
         train(_tiny(out=str(run), resume=True, seed=5))
+
+
+def test_tensorboard_is_optional_and_clear_when_missing(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            train(_tiny(out=str(tmp_path), tensorboard=True, epochs=1))
+    else:
+        train(_tiny(out=str(tmp_path), tensorboard=True, epochs=1))
+        assert list((tmp_path / "tensorboard").iterdir())
 
 
 # --------------------------------------------------------------------------- every defense

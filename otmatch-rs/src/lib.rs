@@ -9,6 +9,7 @@
 //! ([`History`]). The `otmatch` binary does the same on `.npy` files.
 //!
 #![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
 
 mod assign;
 mod error;

@@ -231,6 +231,7 @@ class OTCCLIPDefense(Defense):
             raise ValueError(
                 f"rematch_from must be 'original' or 'previous', got {config.rematch_from!r}"
             )
+        self.match_config()  # a bad matching knob fails now, not after the warm-up
         self.assignment: np.ndarray | None = None
         self.history: Any = None
         self.rounds = 0
@@ -239,6 +240,8 @@ class OTCCLIPDefense(Defense):
         from otcclip.otmatch import History
 
         n = len(ctx.table)
+        if self.config.k > n:
+            raise ValueError(f"k = {self.config.k} candidates, but the data has only {n} captions")
         self.assignment = np.arange(n, dtype=np.int64)
         self.history = History()
         self.history.record(0, ctx.table.ids, ctx.table.ids)

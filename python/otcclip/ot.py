@@ -40,14 +40,19 @@ forces one.
 Precision and speed
 -------------------
 Inputs may be float32, bfloat16 or float16; costs, kernels, scalings and sums are float32
-(float64 inputs stay float64). Without gradients through the plan, pairs are processed in
-chunks that stay in cache through all iterations, and on large problems the iteration loop is
-compiled with ``torch.compile`` (inductor), which fuses each half-step into one pass over the
-kernel; if compilation is not possible the eager loop runs instead (see ``set_compile``).
-With gradients through the plan the iterations are plain differentiable torch ops (autograd
-unrolls them); ``detach_plan=True`` computes the plan without gradient and differentiates only
-``<T*, C>`` through ``C``, the envelope-theorem gradient of the regularised OT cost, which is
-cheaper and is what L_inter uses (DESIGN.md section 7).
+(float64 inputs stay float64). Without gradients through the plan (no ``requires_grad``, or
+``detach_plan``), pairs are processed in chunks (64 pairs per CPU thread) whose kernel, its
+transpose and cost stay in the L2 cache through all iterations; the costs of a chunk are
+computed a few pairs at a time so that each token is read from memory once. Calls of at least
+200,000 pair-iterations compile the iteration loop (blocks of 10 iterations, one fused pass
+over the kernel per half-step) and the final ``<T, C>`` with ``torch.compile`` (inductor); the
+first such call pays the compilation (seconds; inductor caches it on disk), a failed
+compilation falls back to the eager loop (see ``set_compile``). With gradients through the
+plan the iterations are plain differentiable torch ops (autograd unrolls them);
+``detach_plan=True`` computes the plan without gradient and differentiates only ``<T*, C>``
+through ``C``, the envelope-theorem gradient of the regularised OT cost, which is cheaper and
+is what L_inter uses (DESIGN.md section 7). ``ot_similarity_candidates`` computes one image's
+costs against its k candidates with one matrix product (the matching round's layout).
 """
 
 from __future__ import annotations
@@ -96,7 +101,8 @@ _CUDA_CHUNK = 8192
 # from memory once (measured: twice as fast as 8 pairs a thread, whose norms miss the cache).
 _CPU_COST_CHUNK = 2
 # Materialise every intermediate vector: by default inductor recomputes b / s inside the next
-# reduction, once per vector lane block, which costs more than the reduction itself.
+# reduction, once per vector lane block, which costs more than the reduction itself (these
+# options cost about 20 us a call, a few % of a block of 10 iterations on a full chunk).
 _INDUCTOR_OPTIONS = {"realize_reads_threshold": 0}
 
 
@@ -173,6 +179,8 @@ def ot_distance(
     relaxed marginals (None: balanced). Returns D_OT (B,) in float32 (float64 for float64
     inputs), and the plans (B,P,W) when ``return_plan``. Gradients flow through the cost and
     the plan; ``detach_plan`` stops them through the plan (the returned plan has no grad).
+    ``domain``: "auto" (see the module doc), "kernel" or "log". A pair with no real token (or
+    zero total weight) on one side gets D_OT = 1 and a zero plan.
     """
     _check_sets(x, y, same_batch=True)
     params = _Params.make(eps, iters, tol, rho, domain)
@@ -757,7 +765,10 @@ def _similarity(x, y, x_mask, y_mask, ix, iy, group: int, shared_y: bool, ot_kwa
         out = []
         for s in range(0, ix.numel(), per):
             jx, jy = ix[s : s + per], iy[s : s + per]
-            prod = _pair_products(xc, yc, jx, jy, group, shared_y)
+            if x.device.type == "cpu":
+                prod = _pair_products_streamed(xc, yc, jx, jy, group, shared_y)
+            else:
+                prod = _pair_products(xc, yc, jx, jy, group, shared_y)
             c = prod.mul_(x_inv[jx].unsqueeze(-1)).mul_(y_inv[jy].unsqueeze(-2))
             c = torch.sub(1.0, c, out=c)
             _, d = _solve_chunk(c, aw[jx], bw[jy], params, False, _tail_eager(how, len(jx), per))
@@ -784,6 +795,34 @@ def _pair_products(
         ys = y[iy].view(-1, group * w, dim)  # (G, group*W, D)
         prod = torch.bmm(xs, ys.transpose(1, 2))  # (G,P,group*W)
     return prod.view(-1, p, group, w).transpose(1, 2).reshape(n, p, w)
+
+
+def _pair_products_streamed(
+    x: Tensor, y: Tensor, ix: Tensor, iy: Tensor, group: int, shared_y: bool
+) -> Tensor:
+    """_pair_products without gradient, one run at a time (CPU).
+
+    Each run's candidate tokens are gathered into one small buffer that stays in cache for
+    its matrix product, instead of gathering the whole chunk's through memory.
+    """
+    n = ix.numel()
+    p, w, dim = x.shape[1], y.shape[1], y.shape[2]
+    if group == 1:
+        return torch.bmm(x[ix], y[iy].transpose(1, 2))
+    runs = n // group
+    prod = torch.empty((runs, p, group * w), dtype=x.dtype, device=x.device)
+    firsts = ix.view(runs, group)[:, 0].tolist()
+    if shared_y:
+        y_t = y.reshape(-1, dim).T
+        for r, i in enumerate(firsts):
+            torch.mm(x[i], y_t, out=prod[r])
+    else:
+        buf = torch.empty((group, w, dim), dtype=y.dtype, device=y.device)
+        cols = iy.view(runs, group)
+        for r, i in enumerate(firsts):
+            torch.index_select(y, 0, cols[r], out=buf)
+            torch.mm(x[i], buf.view(group * w, dim).T, out=prod[r])
+    return prod.view(runs, p, group, w).transpose(1, 2).reshape(n, p, w)
 
 
 # ----------------------------------------------------------------------------- compilation

@@ -413,6 +413,7 @@ def train(
     precision = _precision(config, device)
     run_dir = Path(config.out) if config.out is not None else None
     checkpoint = _open_run(config, run_dir, rank)
+    writer = _tensorboard(config, run_dir, rank)
 
     from otcclip.models import create_model
 
@@ -478,7 +479,6 @@ def train(
         f"{world} process{'es' if world > 1 else ''}, {device}, "
         f"torch threads {torch.get_num_threads()})"
     )
-    writer = _tensorboard(config, run_dir, rank)
     for cb in callbacks:
         with _isolated_rng():
             cb.on_train_start(ctx)

@@ -170,7 +170,7 @@ fn public_topk_and_errors() {
     let hm = MatRef::new(&huge, 2, 4).unwrap();
     assert!(err(topk(hm, hm, 1, Threads::Auto)).contains("inner products overflow float32"));
     // Large values whose products stay finite are fine (no conservative bound).
-    let big = vec![1e18f32, 0.0, 0.0, 0.0, 1e18, 0.0, 0.0, 0.0];
+    let big = vec![1e18f32, 0.0, 0.0, 0.0, 0.0, 1e18, 0.0, 0.0];
     let bm = MatRef::new(&big, 2, 4).unwrap();
     assert_eq!(topk(bm, bm, 1, Threads::Auto).unwrap().indices, vec![0, 1]);
     assert!(MatRef::new(&q, 4, 4)
@@ -241,4 +241,80 @@ fn plans_keep_blocks_large_and_threads_busy() {
     // One thread: one task per block of the largest size.
     let p = Plan::new(5000, 100_000, 128, 1);
     assert_eq!((p.query_block, p.pool_chunks), (512, 1));
+}
+
+#[test]
+fn every_kernel_catches_a_single_bad_value_anywhere() {
+    for kernel in kernels() {
+        for (n, m, d) in [(1, 1, 1), (33, 50, 7), (70, 301, 19)] {
+            let q = float_matrix(n, d, 21);
+            let p = float_matrix(m, d, 22);
+            for in_pool in [false, true] {
+                let rows = if in_pool { m } else { n };
+                for pos in [0, rows * d / 2, rows * d - 1] {
+                    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                        let (mut q2, mut p2) = (q.clone(), p.clone());
+                        if in_pool {
+                            p2[pos] = bad
+                        } else {
+                            q2[pos] = bad
+                        }
+                        let config = TopkConfig {
+                            threads: Threads::Count(3),
+                            kernel,
+                        };
+                        let mut idx = vec![0; n];
+                        let mut sc = vec![0.0; n];
+                        let e = topk_into(
+                            MatRef::new(&q2, n, d).unwrap(),
+                            MatRef::new(&p2, m, d).unwrap(),
+                            1,
+                            &config,
+                            &mut idx,
+                            &mut sc,
+                        )
+                        .unwrap_err()
+                        .to_string();
+                        let what = if in_pool {
+                            "pool contains"
+                        } else {
+                            "queries contain"
+                        };
+                        let place = format!("(first at row {}, column {})", pos / d, pos % d);
+                        assert!(e.contains(what) && e.contains(&place), "{kernel:?}: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_kernel_catches_an_overflow_in_one_pair() {
+    // Only the pair (query 40, pool row 7) overflows; every input is finite.
+    let (n, m, d) = (45, 20, 5);
+    let mut q = float_matrix(n, d, 31);
+    let mut p = float_matrix(m, d, 32);
+    q[40 * d + 2] = 3e20;
+    p[7 * d + 2] = 3e20;
+    for kernel in kernels() {
+        let config = TopkConfig {
+            threads: Threads::Count(2),
+            kernel,
+        };
+        let (mut idx, mut sc) = (vec![0; n * 2], vec![0.0; n * 2]);
+        let e = topk_into(
+            MatRef::new(&q, n, d).unwrap(),
+            MatRef::new(&p, m, d).unwrap(),
+            2,
+            &config,
+            &mut idx,
+            &mut sc,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("overflow float32"),
+            "{kernel:?}: {e}"
+        );
+    }
 }

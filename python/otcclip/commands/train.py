@@ -105,7 +105,7 @@ _SCHEDULE_HELP = (
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="Linear probe on N train / N test images at each evaluation (0: off).",
+    help="Linear probe on N train / N test images after the last epoch (0: off).",
 )
 @click.option("--threads", type=click.IntRange(min=1), help="torch (and otmatch) threads.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
@@ -275,7 +275,17 @@ def command(**options: Any) -> None:
             raise click.UsageError(str(err)) from None
         callbacks = []
         if eval_every > 0:
-            callbacks.append(_Evaluation(config, eval_every, eval_size, probe_size))
+            from otcclip.evaluate import EpochEvaluation
+
+            callbacks.append(
+                EpochEvaluation(
+                    every=eval_every,
+                    epochs=config.epochs,
+                    eval_size=eval_size,
+                    probe_size=probe_size,
+                    seed=config.seed,
+                )
+            )
         try:
             result = train(config, callbacks)
         except (ValueError, TypeError, FileNotFoundError, CheckpointError) as err:
@@ -323,57 +333,3 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
     if checkpoint is None:
         raise click.ClickException(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}")
     return dict(checkpoint.state["config"])
-
-
-class _Evaluation:
-    """Zero-shot (and ASR with a manifest, linear probe if asked) after every E epochs."""
-
-    def __init__(self, config: Any, every: int, size: int, probe_size: int) -> None:
-        self.config = config
-        self.every = every
-        self.size = size
-        self.probe_size = probe_size
-        self.sets: Any = None
-
-    def on_train_start(self, ctx: Any) -> None:
-        if not ctx.is_main:
-            return
-        from otcclip.data import probe_sets, zero_shot_set
-
-        image_size = int(ctx.table.images.shape[1])
-        seed = self.config.seed
-        try:
-            eval_set = zero_shot_set(self.size, seed=seed, image_size=image_size)
-            probe = (
-                probe_sets(self.probe_size, self.probe_size, seed=seed, image_size=image_size)
-                if self.probe_size
-                else None
-            )
-        except (ValueError, FileNotFoundError) as err:
-            raise click.ClickException(f"cannot build the evaluation sets: {err}") from None
-        self.sets = (eval_set, probe)
-
-    def on_step_end(self, ctx: Any, info: dict[str, Any]) -> None:
-        pass
-
-    def on_checkpoint(self, ctx: Any, path: Path, info: dict[str, Any]) -> None:
-        pass
-
-    def on_epoch_end(self, ctx: Any, epoch: int, metrics: dict[str, Any]) -> dict[str, Any] | None:
-        done = epoch + 1
-        if not ctx.is_main or not (done % self.every == 0 or done == self.config.epochs):
-            return None
-        from otcclip.evaluate import evaluate
-
-        eval_set, probe = self.sets
-        result = evaluate(
-            ctx.bundle,
-            eval_set,
-            manifests=ctx.manifests,
-            probe=probe,
-            seed=self.config.seed,
-        )
-        return {"eval": result}
-
-    def on_train_end(self, ctx: Any, result: Any) -> None:
-        pass
