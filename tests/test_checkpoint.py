@@ -9,6 +9,8 @@ import random
 import numpy as np
 import pytest
 import torch
+
+from otcclip import checkpoint as ckpt
 from otcclip.checkpoint import (
     CheckpointError,
     capture_rng,
@@ -17,8 +19,6 @@ from otcclip.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-
-from otcclip import checkpoint as ckpt
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+
 from otcclip.data import PairTable
 from otcclip.defenses import Batch, Features, TrainContext, make_defense
 from otcclip.losses import clip_loss

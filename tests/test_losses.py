@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from otcclip.losses import clip_loss, hardest_negatives, ot_info_nce
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from otcclip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from otcclip.train import (
     Callback,
@@ -183,6 +184,7 @@ def test_safeclip_mixed_epochs_split_safe_from_risky(tmp_path):
 @pytest.mark.slow
 def test_the_command_trains_on_a_poison_directory_and_resumes(tmp_path):
     from click.testing import CliRunner
+
     from otcclip.cli import main
 
     runner = CliRunner()
