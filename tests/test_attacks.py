@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from otcclip.data import CLASSNAMES, PairTable, classes_in_captions, fashion_scenes
-from otcclip.data import scenes as sc
 
 from otcclip import attacks as atk
+from otcclip.data import CLASSNAMES, PairTable, classes_in_captions, fashion_scenes
+from otcclip.data import scenes as sc
 
 BAG = CLASSNAMES.index("bag")
 

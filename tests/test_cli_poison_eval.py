@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from otcclip.attacks import load_manifests
 from otcclip.cli import main
 from otcclip.data import PairTable, fashion_scenes, read_pairs, write_pairs

@@ -6,6 +6,7 @@ import gzip
 
 import numpy as np
 import pytest
+
 from otcclip.data import fmnist
 from otcclip.data.fmnist import (
     CLASSNAMES,

@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
+
 from otcclip.data import DataError, PairTable, read_pairs, read_pairs_report, write_pairs
 from otcclip.data import readers as rd
-from PIL import Image
 
 
 def _table(n=6, rgb=False, classes=True, size=8):

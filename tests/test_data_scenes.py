@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+
 from otcclip.data import (
     CLASSNAMES,
     TEST_ID_OFFSET,

@@ -8,6 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from otcclip import attacks as atk
+from otcclip import evaluate as ev
 from otcclip.data import (
     CLASSNAMES,
     classes_in_captions,
@@ -16,9 +19,6 @@ from otcclip.data import (
     write_pairs,
     zero_shot_set,
 )
-
-from otcclip import attacks as atk
-from otcclip import evaluate as ev
 
 BAG = CLASSNAMES.index("bag")
 

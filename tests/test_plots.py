@@ -6,7 +6,8 @@ from otcclip.plots import plot_epochs, plot_rounds, round_reports
 def _metrics(asr: list[float], rounds: bool) -> list[dict]:
     out = []
     for i, a in enumerate(asr):
-        m = {"epoch": i + 1, "eval": {"targeted_asr": a, "backdoor_asr": a / 2, "zero_shot_top1": 0.5}}
+        scores = {"targeted_asr": a, "backdoor_asr": a / 2, "zero_shot_top1": 0.5}
+        m = {"epoch": i + 1, "eval": scores}
         if rounds and i >= 1:
             m["defense"] = {"round": i, "poison_broken": 0.9, "clean_kept": 0.8}
         out.append(m)
