@@ -42,8 +42,7 @@ Precision and speed
 Inputs may be float32, bfloat16 or float16; costs, kernels, scalings and sums are float32
 (float64 inputs stay float64). Without gradients through the plan (no ``requires_grad``, or
 ``detach_plan``), pairs are processed in chunks (64 pairs per CPU thread) whose kernel, its
-transpose and cost stay in the L2 cache through all iterations; the costs of a chunk are
-computed a few pairs at a time so that each token is read from memory once. Calls of at least
+transpose and cost stay in the L2 cache through all iterations. Calls of at least
 200,000 pair-iterations compile the iteration loop (blocks of 10 iterations, one fused pass
 over the kernel per half-step) and the final ``<T, C>`` with ``torch.compile`` (inductor); the
 first such call pays the compilation (seconds; inductor caches it on disk), a failed
@@ -96,10 +95,6 @@ _BLOCK = 10
 # all iterations.
 _CPU_CHUNK = 64
 _CUDA_CHUNK = 8192
-# Pairs per cost sub-chunk and CPU thread: a sub-chunk's tokens (165 KB a pair at 49 + 32
-# tokens of 512 floats) stay in L2 between the matrix product and the norms, so they are read
-# from memory once (measured: twice as fast as 8 pairs a thread, whose norms miss the cache).
-_CPU_COST_CHUNK = 2
 # Materialise every intermediate vector: by default inductor recomputes b / s inside the next
 # reduction, once per vector lane block, which costs more than the reduction itself (these
 # options cost about 20 us a call, a few % of a block of 10 iterations on a full chunk).
@@ -434,25 +429,18 @@ def _cosine_cost(x: Tensor, y: Tensor) -> Tensor:
     return 1.0 - s * _inv_norm(x).unsqueeze(-1) * _inv_norm(y).unsqueeze(-2)
 
 
-def _aligned_cost_chunk(x: Tensor, y: Tensor, dtype: torch.dtype, sub: int) -> Tensor:
-    """Costs of the pairs (x_i, y_i) of a chunk; products and norms sub-chunk by sub-chunk.
+def _aligned_cost_chunk(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Costs of the pairs (x_i, y_i) of a chunk: one product, two norms, one scaling.
 
-    Each sub-chunk's tokens are read from memory once: the norms come from the cache the
-    matrix product just filled. Streaming the tokens is what limits the CPU here, and op
-    count the small sub-chunks, so the loop holds three ops and the scaling is done once.
+    (Products and norms a few pairs at a time, so that the norms read the tokens from cache,
+    measured no faster on the CPU, and the many small parallel regions slow down badly when
+    other processes share the cores.)
     """
-    n, p, _ = x.shape
-    w = y.shape[1]
-    out = torch.empty((n, p, w), dtype=dtype, device=x.device)
-    nx = torch.empty((n, p), dtype=dtype, device=x.device)
-    ny = torch.empty((n, w), dtype=dtype, device=x.device)
-    for s in range(0, n, sub):
-        e = min(n, s + sub)
-        xs, ys = x[s:e].to(dtype), y[s:e].to(dtype)
-        torch.bmm(xs, ys.transpose(1, 2), out=out[s:e])
-        torch.linalg.vector_norm(xs, dim=-1, out=nx[s:e])
-        torch.linalg.vector_norm(ys, dim=-1, out=ny[s:e])
-    out.div_(nx.clamp_min_(1e-12).unsqueeze(-1)).div_(ny.clamp_min_(1e-12).unsqueeze(-2))
+    xs, ys = x.to(dtype), y.to(dtype)
+    out = torch.bmm(xs, ys.transpose(1, 2))
+    nx = torch.linalg.vector_norm(xs, dim=-1).clamp_min_(1e-12)
+    ny = torch.linalg.vector_norm(ys, dim=-1).clamp_min_(1e-12)
+    out.div_(nx.unsqueeze(-1)).div_(ny.unsqueeze(-2))
     return out.neg_().add_(1.0)
 
 
@@ -697,13 +685,12 @@ def _aligned_no_grad(x, y, aw, bw, params, dtype, return_plan):
     """ot_distance without gradients: costs and plans chunk by chunk, never all in memory."""
     n = x.shape[0]
     chunk = _chunk_size(x.device)
-    sub = _CPU_COST_CHUNK * max(1, torch.get_num_threads()) if x.device.type == "cpu" else chunk
     how = _COMPILER.how(n * params.iters)
     ds, plans = [], []
     with torch.no_grad():
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            c = _aligned_cost_chunk(x[s:e], y[s:e], dtype, sub)
+            c = _aligned_cost_chunk(x[s:e], y[s:e], dtype)
             how_c = _tail_eager(how, e - s, chunk)
             plan, d = _solve_chunk(c, aw[s:e], bw[s:e], params, return_plan, how_c)
             ds.append(d)
