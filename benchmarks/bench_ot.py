@@ -16,7 +16,9 @@ prints the largest relative difference of D_OT on the checked pairs.
 
 The CPU is often shared: the load average at the start is printed with the results, and
 fine-grained two-thread parallelism suffers most from other processes (each parallel region
-waits for its slowest thread), so compare the ratios of one run rather than runs.
+waits for its slowest thread), so compare the ratios of one run rather than runs. Each line
+also gives the process CPU time per pair (all threads, spin-waiting included), which other
+processes disturb less than wall time.
 
     python benchmarks/bench_ot.py            # 2048 pairs, 2 threads
     python benchmarks/bench_ot.py --quick    # 256 pairs, seconds
@@ -157,9 +159,8 @@ def main() -> None:
     def report(name: str, pairs: int, times: tuple[float, float], note: str = "") -> None:
         wall, cpu = times
         rows[name] = pairs / wall
-        print(
-            f"{name:<40s} {pairs / wall:>10,.0f} pairs/s  {cpu / pairs * 1e6:>8,.1f} CPU-us/pair{note}"
-        )
+        per_pair = cpu / pairs * 1e6
+        print(f"{name:<40s} {pairs / wall:>10,.0f} pairs/s  {per_pair:>8,.1f} CPU-us/pair{note}")
 
     # ours: compiled (first call compiles) and eager
     otc.set_compile("on")

@@ -30,8 +30,8 @@ def _images(n: int, size: int = 56, rgb: bool = False, seed: int = 0) -> np.ndar
 
 def test_builtin_models_have_the_documented_shapes():
     expect = {
-        "otc-vit-tiny": (56, 64, 49),
-        "otc-vit-small": (56, 128, 49),
+        "otc-vit-tiny": (56, 64, 64),
+        "otc-vit-small": (56, 128, 64),
         "otc-rn-tiny": (128, 64, 16),
     }
     assert set(M.BUILTIN_MODELS) == set(expect)
@@ -255,7 +255,7 @@ def test_embed_images_and_texts(tiny):
     assert np.allclose(np.linalg.norm(g, axis=1), 1, atol=1e-5)
     g2, tok = M.embed_images(tiny, images, batch_size=3, fine=True, progress=True)
     assert np.allclose(g, g2, atol=1e-6)
-    assert tok.dtype == np.float16 and tok.shape == (5, 49, 64)
+    assert tok.dtype == np.float16 and tok.shape == (5, 64, 64)
     assert np.allclose(np.linalg.norm(tok.astype(np.float32), axis=-1), 1, atol=2e-3)
     tiny.model.eval()
     with torch.no_grad():

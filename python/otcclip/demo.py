@@ -38,7 +38,7 @@ class DemoConfig:
     model: str = "otc-vit-tiny"
     epochs: int = 8
     batch_size: int = 256
-    lr: float = 5e-4
+    lr: float = 2e-3
     seed: int = 0
     threads: int | None = None
     defenses: tuple[str, ...] = DEFENSES

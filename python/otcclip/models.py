@@ -16,9 +16,11 @@ norm and projection as the pooled embedding:
 
 Models are always built from scratch (``pretrained=None``): nothing is downloaded. Weights come
 from a local file only. The built-in configurations (``BUILTIN_MODELS``) are small enough to
-train on a CPU in minutes on 56 x 56 images: ``otc-vit-tiny`` (49 patches, width 64, 3 layers,
-embedding 64), ``otc-vit-small`` (49 patches, width 128, 6 layers, embedding 128) and
-``otc-rn-tiny`` (a ModifiedResNet at 128 px, 16 grid tokens, embedding 64).
+train on a CPU in minutes on 56 x 56 images: ``otc-vit-tiny`` (64 patches, width 64, 3 layers,
+embedding 64), ``otc-vit-small`` (64 patches, width 128, 6 layers, embedding 128) and
+``otc-rn-tiny`` (a ModifiedResNet at 128 px, 16 grid tokens, embedding 64). The ViTs use
+7 px patches so that a 28 px fashion-scenes item covers exactly 4 x 4 patches (8 px patches
+straddle items; patch 7 took zero-shot from 45% to 57% after 4 epochs, benchmarks/TUNING.md).
 """
 
 from __future__ import annotations

@@ -816,7 +816,7 @@ def _pair_products_streamed(
 
 
 def _eager_stage(fn: Callable, *args):
-    """Run a stage as is (the stage's last argument says whether it is compiled)."""
+    """Run a stage eagerly (the counterpart of _Compiler.stage)."""
     return fn(*args)
 
 
