@@ -81,7 +81,8 @@ def main() -> None:
     print(
         f"threads: torch {torch.get_num_threads()}, rayon {os.environ['RAYON_NUM_THREADS']}; "
         f"tokens {'recomputed per batch' if args.recompute_tokens else 'cached float16'}; "
-        f"fashion-scenes built in {build_s:.1f} s"
+        f"fashion-scenes built in {build_s:.1f} s; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs (shared machine: compare stages within one run)"
     )
     rss_before = _peak_rss_mib()
     t0 = time.perf_counter()
