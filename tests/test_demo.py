@@ -40,3 +40,22 @@ def test_demo_end_to_end_writes_table_plots_and_commands(tmp_path):
     table = results_table(runs)
     assert table.splitlines()[2].startswith("none") and table.splitlines()[3].startswith("otcclip")
     assert table in "\n".join(lines)
+
+
+def test_table_prints_unmeasured_and_undefined_shares_as_a_dash():
+    from otcclip.demo import RunSummary
+
+    run = RunSummary(
+        defense="otcclip",
+        metrics=[
+            {
+                "epoch": 1,
+                "defense": {"round": 1, "changed_precision": float("nan"), "clean_kept": 1.0},
+            }
+        ],
+        final={"zero_shot_top1": 0.5, "targeted_asr": None},
+        seconds_per_epoch=1.0,
+        command="",
+    )
+    row = results_table([run]).splitlines()[2]
+    assert "nan" not in row and "100.0%" in row and " 50.0%" in row

@@ -151,7 +151,10 @@ def _train_command(tc: Any, config: DemoConfig, defense: str) -> str:
 
 
 def _pct(value: Any) -> str:
-    return "   -  " if value is None else f"{100.0 * float(value):5.1f}%"
+    # None (not measured) and NaN (nothing to measure, e.g. no pair re-paired) print as "-".
+    if value is None or value != value:
+        return "   -  "
+    return f"{100.0 * float(value):5.1f}%"
 
 
 def last_round(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
