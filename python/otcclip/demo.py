@@ -29,7 +29,7 @@ ALL_DEFENSES = ("clean", "none", "roclip", "safeclip", "otcclip")
 
 @dataclass
 class DemoConfig:
-    """Sizes chosen so that `none` + `otcclip` finish in about 10 minutes on 2 CPU cores."""
+    """Sizes chosen so that `none` + `otcclip` finish in about 12-15 minutes on 2 CPU cores."""
 
     out: str = "runs/demo"
     scenes: int = 20000

@@ -60,7 +60,7 @@ def command(
     trains each defense from scratch, evaluates every epoch and prints one table:
     targeted ASR, backdoor ASR, zero-shot top-1, linear probe, seconds per epoch,
     re-pairing precision. Writes OUT/results.md, results.json, epochs.png and
-    rounds.png. About 10 minutes on 2 CPU cores with the defaults.
+    rounds.png. About 12-15 minutes on 2 CPU cores with the defaults.
     """
     from otcclip.demo import ALL_DEFENSES, DEFENSES, DemoConfig, run_demo
 
