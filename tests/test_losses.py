@@ -103,6 +103,38 @@ def test_hardest_negatives_skip_duplicates_and_invalid_columns():
     assert int(available[0].sum()) == 1 + 3  # columns 1, 2, 3
 
 
+def test_hardest_negatives_skip_near_duplicates_of_the_positive():
+    x, y = _features(b=6, seed=5)
+    y = y.clone()
+    y[3] = 2.0 * y[0] + 0.01 * torch.randn(y.shape[1])  # another wording of caption 0
+    x[0] = y[3]  # and the most similar column to image 0: its hardest negative
+    plain, _ = hardest_negatives(x, y, 2)
+    assert plain[0, 1].item() == 3
+    cand, available = hardest_negatives(x, y, 5, duplicate_cos=0.99)
+    row0 = cand[0][available[0]].tolist()
+    assert 3 not in row0 and sorted(row0[1:]) == [1, 2, 4, 5]
+    row3 = cand[3][available[3]].tolist()
+    assert 0 not in row3, "the block is symmetric"
+    assert int(available[1].sum()) == 6, "rows without a near-duplicate keep every negative"
+    with pytest.raises(ValueError, match="duplicate_cos"):
+        hardest_negatives(x, y, 2, duplicate_cos=1.5)
+
+
+def test_ot_info_nce_ignores_a_near_duplicate_negative(ot_distance):
+    torch.manual_seed(0)
+    xt, yt = torch.randn(4, 3, 8), torch.randn(4, 5, 8)
+    xg, yg = xt.mean(1), yt.mean(1)
+    yt[1], yg[1] = yt[0], yg[0]  # caption 1 says what caption 0 says
+    kw = {"negatives": 3, "eps": 0.1, "iters": 20, "rows": slice(0, 1)}
+    keep = [0, 2, 3]
+    with_dup = ot_info_nce(xt, yt, xg, yg, 10.0, **kw)
+    without = ot_info_nce(xt[keep], yt[keep], xg[keep], yg[keep], 10.0, **kw)
+    masked = ot_info_nce(xt, yt, xg, yg, 10.0, duplicate_cos=0.999, **kw)
+    # the loss is a sum over owned rows divided by the valid rows: 4 against 3
+    assert torch.allclose(masked * 4, without * 3, atol=1e-5)
+    assert with_dup > masked + 0.1 / 4
+
+
 @pytest.fixture(scope="module")
 def ot_distance():
     from otcclip.ot import ot_distance

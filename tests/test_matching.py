@@ -221,6 +221,26 @@ def test_margin_keeps_a_slightly_beaten_own_caption(bundle):
     assert not kept.suspicious.any()
 
 
+def test_budget_keeps_only_the_most_doubted_pairs_re_paired(bundle):
+    images, captions, shown, named, poisoned = poisoned_world()
+    # two clean images carry a half-true caption (one of their two classes): a small
+    # doubt, against the poisons' caption of a class their images do not show
+    pool = list(captions) + [caption([0]), caption([2])]
+    own = np.arange(24)
+    half = [shown.index([0, 1]), shown.index([2, 4])]
+    own[half] = [24, 25]
+    full = match_round(bundle, images, pool, own, MatchConfig(k=4))
+    assert full.changed[poisoned].all() and full.changed[half].all()
+    assert int(full.changed.sum()) == 6
+    budget = match_round(bundle, images, pool, own, MatchConfig(k=4, max_changed=4 / 24))
+    assert budget.changed[poisoned].all(), "the poisons trail their best candidate most"
+    assert not budget.changed[half].any()
+    assert (budget.caption[half] == own[half]).all()
+    assert (budget.caption[poisoned] == full.caption[poisoned]).all()
+    nothing = match_round(bundle, images, pool, own, MatchConfig(k=4, max_changed=0.0))
+    assert not nothing.changed.any() and (nothing.caption == own).all()
+
+
 def test_capacity_spreads_images_over_captions(bundle):
     images = np.stack([make_image([0])] * 6)
     pool = [
@@ -351,6 +371,7 @@ def test_images_must_be_uint8(bundle):
         ({"margin": -0.1}, "margin"),
         ({"fallback": "drop"}, "fallback"),
         ({"rho": 0.0}, "rho"),
+        ({"max_changed": 1.5}, "max_changed"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):

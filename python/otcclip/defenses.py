@@ -260,6 +260,7 @@ class OTCCLIPDefense(Defense):
             method=c.assign,
             capacity=c.capacity,
             margin=c.margin,
+            max_changed=c.max_repair,
             fallback=c.fallback,
             flag_outside_topk=c.flag_outside_topk,
             image_batch=c.match_batch,
@@ -333,6 +334,7 @@ class OTCCLIPDefense(Defense):
             "iters": c.iters,
             "rho": c.ot_rho,
             "rows": batch.rows,
+            "duplicate_cos": c.ot_duplicate_cos,
         }
         if c.lambda_inter > 0:
             parts["inter"] = c.lambda_inter * ot_info_nce(

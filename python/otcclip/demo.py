@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,6 +83,9 @@ def build_poisoned_data(config: DemoConfig) -> tuple[Any, list[Any], Any]:
     directory = Path(config.out) / "poisoned"
     write_pairs(table, directory / "train.parquet")
     save_manifests(directory, manifests, {"n_rows": len(table), "scenes": config.scenes})
+    if "clean" in config.defenses:
+        # what the clean run trains on, so that its recorded command reruns it exactly
+        write_pairs(clean, Path(config.out) / "clean-data" / "train.parquet")
     return clean, manifests, table
 
 
@@ -136,18 +138,11 @@ def run_defense(config: DemoConfig, defense: str, clean: Any, poisoned: Any, man
 
 
 def _train_command(tc: Any, config: DemoConfig, defense: str) -> str:
-    data = Path(config.out) / "poisoned"
-    source = f"--scenes {config.scenes} --data-seed {config.seed}" if defense == "clean" else (
-        f"--data {shlex.quote(str(data))}"
-    )
-    extra = " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in sorted(config.train_overrides.items())
-    )
-    return (
-        f"otcclip train {source} --defense {tc.defense} --model {tc.model} "
-        f"--epochs {tc.epochs} --batch-size {tc.batch_size} --lr {tc.lr} --seed {tc.seed} "
-        f"--out {shlex.quote(tc.out)} {extra}"
-    ).strip()
+    from otcclip.commands.train import command_line
+
+    data = Path(config.out) / ("clean-data" if defense == "clean" else "poisoned")
+    exact = dataclasses.replace(tc, data=str(data), progress=True, threads=None)
+    return command_line(exact, config.eval_size, config.probe_size)
 
 
 def _pct(value: Any) -> str:

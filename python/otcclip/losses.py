@@ -83,6 +83,7 @@ def hardest_negatives(
     rows: slice | None = None,
     valid: Tensor | None = None,
     ids: Tensor | None = None,
+    duplicate_cos: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Each owned row's positive and its m hardest negatives by global cosine.
 
@@ -91,19 +92,28 @@ def hardest_negatives(
     a row had fewer than m' admissible negatives (the index there is filler).
     m' = min(m, B - 1): with m >= B - 1 every column is a candidate. Selection is
     not differentiated (it only chooses which OT problems to solve).
+    `duplicate_cos`: columns whose y embedding has a cosine above this with the
+    positive's are not negatives (see `ot_info_nce`).
     """
     _check_pair(x_global, y_global, "x_global", "y_global")
+    _check_duplicate_cos(duplicate_cos)
     if m < 0:
         raise ValueError(f"m (number of OT negatives) must be >= 0, got {m}")
     batch = x_global.shape[0]
     device = x_global.device
     col_ok = _column_mask(batch, valid, device)
     own = row_indices(rows, batch, device)
-    return _hardest(x_global, y_global, m, own[col_ok[own]], col_ok, ids)
+    return _hardest(x_global, y_global, m, own[col_ok[own]], col_ok, ids, duplicate_cos)
 
 
 def _hardest(
-    x_global: Tensor, y_global: Tensor, m: int, own: Tensor, col_ok: Tensor, ids: Tensor | None
+    x_global: Tensor,
+    y_global: Tensor,
+    m: int,
+    own: Tensor,
+    col_ok: Tensor,
+    ids: Tensor | None,
+    duplicate_cos: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     batch = x_global.shape[0]
     device = x_global.device
@@ -113,7 +123,11 @@ def _hardest(
         return positive, torch.ones_like(positive, dtype=torch.bool)
     with torch.no_grad():
         sim = F.normalize(x_global[own].float(), dim=-1) @ F.normalize(y_global.float(), dim=-1).T
-        sim = sim.masked_fill(_blocked(own, batch, col_ok, ids), float("-inf"))
+        blocked = _blocked(own, batch, col_ok, ids)
+        if duplicate_cos is not None:
+            y = F.normalize(y_global.float(), dim=-1)
+            blocked |= (y[own] @ y.T) > duplicate_cos
+        sim = sim.masked_fill(blocked, float("-inf"))
         sim[torch.arange(own.numel(), device=device), own] = float("-inf")
         top, neg = sim.topk(m_eff, dim=1)
     candidates = torch.cat([positive, neg], dim=1)
@@ -139,6 +153,7 @@ def ot_info_nce(
     rows: slice | None = None,
     valid: Tensor | None = None,
     ids: Tensor | None = None,
+    duplicate_cos: float | None = None,
 ) -> Tensor:
     """InfoNCE whose logits are fine-grained OT similarities s_OT = 1 - D_OT.
 
@@ -150,7 +165,14 @@ def ot_info_nce(
     default: gradients flow through the cost only, which is cheaper and what
     the first probe used). `symmetric` adds the y -> x direction (twice the OT
     work). Returns the owned rows' sum over the valid rows of the batch.
+
+    `duplicate_cos` drops near-duplicates of the positive from the negatives: a
+    column whose y embedding has a cosine above it with the positive's. On
+    templated captions a third of the "hardest negatives" say exactly what the
+    positive says (other words, same content); as negatives they hold the loss
+    at ln(1 + m) and teach the tokens nothing (benchmarks/TUNING.md).
     """
+    _check_duplicate_cos(duplicate_cos)
     from otcclip.ot import ot_similarity_candidates
 
     if x_tokens.dim() != 3 or y_tokens.dim() != 3:
@@ -172,7 +194,7 @@ def ot_info_nce(
         directions.append((y_tokens, y_mask, y_global, x_tokens, x_mask, x_global))
     total = x_tokens.new_zeros((), dtype=torch.float32)
     for xt, xm, xg, yt, ym, yg in directions:
-        cand, available = _hardest(xg, yg, negatives, own, col_ok, ids)
+        cand, available = _hardest(xg, yg, negatives, own, col_ok, ids, duplicate_cos)
         sim = ot_similarity_candidates(
             xt[own],
             yt,
@@ -199,6 +221,11 @@ def _check_pair(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
         raise ValueError(
             f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape"
         )
+
+
+def _check_duplicate_cos(value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and -1.0 <= value <= 1.0):
+        raise ValueError(f"duplicate_cos must be a cosine in [-1, 1] or None, got {value!r}")
 
 
 def _column_mask(batch: int, valid: Tensor | None, device: torch.device) -> Tensor:

@@ -74,6 +74,8 @@ class MatchConfig:
     eps, iters, tol, rho: Sinkhorn settings (rho: unbalanced OT, KL marginal weight).
     method, capacity, fallback: assignment (see `otmatch.assign`).
     margin: an image keeps its own caption unless a candidate beats it by more than this.
+    max_changed: the most images a round re-pairs, as a share: those whose own caption
+        trails its best candidate most (1: no budget).
     flag_outside_topk: an image whose own caption is not among its k candidates is
         treated as suspicious and re-paired whatever its score (the margin cannot keep it).
     image_batch / text_batch: embedding batch sizes; also the unit the distributed
@@ -93,6 +95,7 @@ class MatchConfig:
     method: str = "argmax"
     capacity: int | None = None
     margin: float = 0.0
+    max_changed: float = 1.0
     fallback: str = "own"
     flag_outside_topk: bool = False
     image_batch: int = 256
@@ -119,6 +122,8 @@ class MatchConfig:
             raise ValueError(f"rho must be positive or None (balanced OT), got {self.rho!r}")
         if not (isinstance(self.margin, (int, float)) and self.margin >= 0):
             raise ValueError(f"margin must be a number >= 0, got {self.margin!r}")
+        if not (isinstance(self.max_changed, (int, float)) and 0.0 <= self.max_changed <= 1.0):
+            raise ValueError(f"max_changed must be a share in [0, 1], got {self.max_changed!r}")
         if self.method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
         if self.fallback not in _FALLBACKS:
@@ -651,6 +656,9 @@ def _assign(
         return out
 
     changed = np.asarray(a.changed, dtype=bool) if own is not None else np.zeros(n, bool)
+    if own is not None and config.max_changed < 1.0:
+        lead = np.where(has_own, best_score - own_total, np.inf)
+        caption, changed = _within_budget(caption, changed, own, lead, config.max_changed)
     return MatchResult(
         caption=caption,
         changed=changed,
@@ -667,6 +675,28 @@ def _assign(
         candidate_scores=cand_total,
         stats=dict(a.stats),
     )
+
+
+def _within_budget(
+    caption: np.ndarray, changed: np.ndarray, own: np.ndarray, lead: np.ndarray, share: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep at most `share` of the images re-paired: those whose own caption trails most.
+
+    A weak model's re-pairings are mostly wrong, and training on them teaches the
+    next round the same mistakes; a budget bounds that drift to the pairs the
+    score doubts most. Images without an own caption are always kept re-paired.
+    The order is stable (ties go to the lower row), so a round stays deterministic.
+    """
+    limit = int(math.floor(share * len(caption)))
+    rows = np.flatnonzero(changed)
+    if len(rows) <= limit:
+        return caption, changed
+    order = rows[np.argsort(-lead[rows], kind="stable")]
+    back = order[limit:]
+    caption, changed = caption.copy(), changed.copy()
+    caption[back] = own[back]
+    changed[back] = False
+    return caption, changed
 
 
 def _report(

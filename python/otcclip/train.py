@@ -143,6 +143,7 @@ class TrainConfig:
     ot_rho: float | None = None
     ot_scale: float | None = None
     inter_symmetric: bool = False
+    ot_duplicate_cos: float | None = 0.95
     ot_compile: str = "auto"
     # OTCCLIP matching round
     k: int = 16
@@ -155,6 +156,7 @@ class TrainConfig:
     fallback: str = "own"
     flag_outside_topk: bool = False
     rematch_from: str = "original"
+    max_repair: float = 1.0
     match_batch: int = 256
     # RoCLIP
     bank_size: int = 4096
@@ -212,6 +214,13 @@ class TrainConfig:
             raise ValueError(
                 f"ot_scale must be > 0 (or None: the learned logit scale), got {self.ot_scale}"
             )
+        if self.ot_duplicate_cos is not None and not -1.0 <= self.ot_duplicate_cos <= 1.0:
+            raise ValueError(
+                "ot_duplicate_cos must be a cosine in [-1, 1] (or None), "
+                f"got {self.ot_duplicate_cos}"
+            )
+        if not 0.0 <= self.max_repair <= 1.0:
+            raise ValueError(f"max_repair must be a share in [0, 1], got {self.max_repair}")
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory (out) to resume from")
 

@@ -7,7 +7,9 @@ every process runs this command; rank 0 evaluates, prints and writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +179,14 @@ _SCHEDULE_HELP = (
     help="A round starts from the original captions or from the previous pairing.",
 )
 @click.option(
+    "--max-repair",
+    type=click.FloatRange(0, 1),
+    default=1.0,
+    show_default=True,
+    help="The most a round re-pairs, as a share of the images: the most suspicious first "
+    "(largest lead of the best candidate over the own caption).",
+)
+@click.option(
     "--lambda-inter",
     type=click.FloatRange(min=0),
     default=1.0,
@@ -203,6 +213,14 @@ _SCHEDULE_HELP = (
     help="Fixed logit scale of the OT losses [default: the learned CLIP scale].",
 )
 @click.option("--inter-symmetric", is_flag=True, help="L_inter in both directions (2x the OT).")
+@click.option(
+    "--ot-duplicate-cos",
+    type=click.FloatRange(-1, 1),
+    default=0.95,
+    show_default=True,
+    help="OT losses: a caption whose embedding has a cosine above this with the positive's "
+    "says the same thing and is not used as a negative (1: every other caption is).",
+)
 @click.option(
     "--ot-compile",
     type=click.Choice(["auto", "on", "off"]),
@@ -333,3 +351,53 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
     if checkpoint is None:
         raise click.ClickException(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}")
     return dict(checkpoint.state["config"])
+
+
+def command_line(config: Any, eval_size: int = 1000, probe_size: int = 0) -> str:
+    """The `otcclip train` command line that runs exactly `config` (a TrainConfig).
+
+    Results tables record it so that every row can be rerun by hand. Each setting that
+    differs from the CLI's own default is spelled out (and the main ones always, for the
+    reader). The defaults are read by parsing a minimal command line with this command
+    itself, so the line stays exact when defaults move; a setting no option can express
+    is named in a trailing comment rather than silently dropped.
+    """
+    from otcclip.train import TrainConfig
+
+    parsed = command.make_context("train", ["--out", "-", "--scenes", "1"]).params
+    defaults = {("ot_rho" if k == "rho" else k): v for k, v in parsed.items()}
+    defaults["scenes"] = None
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    values = config.to_dict() | {"eval_size": eval_size, "probe_size": probe_size}
+    always = {"data", "defense", "model", "epochs", "batch_size", "lr", "seed", "out"}
+    parts, lost = ["otcclip", "train"], []
+    for param in command.params:
+        name = "ot_rho" if param.name == "rho" else str(param.name)
+        if not isinstance(param, click.Option) or name not in values or name == "resume":
+            continue
+        value, default = values[name], defaults.get(name)
+        if param.is_flag:
+            if bool(value) == bool(default):
+                continue
+            if value:
+                parts.append(param.opts[0])
+            elif param.secondary_opts:
+                parts.append(param.secondary_opts[0])
+            else:
+                lost.append(f"{name}={value}")
+            continue
+        if value == default and name not in always:
+            continue
+        if value is None:
+            if default is not None:
+                lost.append(f"{name}=None")
+            continue
+        parts += [param.opts[0], shlex.quote(str(value))]
+    # settings without an option: the CLI leaves TrainConfig's default
+    lost += [
+        f"{k}={v!r}"
+        for k, v in values.items()
+        if k not in defaults and k != "resume" and v != fields.get(k, v)
+    ]
+    text = " ".join(parts)
+    return text + (f"  # not expressible as options: {', '.join(lost)}" if lost else "")

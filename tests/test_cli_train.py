@@ -1,0 +1,42 @@
+"""`otcclip train`'s recorded command lines: parsing one back gives the same run."""
+
+import shlex
+
+import pytest
+
+from otcclip.commands.train import _settings, command, command_line
+from otcclip.train import TrainConfig
+
+
+def _parse(line: str) -> tuple[TrainConfig, int, int]:
+    argv = shlex.split(line.split("  #")[0])
+    assert argv[:2] == ["otcclip", "train"]
+    ctx = command.make_context("train", argv[2:])
+    settings = _settings(ctx, dict(ctx.params))
+    eval_size, probe_size = settings.pop("eval_size"), settings.pop("probe_size")
+    return TrainConfig(**settings), eval_size, probe_size
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"defense": "otcclip", "alpha": 1.0, "ot_rho": 0.5, "lambda_intra": 0.5},
+        {"defense": "otcclip", "assign": "capacity", "capacity": 2, "max_repair": 0.2},
+        {"defense": "otcclip", "ot_duplicate_cos": 1.0, "inter_symmetric": True},
+        {"defense": "roclip", "out": "runs/a b", "data": "data dir/poisoned", "lr": 2e-3},
+    ],
+)
+def test_a_recorded_command_reruns_exactly_the_same_settings(overrides):
+    config = TrainConfig(**{"data": "runs/poisoned", "out": "runs/x", **overrides})
+    line = command_line(config, eval_size=500, probe_size=200)
+    assert "#" not in line, line
+    parsed, eval_size, probe_size = _parse(line)
+    assert (eval_size, probe_size) == (500, 200)
+    assert parsed.to_dict() == config.to_dict()
+
+
+def test_a_setting_without_an_option_is_named_not_dropped():
+    config = TrainConfig(data="d", out="o", ot_duplicate_cos=None)
+    line = command_line(config)
+    assert line.endswith("# not expressible as options: ot_duplicate_cos=None")

@@ -1,0 +1,126 @@
+"""benchmarks/defense_table.py: a smoke run, resumability, and a changed setting rerunning."""
+
+import importlib.util
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# --quick, made smaller still: 200 scenes, one epoch, no linear probe
+TINY = ["--quick", "--scenes", "200", "--epochs", "1", "--eval-size", "50", "--probe-size", "0"]
+
+
+def _load_script():
+    path = ROOT / "benchmarks" / "defense_table.py"
+    spec = importlib.util.spec_from_file_location("defense_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_command_reproduces(command: str, spec: dict) -> None:
+    """Parsing the recorded command as `otcclip train` gives exactly the run's settings."""
+    from otcclip.commands.train import _settings
+    from otcclip.commands.train import command as train_cli
+    from otcclip.train import TrainConfig
+
+    argv = shlex.split(command)
+    assert argv[:2] == ["otcclip", "train"]
+    ctx = train_cli.make_context("train", argv[2:])
+    settings = _settings(ctx, dict(ctx.params))
+    assert settings.pop("eval_size") == spec["eval"]["eval_size"]
+    assert settings.pop("probe_size") == spec["eval"]["probe_size"]
+    assert TrainConfig(**settings).to_dict() == spec["train"]
+
+
+@pytest.mark.slow
+def test_smoke_table_resumes_and_reruns_a_changed_setting(tmp_path):
+    table = _load_script()
+    out = tmp_path / "table"
+    args = [*TINY, "--rows", "none,otcclip", "--seeds", "0", "--out", str(out), "--jobs", "2"]
+    lines: list[str] = []
+
+    assert table.main(args, echo=lines.append) == 0
+    printed = "\n".join(lines)
+    assert "| none |" in printed and "| otcclip |" in printed
+    assert "attacks work without a defense (>= 80%): targeted" in printed
+    assert "OTCCLIP ASR <= 2%: targeted" in printed
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["row"]: r for r in results["runs"]}
+    assert set(runs) == {"none", "otcclip"}
+    data = out / "data" / "poisoned-seed0"
+    assert (data / "train.parquet").is_file() and (data / "manifest.json").is_file()
+    for row, run in runs.items():
+        assert run["status"] == "done" and run["seed"] == 0
+        assert run["command"].startswith(f"otcclip train --data {data} ")
+        assert f"--defense {row}" in run["command"]
+        assert 0.0 <= run["final"]["zero_shot_top1"] <= 1.0
+        assert run["final"]["targeted_asr"] is not None
+        run_dir = Path(run["dir"])
+        assert (run_dir / "summary.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+        spec = json.loads((run_dir / "table_run.json").read_text())
+        _assert_command_reproduces(run["command"], spec)
+    markdown = (out / "results.md").read_text()
+    assert results["table"] in markdown and results["table"] in printed
+    assert f"otcclip poison --out {data}" in markdown and runs["none"]["command"] in markdown
+
+    # the same command again: nothing reruns
+    weights = out / "none" / "seed0" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    lines.clear()
+    assert table.main(args, echo=lines.append) == 0
+    assert sum(line.startswith("[defense_table] skip") for line in lines) == 2
+    assert not any(line.startswith("[defense_table] start") for line in lines)
+    assert weights.stat().st_mtime_ns == stamp
+
+    # a changed setting reruns the run it changes, and only that one
+    lines.clear()
+    changed = [*TINY, "--rows", "otcclip", "--seeds", "0", "--out", str(out), "--set", "margin=0.1"]
+    assert table.main(changed, echo=lines.append) == 0
+    assert any(line.startswith("[defense_table] start otcclip seed 0") for line in lines)
+    spec = json.loads((out / "otcclip" / "seed0" / "table_run.json").read_text())
+    assert spec["train"]["margin"] == 0.1 and "--margin 0.1" in spec["command"]
+    assert (out / "otcclip" / "seed0" / "summary.json").is_file()
+    assert weights.stat().st_mtime_ns == stamp
+
+    # --report-only with the first options: otcclip's run no longer matches them
+    lines.clear()
+    assert table.main([*args, "--report-only"], echo=lines.append) == 0
+    report = "\n".join(lines).splitlines()
+    assert any(line.startswith("| none |") for line in report)
+    assert any(line.startswith("| otcclip (n=0/1) |") for line in report)
+    assert any("stale" in line and "otcclip" in line for line in report)
+    # ... and it rewrote the aggregate for what it was given: none done, otcclip missing
+    results = json.loads((out / "results.json").read_text())
+    assert {r["row"]: r["status"] for r in results["runs"]} == {"none": "done", "otcclip": "stale"}
+    assert (out / "epochs.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ablation_rows_flip_the_current_defaults_and_name_themselves():
+    from otcclip.train import TrainConfig
+
+    table = _load_script()
+    base = TrainConfig(lambda_intra=0.0, ot_rho=None, assign="argmax")
+    names = {r.key: r.name for r in table.table_rows(base)}
+    assert names["intra"] == "otcclip, lambda_intra=0.5"
+    assert names["rho"].startswith("otcclip, ot_rho=1")
+    assert names["assign"] == "otcclip, assign=capacity, capacity=2"
+    flipped = {
+        r.key: r
+        for r in table.table_rows(
+            TrainConfig(lambda_intra=0.3, ot_rho=0.5, assign="capacity", capacity=3)
+        )
+    }
+    assert flipped["intra"].overrides == {"lambda_intra": 0.0}
+    assert flipped["rho"].overrides == {"ot_rho": None}
+    assert flipped["assign"].overrides == {"assign": "argmax"}
+    assert [r.key for r in table.select_rows(table.table_rows(base), ["none,otcclip"])] == [
+        "none",
+        "otcclip",
+    ]
+    with pytest.raises(ValueError, match="unknown row"):
+        table.select_rows(table.table_rows(base), ["nope"])
