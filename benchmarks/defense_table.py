@@ -709,25 +709,27 @@ def bar_checks(runs: Sequence[Run], jobs: int) -> list[str]:
     def asr(key: str) -> tuple[float | None, float | None]:
         return m(key, "targeted_asr"), m(key, "backdoor_asr")
 
+    def works(t: float, b: float) -> bool:
+        return t >= 0.8 and b >= 0.8
+
+    def stopped(t: float, b: float) -> bool:
+        return t <= 0.02 and b <= 0.02
+
     lines = []
-    for key, what in (("none", "attacks"), ("none-adaptive", "the adaptive attack")):
-        label = f"{what} work{'s' if key != 'none' else ''} without a defense (>= 80%)"
+    asr_bars = (
+        ("none", "attacks work without a defense (>= 80%)", works),
+        ("none-adaptive", "the adaptive attack works without a defense (>= 80%)", works),
+        ("otcclip", "OTCCLIP ASR <= 2%", stopped),
+        ("otcclip-adaptive", "OTCCLIP ASR <= 2% against the adaptive attack", stopped),
+    )
+    for key, label, passes in asr_bars:
         t, b = asr(key)
         gap = missing(key)
         if gap or t is None or b is None:
             lines.append(f"{label}: {gap or 'not measured (no ASR recorded)'}")
         else:
-            ok = t >= 0.8 and b >= 0.8
-            lines.append(f"{label}: targeted {_pct(t)}, backdoor {_pct(b)}: {verdict(ok)}")
-    for key, what in (("otcclip", ""), ("otcclip-adaptive", " against the adaptive attack")):
-        label = f"OTCCLIP ASR <= 2%{what}"
-        t, b = asr(key)
-        gap = missing(key)
-        if gap or t is None or b is None:
-            lines.append(f"{label}: {gap or 'not measured (no ASR recorded)'}")
-        else:
-            ok = t <= 0.02 and b <= 0.02
-            lines.append(f"{label}: targeted {_pct(t)}, backdoor {_pct(b)}: {verdict(ok)}")
+            shown = f"targeted {_pct(t)}, backdoor {_pct(b)}"
+            lines.append(f"{label}: {shown}: {verdict(passes(t, b))}")
     label = "OTCCLIP zero-shot within 2 points of clean"
     gap = missing("otcclip", "clean")
     if gap:

@@ -219,6 +219,20 @@ def test_roclip_pairs_each_image_with_its_nearest_bank_caption():
     assert np.array_equal(restored.bank, d.bank) and restored.count == 6 and restored.cursor == 2
 
 
+def test_roclip_collapse_onto_one_bank_caption_is_not_free():
+    config = _config("roclip", bank_size=4)
+    d = make_defense(config)
+    ctx = _ctx(config)
+    plan = d.before_epoch(ctx, 1)
+    feats = _features(b=4, seed=1)
+    d.after_step(ctx, plan, _batch(), feats)
+    # every image equal to bank row 0: all share one nearest caption
+    same = torch.from_numpy(np.repeat(d.bank[:1], 4, axis=0))
+    probe = Features([(same, feats.image[0][1])], feats.text, feats.logit_scale)
+    loss = d.loss(ctx, plan, _batch(), probe)["nearest"]
+    assert loss.item() >= np.log(4) - 1e-4, "identical columns cannot all be positives"
+
+
 def test_safeclip_phases_and_the_safe_split(monkeypatch):
     rng = np.random.default_rng(0)
     n = N
