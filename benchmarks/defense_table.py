@@ -101,6 +101,39 @@ NOT_COMPARED = frozenset(
         "ot_compile",
     }
 )
+# OTCCLIP's own knobs: a row of another defense never reads them, so a change of an
+# OTCCLIP default does not rerun the none / RoCLIP / SafeCLIP rows (SafeCLIP's split is a
+# fixed global-cosine round that reads none of these).
+OTCCLIP_ONLY = frozenset(
+    {
+        "lambda_inter",
+        "lambda_intra",
+        "ot_negatives",
+        "eps",
+        "iters",
+        "ot_rho",
+        "ot_scale",
+        "inter_symmetric",
+        "ot_duplicate_cos",
+        "k",
+        "alpha",
+        "match_eps",
+        "match_iters",
+        "assign",
+        "capacity",
+        "margin",
+        "fallback",
+        "flag_outside_topk",
+        "rematch_from",
+        "max_repair",
+    }
+)
+
+
+def _not_compared(spec: dict[str, Any]) -> frozenset[str]:
+    return NOT_COMPARED if spec.get("defense") == "otcclip" else NOT_COMPARED | OTCCLIP_ONLY
+
+
 # TrainConfig fields the table sets itself (per row, per seed, or by its own options).
 MANAGED = {
     "data": "per variant and seed",
@@ -457,7 +490,8 @@ def ensure_data(out: Path, config: Any, variants: set[str], echo: Callable[[str]
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
     """What decides whether a finished run still answers today's question."""
     out = {k: v for k, v in spec.items() if k not in ("command", "eval_command")}
-    out["train"] = {k: v for k, v in spec["train"].items() if k not in NOT_COMPARED}
+    ignored = _not_compared(spec)
+    out["train"] = {k: v for k, v in spec["train"].items() if k not in ignored}
     out["eval"] = dict(spec["eval"], asr_from=spec["eval"]["asr_from"] is not None)
     return json.loads(json.dumps(out))  # tuples -> lists, as read back from disk
 
@@ -465,10 +499,11 @@ def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
 def _same_train(summary: dict[str, Any], spec: dict[str, Any]) -> bool:
     config = summary.get("config") or {}
     keys = set(config) | set(spec["train"])
+    ignored = _not_compared(spec)
     return all(
         json.dumps(config.get(k)) == json.dumps(spec["train"].get(k))
         for k in keys
-        if k not in NOT_COMPARED
+        if k not in ignored
     )
 
 

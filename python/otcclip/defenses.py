@@ -216,7 +216,10 @@ class OTCCLIPDefense(Defense):
     re-pairs every image with a pool caption by S = alpha*cos + (1-alpha)*s_OT,
     keeping its own caption unless beaten by more than `margin` (and, with
     `flag_outside_topk`, re-pairing every image whose own caption is not among
-    its k nearest: "re-pair only suspicious pairs" is margin > 0). A round
+    its k nearest: "re-pair only suspicious pairs" is margin > 0), and
+    re-pairing at most `max_repair` of the images, those whose own caption
+    trails most (without the budget each round re-pairs more clean pairs as the
+    model learns the previous re-pairings; benchmarks/TUNING.md). A round
     starts from the ORIGINAL captions (`rematch_from="original"`, default: the
     probe saw clean pairs drift from their true captions when each round
     started from the previous one) or from the previous assignment. Images left

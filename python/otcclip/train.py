@@ -156,7 +156,7 @@ class TrainConfig:
     fallback: str = "own"
     flag_outside_topk: bool = False
     rematch_from: str = "original"
-    max_repair: float = 1.0
+    max_repair: float = 0.25
     match_batch: int = 256
     # RoCLIP
     bank_size: int = 4096

@@ -181,7 +181,7 @@ _SCHEDULE_HELP = (
 @click.option(
     "--max-repair",
     type=click.FloatRange(0, 1),
-    default=1.0,
+    default=0.25,
     show_default=True,
     help="The most a round re-pairs, as a share of the images: the most suspicious first "
     "(largest lead of the best candidate over the own caption).",
