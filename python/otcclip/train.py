@@ -135,7 +135,7 @@ class TrainConfig:
     warmup_epochs: int | None = None
     match_every: int | None = None
     # OTCCLIP losses
-    lambda_inter: float = 1.0
+    lambda_inter: float = 0.5
     lambda_intra: float = 0.0
     ot_negatives: int = 7
     eps: float = 0.1

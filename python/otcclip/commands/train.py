@@ -189,7 +189,7 @@ _SCHEDULE_HELP = (
 @click.option(
     "--lambda-inter",
     type=click.FloatRange(min=0),
-    default=1.0,
+    default=0.5,
     show_default=True,
     help="Weight of L_inter (patch-word OT-InfoNCE), from the first epoch.",
 )
