@@ -346,6 +346,7 @@ class Run:
 
 
 def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> list[Run]:
+    from otcclip.commands.train import command_line
     from otcclip.demo import train_config
 
     runs = []
@@ -380,7 +381,7 @@ def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> li
                     "probe_size": config.probe_size,
                     "asr_from": None if asr_from is None else str(asr_from),
                 },
-                "command": train_command(tc, config.eval_size, config.probe_size),
+                "command": command_line(tc, config.eval_size, config.probe_size),
                 "eval_command": None if asr_from is None else eval_command(tc, config, asr_from),
             }
             runs.append(Run(row, seed, directory, spec))
@@ -388,13 +389,6 @@ def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> li
 
 
 # ---------------------------------------------------------------------------- commands
-
-
-def train_command(tc: Any, eval_size: int, probe_size: int) -> str:
-    """The `otcclip train` command that runs exactly `tc` with this evaluation."""
-    from otcclip.commands.train import command_line
-
-    return command_line(tc, eval_size, probe_size)
 
 
 def eval_command(tc: Any, config: Any, poison_dir: Path) -> str:

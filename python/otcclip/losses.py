@@ -122,10 +122,10 @@ def _hardest(
     if m_eff == 0:
         return positive, torch.ones_like(positive, dtype=torch.bool)
     with torch.no_grad():
-        sim = F.normalize(x_global[own].float(), dim=-1) @ F.normalize(y_global.float(), dim=-1).T
+        y = F.normalize(y_global.float(), dim=-1)
+        sim = F.normalize(x_global[own].float(), dim=-1) @ y.T
         blocked = _blocked(own, batch, col_ok, ids)
         if duplicate_cos is not None:
-            y = F.normalize(y_global.float(), dim=-1)
             blocked |= (y[own] @ y.T) > duplicate_cos
         sim = sim.masked_fill(blocked, float("-inf"))
         sim[torch.arange(own.numel(), device=device), own] = float("-inf")
