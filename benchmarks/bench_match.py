@@ -10,6 +10,7 @@ resident memory (VmHWM) beside the sizes of the inputs and the cached tokens.
 
     python benchmarks/bench_match.py            # the full size (minutes on 2 cores)
     python benchmarks/bench_match.py --quick    # 2,000 images, seconds
+    python benchmarks/bench_match.py --device cuda --threads 8   # model and OT scoring on CUDA
 
 torch and rayon each get `--threads` threads (default 2), set before the work starts.
 """
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="images (and pool captions)")
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--model", default="otc-vit-tiny")
+    parser.add_argument("--device", default="cpu", help="where the model and OT scoring run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--score-batch", type=int, default=4096)
     parser.add_argument("--image-batch", type=int, default=256)
@@ -57,7 +59,9 @@ def main() -> None:
     from otcclip.matching import MatchConfig, match_round
     from otcclip.models import create_model
 
-    bundle = create_model(args.model, seed=args.seed)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    bundle = create_model(args.model, seed=args.seed, device=args.device)
     t0 = time.perf_counter()
     table = fashion_scenes(n, seed=args.seed, image_size=bundle.image_size)
     build_s = time.perf_counter() - t0
@@ -76,7 +80,8 @@ def main() -> None:
     print(
         f"bench_match: {n} images x pool {n} captions, k={cfg.k}, model {args.model} "
         f"(from scratch, D={bundle.embed_dim}, image {bundle.image_size}px), "
-        f"eps={cfg.eps}, iters={cfg.iters}, alpha={cfg.alpha}"
+        f"eps={cfg.eps}, iters={cfg.iters}, alpha={cfg.alpha}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
     )
     print(
         f"threads: torch {torch.get_num_threads()}, rayon {os.environ['RAYON_NUM_THREADS']}; "

@@ -107,6 +107,7 @@ NOT_COMPARED = frozenset(
 OTCCLIP_ONLY = frozenset(
     {
         "lambda_inter",
+        "inter_ramp",
         "lambda_intra",
         "ot_negatives",
         "eps",
@@ -347,6 +348,7 @@ class Run:
 
 def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> list[Run]:
     from otcclip.commands.train import command_line
+    from otcclip.defenses import DEFAULTS
     from otcclip.demo import train_config
 
     runs = []
@@ -365,6 +367,10 @@ def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> li
             )
             tc.validate()
             asr_from = data_dir(out, "poisoned", seed) if row.variant == "clean" else None
+            schedule = dict(DEFAULTS[tc.defense])
+            for name in schedule:  # resolved: a change of a defense's defaults reruns its rows
+                if getattr(tc, name) is not None:
+                    schedule[name] = getattr(tc, name)
             spec = {
                 "format": FORMAT,
                 "row": row.name,
@@ -375,6 +381,7 @@ def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> li
                 "overrides": row.overrides,
                 "data": data_spec(config, row.variant),
                 "train": tc.to_dict(),
+                "schedule": schedule,
                 "eval": {
                     "every": 1,
                     "eval_size": config.eval_size,
@@ -504,7 +511,10 @@ def _same_train(summary: dict[str, Any], spec: dict[str, Any]) -> bool:
 def run_state(run: Run) -> str:
     """done (finished with today's settings), stale (finished with others), resume, fresh."""
     recorded = _read_json(run.directory / RUN_SPEC)
-    same = isinstance(recorded, dict) and _comparable(recorded) == _comparable(run.spec)
+    today = _comparable(run.spec)
+    if isinstance(recorded, dict) and "schedule" not in recorded:
+        today.pop("schedule", None)  # recorded before the table wrote the resolved schedule
+    same = isinstance(recorded, dict) and _comparable(recorded) == today
     summary = _read_json(run.directory / "summary.json")
     if isinstance(summary, dict):
         return "done" if same and _same_train(summary, run.spec) else "stale"

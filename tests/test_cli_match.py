@@ -168,6 +168,26 @@ def test_capacity_bounds_the_caption_loads(files, tmp_path):
     assert len(moved) == len(set(moved))
 
 
+def test_max_changed_bounds_the_re_paired_share(files, tmp_path):
+    free, capped = tmp_path / "free.parquet", tmp_path / "capped.parquet"
+    assert run(*base(files, free), "--margin", "0").exit_code == 0
+    result = run(*base(files, capped), "--margin", "0", "--max-changed", "0.25")
+    assert result.exit_code == 0, result.output
+    t_free, t_cap = pq.read_table(free).to_pydict(), pq.read_table(capped).to_pydict()
+    assert sum(t_free["changed"]) > N // 4  # the cap binds on this data
+    assert sum(t_cap["changed"]) == N // 4
+    # the kept re-pairings are those the score doubted most, with the same captions
+    lead = np.array(t_free["score"]) - np.array(t_free["own_score"])
+    kept = np.flatnonzero(t_cap["changed"])
+    dropped = np.flatnonzero(np.array(t_free["changed"]) & ~np.array(t_cap["changed"]))
+    assert lead[kept].min() >= lead[dropped].max()
+    assert all(t_cap["caption_id"][i] == t_free["caption_id"][i] for i in kept)
+    unchanged = [i for i in range(N) if not t_cap["changed"][i]]
+    assert all(t_cap["caption_id"][i] == t_cap["original_caption_id"][i] for i in unchanged)
+    bad = run(*base(files, capped), "--max-changed", "1.5")
+    assert bad.exit_code != 0 and "--max-changed" in bad.output
+
+
 def test_precomputed_embeddings_are_checked(files, tmp_path):
     table = pq.read_table(files["pool"])
     wrong = table.append_column(

@@ -6,6 +6,7 @@ here it is replaced by a recorder so that each defense's own logic is checked ex
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_unknown_defense_is_refused():
 @pytest.mark.parametrize(
     ("defense", "warmup", "every", "rounds"),
     [
-        ("otcclip", None, None, [3, 4, 5, 6, 7]),
+        ("otcclip", None, None, [2, 3, 4, 5, 6, 7]),
         ("otcclip", 2, 3, [2, 5]),
         ("otcclip", 2, 0, []),
         ("roclip", None, None, [1, 3, 5, 7]),
@@ -188,6 +189,25 @@ def test_otcclip_loss_terms(kw, terms, views):
         unit = make_defense(_config("otcclip", ot_negatives=2, **{**kw, "lambda_inter": 1.0}))
         ref = unit.loss(ctx, plan, _batch(), _features(views=views))["inter"]
         assert torch.allclose(parts["inter"], config.lambda_inter * ref)
+
+
+def test_otcclip_inter_ramp_grows_the_weight_by_step():
+    # N rows, batch 4: N // 4 steps an epoch; a 2-epoch ramp reaches full weight at epoch 2
+    config = _config("otcclip", ot_negatives=2, lambda_inter=0.8, inter_ramp=2.0)
+    d = make_defense(config)
+    steps = N // 4
+    weights = [
+        d.inter_weight(dataclasses.replace(_batch(), epoch=e, step=s), N)
+        for e, s in [(0, 0), (0, steps // 2), (1, 0), (2, 0), (5, 3)]
+    ]
+    assert weights[0] == 0.0
+    assert weights[1] == pytest.approx(0.8 * (steps // 2) / steps / 2)
+    assert weights[2] == pytest.approx(0.4)
+    assert weights[3] == weights[4] == pytest.approx(0.8)
+    flat = make_defense(_config("otcclip", lambda_inter=0.8))
+    assert flat.inter_weight(_batch(), N) == 0.8
+    with pytest.raises(ValueError, match="inter_ramp must be >= 0"):
+        _config("otcclip", inter_ramp=-1.0).validate()
 
 
 def test_roclip_pairs_each_image_with_its_nearest_bank_caption():

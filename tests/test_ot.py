@@ -226,6 +226,26 @@ def test_half_precision_inputs_accumulate_in_float32(dtype):
     assert torch.allclose(d, otc.ot_distance(x, y, xm, ym, eps=0.05, iters=100), rtol=2e-2)
 
 
+def test_autocast_regions_score_in_float32():
+    # the trainer runs the OT losses inside bf16 autocast on CUDA: the cost products must
+    # not follow it into bf16 (measured on an H200: a KeyError in the domain test)
+    x, y = _sets(5, 7, 6, 16, seed=40)
+    xm, ym = _masks(5, 7, 6, seed=41)
+    cand = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 4], [4, 0]])
+    kw = {"eps": 0.1, "iters": 30}
+    ref_d = otc.ot_distance(x, y, xm, ym, **kw)
+    ref_c = otc.ot_similarity_candidates(x, y, cand, xm, ym, **kw)
+    xg = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = otc.ot_distance(x, y, xm, ym, **kw)
+        c = otc.ot_similarity_candidates(xg, y, cand, xm, ym, detach_plan=True, **kw)
+        assert torch.is_autocast_enabled("cpu")  # restored for the caller's own ops
+    assert d.dtype == c.dtype == torch.float32
+    assert torch.allclose(d, ref_d, atol=1e-6) and torch.allclose(c, ref_c, atol=1e-6)
+    (g,) = torch.autograd.grad(c.sum(), xg)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
 def test_tolerance_stops_early_and_is_close(monkeypatch):
     x, y = _sets(4, 8, 6, 16, seed=22)
     steps = []

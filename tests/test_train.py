@@ -85,12 +85,23 @@ def test_data_order_is_a_pure_function_of_seed_and_epoch():
     ],
 )
 def test_bad_settings_are_refused_before_training(change, message, tmp_path):
+    if change.get("precision") == "fp16" and torch.cuda.is_available():
+        pytest.skip("fp16 is a valid setting where CUDA is present")
     config = _tiny(**change)
     if "resume" not in change:
         config.out = str(tmp_path / "run")
     with pytest.raises(ValueError, match=message):
         train(config)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_more_processes_than_gpus_is_a_clear_error():
+    from otcclip.train import _check_cuda_index
+
+    beyond = torch.device("cuda", torch.cuda.device_count())
+    with pytest.raises(ValueError, match="process\\(es\\) per node, or train on the CPU"):
+        _check_cuda_index(beyond)
+    assert _check_cuda_index(torch.device("cpu")) == torch.device("cpu")
 
 
 def test_bad_data_and_models_are_refused_before_training(tmp_path):
@@ -291,6 +302,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
 # --------------------------------------------------------------------------- two processes
 
 _DDP_CONFIG = {
+    "device": "cpu",  # two gloo processes, also on a machine with one GPU
     "defense": "otcclip",
     "epochs": 2,
     "warmup_epochs": 1,

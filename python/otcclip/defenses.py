@@ -57,7 +57,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "none": {"warmup_epochs": 0, "match_every": 0},
     "roclip": {"warmup_epochs": 1, "match_every": 2},
     "safeclip": {"warmup_epochs": 1, "match_every": 1},
-    "otcclip": {"warmup_epochs": 3, "match_every": 1},
+    "otcclip": {"warmup_epochs": 2, "match_every": 1},
 }
 
 
@@ -340,7 +340,7 @@ class OTCCLIPDefense(Defense):
             "duplicate_cos": c.ot_duplicate_cos,
         }
         if c.lambda_inter > 0:
-            parts["inter"] = c.lambda_inter * ot_info_nce(
+            parts["inter"] = self.inter_weight(batch, len(plan.positions)) * ot_info_nce(
                 ip,
                 tw,
                 ig,
@@ -359,6 +359,19 @@ class OTCCLIPDefense(Defense):
             )
             parts["intra"] = c.lambda_intra * 0.5 * (image_term + text_term)
         return parts
+
+    def inter_weight(self, batch: Batch, epoch_rows: int) -> float:
+        """lambda_inter, ramped linearly over the first `inter_ramp` epochs (by step).
+
+        With full weight from the first step, L_inter can settle on a patch-word solution
+        that the pooled embeddings never share, and training collapses (TUNING.md).
+        """
+        c = self.config
+        if c.inter_ramp <= 0:
+            return c.lambda_inter
+        steps = max(1, epoch_rows // c.batch_size)
+        progress = batch.epoch + batch.step / steps  # epochs done (epoch is 0-based)
+        return c.lambda_inter * min(1.0, progress / c.inter_ramp)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -56,6 +56,8 @@ costs against its k candidates with one matrix product (the matching round's lay
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import threading
@@ -104,6 +106,28 @@ _INDUCTOR_OPTIONS = {"realize_reads_threshold": 0}
 # ----------------------------------------------------------------------------- public API
 
 
+def _outside_autocast(fn: Callable) -> Callable:
+    """Run an entry point in float32 even inside a mixed-precision (autocast) region.
+
+    The trainer's bf16 autocast would turn the cost products into bf16, where
+    exp(-C / eps) and the marginals lose the precision that Sinkhorn needs (and the
+    kernel-domain test has no bf16 threshold). Gradients still reach bf16 inputs.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        active = [d for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+        if not active:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for device_type in active:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_outside_autocast
 def cost_matrix(x: Tensor, y: Tensor) -> Tensor:
     """Cosine cost ``1 - cos`` between the token sets of each pair: (B,P,D), (B,W,D) -> (B,P,W).
 
@@ -115,6 +139,7 @@ def cost_matrix(x: Tensor, y: Tensor) -> Tensor:
     return _cosine_cost(x.to(dtype), y.to(dtype))
 
 
+@_outside_autocast
 def sinkhorn(
     cost: Tensor,
     a: Tensor,
@@ -146,6 +171,7 @@ def sinkhorn(
     return plan
 
 
+@_outside_autocast
 def ot_distance(
     x: Tensor,
     y: Tensor,
@@ -204,6 +230,7 @@ def ot_distance(
     return (d, plan) if return_plan else d
 
 
+@_outside_autocast
 def ot_similarity_matrix(
     x: Tensor,
     y: Tensor,
@@ -225,6 +252,7 @@ def ot_similarity_matrix(
     return sim.view(bx, by)
 
 
+@_outside_autocast
 def ot_similarity_pairs(
     x: Tensor,
     y: Tensor,
@@ -250,6 +278,7 @@ def ot_similarity_pairs(
     return _similarity(x, y, x_mask, y_mask, ix, iy, 1, shared_y=False, ot_kwargs=ot_kwargs)
 
 
+@_outside_autocast
 def ot_similarity_candidates(
     x: Tensor,
     y: Tensor,

@@ -136,6 +136,7 @@ class TrainConfig:
     match_every: int | None = None
     # OTCCLIP losses
     lambda_inter: float = 0.5
+    inter_ramp: float = 0.0
     lambda_intra: float = 0.0
     ot_negatives: int = 7
     eps: float = 0.1
@@ -197,7 +198,7 @@ class TrainConfig:
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "lambda_inter", "lambda_intra", "margin"):
+        for name in ("weight_decay", "lambda_inter", "inter_ramp", "lambda_intra", "margin"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -1029,13 +1030,25 @@ def _bar(total: int, desc: str, enabled: bool, *, initial: int = 0, position: in
 def _device(config: TrainConfig) -> torch.device:
     if config.device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
+            return _check_cuda_index(torch.device("cuda", dist.local_rank()))
         return torch.device("cpu")
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {config.device!r} asked for, but CUDA is not available")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank())
+    return _check_cuda_index(device)
+
+
+def _check_cuda_index(device: torch.device) -> torch.device:
+    """One GPU per process: more processes on a node than GPUs is a setup error, said so."""
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(
+                f"this process wants {device}, but the node has {count} CUDA device(s): start "
+                f"at most {count} process(es) per node, or train on the CPU (--device cpu)"
+            )
     return device
 
 

@@ -152,6 +152,14 @@ class _Images:
     "above it (0: re-pair whenever a candidate scores higher).",
 )
 @click.option(
+    "--max-changed",
+    type=click.FloatRange(0, 1),
+    default=1.0,
+    show_default=True,
+    help="Re-pair at most this share of the images: those whose own caption trails its "
+    "best candidate most (1: every suspicious image; `otcclip train` uses 0.25).",
+)
+@click.option(
     "--flag-outside-topk",
     is_flag=True,
     help="Also treat an image as suspicious when its own caption is not among its "
@@ -223,6 +231,7 @@ def command(
     capacity: int | None,
     fallback: str,
     margin: float,
+    max_changed: float,
     flag_outside_topk: bool,
     flag_only: bool,
     batch_size: int,
@@ -268,6 +277,7 @@ def command(
             method=method,
             capacity=capacity,
             margin=margin,
+            max_changed=max_changed,
             fallback=fallback,
             flag_outside_topk=flag_outside_topk,
             image_batch=batch_size,

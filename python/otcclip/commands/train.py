@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 _SCHEDULE_HELP = (
-    "[default per defense: otcclip W=3 R=1; roclip W=1 R=2; safeclip W=1 (its unimodal "
+    "[default per defense: otcclip W=2 R=1; roclip W=1 R=2; safeclip W=1 (its unimodal "
     "warm-up epochs)]"
 )
 
@@ -192,6 +192,14 @@ _SCHEDULE_HELP = (
     default=0.5,
     show_default=True,
     help="Weight of L_inter (patch-word OT-InfoNCE), from the first epoch.",
+)
+@click.option(
+    "--inter-ramp",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Epochs over which L_inter's weight grows linearly from 0 to --lambda-inter, so "
+    "that the global alignment forms first (0: full weight from the first step).",
 )
 @click.option(
     "--lambda-intra",
