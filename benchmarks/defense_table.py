@@ -348,7 +348,7 @@ class Run:
 
 def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> list[Run]:
     from otcclip.commands.train import command_line
-    from otcclip.defenses import DEFAULTS
+    from otcclip.defenses import schedule
     from otcclip.demo import train_config
 
     runs = []
@@ -367,10 +367,6 @@ def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> li
             )
             tc.validate()
             asr_from = data_dir(out, "poisoned", seed) if row.variant == "clean" else None
-            schedule = dict(DEFAULTS[tc.defense])
-            for name in schedule:  # resolved: a change of a defense's defaults reruns its rows
-                if getattr(tc, name) is not None:
-                    schedule[name] = getattr(tc, name)
             spec = {
                 "format": FORMAT,
                 "row": row.name,
@@ -381,7 +377,8 @@ def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> li
                 "overrides": row.overrides,
                 "data": data_spec(config, row.variant),
                 "train": tc.to_dict(),
-                "schedule": schedule,
+                # resolved W and R: a change of a defense's defaults reruns its rows
+                "schedule": schedule(tc.defense, tc),
                 "eval": {
                     "every": 1,
                     "eval_size": config.eval_size,

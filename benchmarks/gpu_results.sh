@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU half of the results, in one time-boxed call (a lent GPU is held for minutes, not
 # hours): the CUDA test, the OT and matching benchmarks on CUDA, and the defense table with
-# a larger model (otc-vit-small) and dataset, beside a sweep of OTCCLIP's warm-up settings at
-# the demo's size (three seeds each, fp32 and one thread per run as on the CPU). The large table trains at the
-# trainer's default precision (bf16 autocast on CUDA); while the tables run, the test files
+# a larger model (otc-vit-small) and dataset, beside a sweep of OTCCLIP's warm-up settings
+# at the demo's size (three seeds each, fp32 and one thread per run as on the CPU). The large
+# table trains at the trainer's default precision (bf16 autocast on CUDA); while the tables run, the test files
 # that train or score run once more on this machine, where their device is CUDA.
 #
 #   bash benchmarks/gpu_results.sh OUT [SECONDS]      # on a machine with a CUDA GPU

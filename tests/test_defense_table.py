@@ -124,3 +124,26 @@ def test_ablation_rows_flip_the_current_defaults_and_name_themselves():
     ]
     with pytest.raises(ValueError, match="unknown row"):
         table.select_rows(table.table_rows(base), ["nope"])
+
+
+def test_a_changed_defense_default_reruns_only_that_defense(tmp_path, monkeypatch):
+    from otcclip import defenses
+    from otcclip.demo import train_config
+
+    table = _load_script()
+    # not --quick: it sets the warm-up explicitly, and this test is about the defaults
+    args = table._parser().parse_args(["--scenes", "200", "--out", str(tmp_path)])
+    base = table.demo_config(args)
+    rows = table.select_rows(table.table_rows(train_config(base, "otcclip")), ["none,otcclip"])
+    for run in table.plan_runs(tmp_path, base, rows, [0]):
+        run.directory.mkdir(parents=True)
+        (run.directory / table.RUN_SPEC).write_text(json.dumps(run.spec))
+    assert [table.run_state(r) for r in table.plan_runs(tmp_path, base, rows, [0])] == [
+        "resume",
+        "resume",
+    ]
+    otcclip = dict(defenses.DEFAULTS["otcclip"], warmup_epochs=5)
+    monkeypatch.setitem(defenses.DEFAULTS, "otcclip", otcclip)
+    again = table.plan_runs(tmp_path, base, rows, [0])
+    assert again[1].spec["schedule"] == {"warmup_epochs": 5, "match_every": 1}
+    assert [table.run_state(r) for r in again] == ["resume", "fresh"]

@@ -49,6 +49,7 @@ __all__ = [
     "SafeCLIPDefense",
     "TrainContext",
     "make_defense",
+    "schedule",
 ]
 
 # Each defense's schedule defaults: W (warm-up epochs) and R (period), used when
@@ -160,9 +161,9 @@ class Defense:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        defaults = DEFAULTS[self.name]
-        self.warmup_epochs = _pick(config.warmup_epochs, defaults["warmup_epochs"])
-        self.match_every = _pick(config.match_every, defaults["match_every"])
+        resolved = schedule(self.name, config)
+        self.warmup_epochs = resolved["warmup_epochs"]
+        self.match_every = resolved["match_every"]
 
     def setup(self, ctx: TrainContext) -> None:
         """Called once before training (and before `load_state_dict` on resume)."""
@@ -586,6 +587,12 @@ def make_defense(config: TrainConfig) -> Defense:
             f"unknown defense {config.defense!r}; expected one of {', '.join(DEFENSES)}"
         ) from None
     return cls(config)
+
+
+def schedule(defense: str, config: TrainConfig) -> dict[str, int]:
+    """W and R of `defense` under `config`: its settings, else the defense's DEFAULTS."""
+    defaults = DEFAULTS[defense]
+    return {name: _pick(getattr(config, name), default) for name, default in defaults.items()}
 
 
 def _pick(value: int | None, default: int) -> int:
