@@ -126,9 +126,19 @@ OTCCLIP_ONLY = frozenset(
         "fallback",
         "flag_outside_topk",
         "rematch_from",
+        "on_doubt",
         "max_repair",
     }
 )
+
+
+# Settings added after runs were recorded, with the value those runs trained with: a
+# recorded config without the key is compared as if it held this value.
+BEFORE_THE_SETTING = {"on_doubt": "repair"}
+
+
+def _with_older_settings(train: dict[str, Any]) -> dict[str, Any]:
+    return {**BEFORE_THE_SETTING, **train}
 
 
 def _not_compared(spec: dict[str, Any]) -> frozenset[str]:
@@ -204,6 +214,7 @@ def table_rows(base: Any) -> list[Row]:
         assign: dict[str, Any] = {"assign": "argmax"}
     else:
         assign = {"assign": "capacity", "capacity": 2}
+    doubt = "repair" if base.on_doubt == "drop" else "drop"
     return [
         Row("clean", "clean", "clean", "none"),
         Row("none", "none", "poisoned", "none"),
@@ -215,6 +226,9 @@ def table_rows(base: Any) -> list[Row]:
         _ablation("intra", {"lambda_intra": intra}),
         _ablation("rho", {"ot_rho": rho}, "balanced" if rho is None else "unbalanced"),
         _ablation("assign", assign),
+        _ablation(
+            "doubt", {"on_doubt": doubt}, "the paper's re-pairing" if doubt == "repair" else ""
+        ),
         Row("none-adaptive", "none (adaptive)", "adaptive", "none"),
         Row("otcclip-adaptive", "otcclip (adaptive)", "adaptive", "otcclip"),
     ]
@@ -489,13 +503,14 @@ def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
     """What decides whether a finished run still answers today's question."""
     out = {k: v for k, v in spec.items() if k not in ("command", "eval_command")}
     ignored = _not_compared(spec)
-    out["train"] = {k: v for k, v in spec["train"].items() if k not in ignored}
+    train = _with_older_settings(spec["train"])
+    out["train"] = {k: v for k, v in train.items() if k not in ignored}
     out["eval"] = dict(spec["eval"], asr_from=spec["eval"]["asr_from"] is not None)
     return json.loads(json.dumps(out))  # tuples -> lists, as read back from disk
 
 
 def _same_train(summary: dict[str, Any], spec: dict[str, Any]) -> bool:
-    config = summary.get("config") or {}
+    config = _with_older_settings(summary.get("config") or {})
     keys = set(config) | set(spec["train"])
     ignored = _not_compared(spec)
     return all(

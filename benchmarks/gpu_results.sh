@@ -9,6 +9,14 @@
 #   bash benchmarks/gpu_results.sh OUT [SECONDS]      # on a machine with a CUDA GPU
 #   GPU_RESULTS_QUICK=1 bash benchmarks/gpu_results.sh /tmp/g 300   # a CPU dry run
 #
+# What runs can be narrowed for a follow-up call (the defaults are the first call's):
+#   GPU_BENCH=0                       skip the CUDA tests and benchmarks
+#   GPU_LARGE="ROWS/SEEDS/JOBS"       the large table's first pass, e.g. "otcclip/0 1 2/3"
+#                                     (default "clean none otcclip safeclip roclip/0/5", then
+#                                     none and otcclip on seeds 1 and 2 while time is left;
+#                                     "" skips the large table)
+#   GPU_SWEEP="NAME:KEY=V KEY=V;..."  the sweep's configurations (3 seeds each, "" for none)
+#
 # Every stage has its own time limit, and the tables run until SECONDS have passed; then
 # the runs still going are stopped (SIGINT, so their workers end too) and each table is
 # written from what finished (`defense_table.py --report-only`: a run cut short is
@@ -59,30 +67,47 @@ fi
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-if [ "$DEVICE" = cuda ]; then
-  stage tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_ot.py -k cuda -rs
+BENCH=${GPU_BENCH:-1}
+LARGE_FIRST=${GPU_LARGE-"clean none otcclip safeclip roclip/0/5"}
+SWEEP_SPEC=${GPU_SWEEP-"lambda1-ramp2:lambda_inter=1 inter_ramp=2;lambda1-ramp2-warmup2:lambda_inter=1 inter_ramp=2 warmup_epochs=2;warmup2:warmup_epochs=2"}
+
+if [ "$BENCH" = 1 ]; then
+  if [ "$DEVICE" = cuda ]; then
+    stage tests 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_ot.py -k cuda -rs
+  fi
+  stage bench_ot 120 "$PY" benchmarks/bench_ot.py --device "$DEVICE" --threads 8 "${BENCH_OT[@]}"
+  stage bench_match 150 "$PY" benchmarks/bench_match.py --device "$DEVICE" --threads 8 \
+    "${BENCH_MATCH[@]}"
 fi
-stage bench_ot 120 "$PY" benchmarks/bench_ot.py --device "$DEVICE" --threads 8 "${BENCH_OT[@]}"
-stage bench_match 150 "$PY" benchmarks/bench_match.py --device "$DEVICE" --threads 8 "${BENCH_MATCH[@]}"
 
 # The tables share the machine: 5 workers of $THREADS threads (the large table) and 3 x 3
 # workers of one thread (the sweep).
 COMMON=(--set ot_compile=off --threads "$THREADS")
 LARGE=(--out "$OUT/table-large" "${LARGE_SIZE[@]}" --set model=otc-vit-small "${COMMON[@]}")
 SWEEP=("${TABLE_SIZE[@]}" --set ot_compile=off --threads 1 --set precision=fp32)
-SWEEP_NAMES=(lambda1-ramp2 lambda1-ramp2-warmup2 warmup2)
-SWEEP_SETS=("lambda_inter=1 inter_ramp=2" "lambda_inter=1 inter_ramp=2 warmup_epochs=2" "warmup_epochs=2")
+SWEEP_NAMES=()
+SWEEP_SETS=()
+IFS=';' read -ra configs <<<"$SWEEP_SPEC"
+for config in "${configs[@]}"; do
+  [ -n "$config" ] || continue
+  SWEEP_NAMES+=("${config%%:*}")
+  SWEEP_SETS+=("${config#*:}")
+done
 
 deadline=$(($(left) - 45)) # leaves time for the reports and the archive
 log "tables until $((SECONDS - T0 + deadline))s"
-(
-  timeout -s INT -k 20 "$deadline" "$PY" benchmarks/defense_table.py "${LARGE[@]}" \
-    --rows clean none otcclip safeclip roclip --seeds 0 --jobs 5
-  timeout -s INT -k 20 "$(($(left) - 45))" "$PY" benchmarks/defense_table.py "${LARGE[@]}" \
-    --rows none otcclip --seeds 1 2 --jobs 4
-) >"$OUT/table-large.txt" 2>&1 &
-large=$!
 sweeps=()
+if [ -n "$LARGE_FIRST" ]; then
+  IFS=/ read -r large_rows large_seeds large_jobs <<<"$LARGE_FIRST"
+  (
+    # shellcheck disable=SC2086 # rows and seeds are word lists
+    timeout -s INT -k 20 "$deadline" "$PY" benchmarks/defense_table.py "${LARGE[@]}" \
+      --rows $large_rows --seeds $large_seeds --jobs "$large_jobs"
+    timeout -s INT -k 20 "$(($(left) - 45))" "$PY" benchmarks/defense_table.py "${LARGE[@]}" \
+      --rows none otcclip --seeds 1 2 --jobs 4
+  ) >"$OUT/table-large.txt" 2>&1 &
+  sweeps+=($!)
+fi
 for i in "${!SWEEP_NAMES[@]}"; do
   sets=()
   for s in ${SWEEP_SETS[$i]}; do sets+=(--set "$s"); done
@@ -91,19 +116,21 @@ for i in "${!SWEEP_NAMES[@]}"; do
     --rows otcclip --seeds 0 1 2 --jobs 3 >"$OUT/sweep-${SWEEP_NAMES[$i]}.txt" 2>&1 &
   sweeps+=($!)
 done
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "$BENCH" = 1 ]; then
   timeout -s INT -k 15 "$deadline" "$PY" -m pytest -q -p no:cacheprovider -rs \
     tests/test_ot.py tests/test_losses.py tests/test_matching.py tests/test_train.py \
     >"$OUT/tests-cuda-training.txt" 2>&1 &
   sweeps+=($!)
 fi
-wait "$large" "${sweeps[@]}"
+wait "${sweeps[@]}"
 tail -n 5 "$OUT/tests-cuda-training.txt" 2>/dev/null
 log "tables stopped"
 
-"$PY" benchmarks/defense_table.py "${LARGE[@]}" --rows clean none otcclip safeclip roclip \
-  --seeds 0 1 2 --jobs 4 --report-only >"$OUT/report-large.txt" 2>&1
-tail -n 30 "$OUT/report-large.txt"
+if [ -n "$LARGE_FIRST" ]; then
+  "$PY" benchmarks/defense_table.py "${LARGE[@]}" --rows clean none otcclip safeclip roclip \
+    --seeds 0 1 2 --jobs 4 --report-only >"$OUT/report-large.txt" 2>&1
+  tail -n 30 "$OUT/report-large.txt"
+fi
 for i in "${!SWEEP_NAMES[@]}"; do
   sets=()
   for s in ${SWEEP_SETS[$i]}; do sets+=(--set "$s"); done

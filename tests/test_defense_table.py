@@ -118,6 +118,8 @@ def test_ablation_rows_flip_the_current_defaults_and_name_themselves():
     assert flipped["intra"].overrides == {"lambda_intra": 0.0}
     assert flipped["rho"].overrides == {"ot_rho": None}
     assert flipped["assign"].overrides == {"assign": "argmax"}
+    assert names["doubt"] == "otcclip, on_doubt=repair (the paper's re-pairing)"
+    assert table.table_rows(TrainConfig(on_doubt="repair"))[-3].overrides == {"on_doubt": "drop"}
     assert [r.key for r in table.select_rows(table.table_rows(base), ["none,otcclip"])] == [
         "none",
         "otcclip",
@@ -147,3 +149,20 @@ def test_a_changed_defense_default_reruns_only_that_defense(tmp_path, monkeypatc
     again = table.plan_runs(tmp_path, base, rows, [0])
     assert again[1].spec["schedule"] == {"warmup_epochs": 5, "match_every": 1}
     assert [table.run_state(r) for r in again] == ["resume", "fresh"]
+
+
+def test_a_run_recorded_before_a_setting_existed_compares_as_its_old_value(tmp_path):
+    from otcclip.demo import train_config
+
+    table = _load_script()
+    args = table._parser().parse_args(["--scenes", "200", "--out", str(tmp_path)])
+    base = table.demo_config(args)
+    rows = table.select_rows(table.table_rows(train_config(base, "otcclip")), ["otcclip", "doubt"])
+    drop, repair = table.plan_runs(tmp_path, base, rows, [0])
+    for run in (drop, repair):
+        old = json.loads(json.dumps(repair.spec))  # trained with what is now on_doubt=repair
+        del old["train"]["on_doubt"]  # ... before the setting was recorded
+        old.update(row=run.spec["row"], key=run.spec["key"], overrides=run.spec["overrides"])
+        run.directory.mkdir(parents=True)
+        (run.directory / table.RUN_SPEC).write_text(json.dumps(old))
+    assert [table.run_state(r) for r in (drop, repair)] == ["fresh", "resume"]

@@ -118,7 +118,9 @@ def test_otcclip_rematches_after_warmup_from_the_original_captions(monkeypatch):
     second[2] = 7
     recorder = _Recorder([first, second])
     monkeypatch.setattr("otcclip.matching.match_round", recorder)
-    config = _config("otcclip", warmup_epochs=1, match_every=1, rematch_from="original")
+    config = _config(
+        "otcclip", warmup_epochs=1, match_every=1, rematch_from="original", on_doubt="repair"
+    )
     d = make_defense(config)
     ctx = _ctx(config)
     d.setup(ctx)
@@ -141,7 +143,9 @@ def test_otcclip_can_start_rounds_from_the_previous_pairing(monkeypatch):
     first[[0, 1]] = [5, -1]
     recorder = _Recorder([first, np.arange(N)])
     monkeypatch.setattr("otcclip.matching.match_round", recorder)
-    config = _config("otcclip", warmup_epochs=0, match_every=1, rematch_from="previous")
+    config = _config(
+        "otcclip", warmup_epochs=0, match_every=1, rematch_from="previous", on_doubt="repair"
+    )
     d = make_defense(config)
     ctx = _ctx(config)
     d.setup(ctx)
@@ -152,10 +156,83 @@ def test_otcclip_can_start_rounds_from_the_previous_pairing(monkeypatch):
     assert np.array_equal(recorder.owns[1], want)
 
 
+def test_sticky_rounds_start_a_doubted_pair_from_its_latest_pairing(monkeypatch):
+    first = np.arange(N)
+    first[0] = 5  # round 1 doubts image 0
+    second = np.arange(N)
+    second[3] = 8  # round 2 doubts image 3 (image 0 keeps what round 2 was given)
+    second[0] = 5
+    recorder = _Recorder([first, second, np.arange(N)])
+    monkeypatch.setattr("otcclip.matching.match_round", recorder)
+    config = _config(
+        "otcclip", warmup_epochs=0, match_every=1, rematch_from="sticky", on_doubt="repair"
+    )
+    d = make_defense(config)
+    ctx = _ctx(config)
+    d.setup(ctx)
+    d.before_epoch(ctx, 0)
+    plan = d.before_epoch(ctx, 1)
+    want = np.arange(N)
+    want[0] = 5  # doubted in round 1: its re-pairing, not the original caption
+    assert np.array_equal(recorder.owns[1], want)
+    assert plan.caption[0] == 5 and plan.caption[3] == 8
+    d.before_epoch(ctx, 2)
+    want[3] = 8
+    assert np.array_equal(recorder.owns[2], want)
+    assert d.doubted.nonzero()[0].tolist() == [0, 3]
+
+
+@pytest.mark.parametrize("rematch_from", ["original", "sticky"])
+def test_dropped_pairs_sit_out(monkeypatch, rematch_from):
+    first = np.arange(N)
+    first[[0, 1]] = [5, 6]
+    second = np.arange(N)
+    second[2] = 7
+    monkeypatch.setattr("otcclip.matching.match_round", _Recorder([first, second]))
+    config = _config(
+        "otcclip", warmup_epochs=0, match_every=1, on_doubt="drop", rematch_from=rematch_from
+    )
+    d = make_defense(config)
+    ctx = _ctx(config)
+    d.setup(ctx)
+    plan = d.before_epoch(ctx, 0)
+    assert sorted(set(range(N)) - set(plan.positions.tolist())) == [0, 1]
+    assert plan.caption[0] == -1 and plan.caption[2] == 2  # kept pairs keep their own
+    plan = d.before_epoch(ctx, 1)
+    out = sorted(set(range(N)) - set(plan.positions.tolist()))
+    assert out == ([0, 1, 2] if rematch_from == "sticky" else [2])
+    assert plan.info["sitting_out"] == len(out) and plan.info["doubted_ever"] == 3
+
+
+def test_rounds_report_each_attack_off_its_original_captions(monkeypatch):
+    first = np.arange(N)
+    first[[0, 2]] = [5, 6]
+    monkeypatch.setattr("otcclip.matching.match_round", _Recorder([first]))
+    config = _config("otcclip", warmup_epochs=0)
+    d = make_defense(config)
+    ctx = _ctx(config)
+    ctx.manifests = [
+        SimpleNamespace(attack="targeted", poisoned_ids=np.array([100, 101])),
+        SimpleNamespace(attack="badnet", poisoned_ids=np.array([102, 103, 104, 105])),
+    ]
+    d.setup(ctx)
+    info = d.before_epoch(ctx, 0).info
+    assert info["off_original_targeted"] == 0.5 and info["off_original_badnet"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [({"rematch_from": "latest"}, "rematch_from must be one of"), ({"on_doubt": "x"}, "on_doubt")],
+)
+def test_otcclip_refuses_unknown_round_modes(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_defense(_config("otcclip", **kw))
+
+
 def test_otcclip_state_survives_a_restart(monkeypatch):
     first = np.arange(N)[::-1].copy()
     monkeypatch.setattr("otcclip.matching.match_round", _Recorder([first]))
-    config = _config("otcclip", warmup_epochs=0)
+    config = _config("otcclip", warmup_epochs=0, on_doubt="repair")
     d = make_defense(config)
     ctx = _ctx(config)
     d.setup(ctx)
@@ -164,7 +241,12 @@ def test_otcclip_state_survives_a_restart(monkeypatch):
     again.setup(ctx)
     again.load_state_dict(d.state_dict())
     assert np.array_equal(again.assignment, first) and again.rounds == 1
+    assert np.array_equal(again.doubted, d.doubted) and d.doubted.sum() == N
     assert again.history.get(100) == d.history.get(100)
+    legacy = d.state_dict()
+    del legacy["doubted"]  # a checkpoint from before `doubted` was saved
+    again.load_state_dict(legacy)
+    assert np.array_equal(again.doubted, first != np.arange(N))
 
 
 @pytest.mark.parametrize(

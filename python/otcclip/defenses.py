@@ -54,6 +54,10 @@ __all__ = [
 
 # Each defense's schedule defaults: W (warm-up epochs) and R (period), used when
 # the config leaves them at None.
+# Where an OTCCLIP round starts from, and what happens to the pairs it doubts.
+REMATCH_FROM = ("original", "previous", "sticky")
+ON_DOUBT = ("repair", "drop")
+
 DEFAULTS: dict[str, dict[str, int]] = {
     "none": {"warmup_epochs": 0, "match_every": 0},
     "roclip": {"warmup_epochs": 1, "match_every": 2},
@@ -223,20 +227,31 @@ class OTCCLIPDefense(Defense):
     model learns the previous re-pairings; benchmarks/TUNING.md). A round
     starts from the ORIGINAL captions (`rematch_from="original"`, default: the
     probe saw clean pairs drift from their true captions when each round
-    started from the previous one) or from the previous assignment. Images left
-    unassigned (capacity with fallback "unassigned") sit the epoch out.
+    started from the previous one), from the previous assignment ("previous"),
+    or from the original caption until a round doubts the pair and from its
+    latest pairing after that ("sticky": a doubted pair never gets its original
+    caption back for free, so a poison the model learns later cannot return).
+    With `on_doubt="drop"` the pairs a round would re-pair sit the epoch out
+    instead (with "sticky", every later epoch too). Images left unassigned
+    (capacity with fallback "unassigned") sit the epoch out.
     """
 
     name = "otcclip"
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
-        if config.rematch_from not in ("original", "previous"):
+        if config.rematch_from not in REMATCH_FROM:
             raise ValueError(
-                f"rematch_from must be 'original' or 'previous', got {config.rematch_from!r}"
+                f"rematch_from must be one of {', '.join(REMATCH_FROM)}, "
+                f"got {config.rematch_from!r}"
+            )
+        if config.on_doubt not in ON_DOUBT:
+            raise ValueError(
+                f"on_doubt must be one of {', '.join(ON_DOUBT)}, got {config.on_doubt!r}"
             )
         self.match_config()  # a bad matching knob fails now, not after the warm-up
         self.assignment: np.ndarray | None = None
+        self.doubted: np.ndarray | None = None  # re-paired or dropped by some round
         self.history: Any = None
         self.rounds = 0
 
@@ -247,6 +262,7 @@ class OTCCLIPDefense(Defense):
         if self.config.k > n:
             raise ValueError(f"k = {self.config.k} candidates, but the data has only {n} captions")
         self.assignment = np.arange(n, dtype=np.int64)
+        self.doubted = np.zeros(n, dtype=bool)
         self.history = History()
         self.history.record(0, ctx.table.ids, ctx.table.ids)
         self.rounds = 0
@@ -293,13 +309,16 @@ class OTCCLIPDefense(Defense):
     def _round(self, ctx: TrainContext) -> dict[str, Any]:
         from otcclip.matching import match_round
 
+        assert self.assignment is not None and self.doubted is not None, "setup() first"
+        c = self.config
         table = ctx.table
         n = len(table)
         original = np.arange(n, dtype=np.int64)
-        if self.config.rematch_from == "previous":
+        own = original
+        if c.rematch_from == "previous":
             own = np.where(self.assignment >= 0, self.assignment, original)
-        else:
-            own = original
+        elif c.rematch_from == "sticky":
+            own = np.where(self.doubted & (self.assignment >= 0), self.assignment, original)
         with_classes = table.image_classes is not None and table.caption_classes is not None
         result = match_round(
             ctx.bundle,
@@ -312,7 +331,14 @@ class OTCCLIPDefense(Defense):
             caption_classes=table.caption_classes if with_classes else None,
             progress=ctx.progress,
         )
-        self.assignment = np.asarray(result.caption, dtype=np.int64).copy()
+        caption = np.asarray(result.caption, dtype=np.int64).copy()
+        doubted_now = caption != own
+        if c.on_doubt == "drop":
+            caption = np.where(doubted_now, -1, own)
+            if c.rematch_from == "sticky":
+                caption[self.doubted] = -1
+        self.doubted |= doubted_now
+        self.assignment = caption
         self.rounds += 1
         assigned = self.assignment >= 0
         caption_ids = np.where(assigned, table.ids[np.maximum(self.assignment, 0)], -1)
@@ -320,6 +346,9 @@ class OTCCLIPDefense(Defense):
         report = {k: v for k, v in result.report.items() if _is_number(v)}
         report["round"] = self.rounds
         report["changed_from_original"] = int((self.assignment != original).sum())
+        report["sitting_out"] = int((self.assignment < 0).sum())
+        report["doubted_ever"] = int(self.doubted.sum())
+        report.update(_off_original_by_attack(ctx, self.assignment != original))
         report["seconds_by_stage"] = result.report.get("seconds", {})
         return report
 
@@ -377,6 +406,7 @@ class OTCCLIPDefense(Defense):
     def state_dict(self) -> dict[str, Any]:
         return {
             "assignment": self.assignment,
+            "doubted": self.doubted,
             "history": self.history.to_bytes() if self.history is not None else b"",
             "rounds": self.rounds,
         }
@@ -385,6 +415,14 @@ class OTCCLIPDefense(Defense):
         from otcclip.otmatch import History
 
         self.assignment = np.asarray(state["assignment"], dtype=np.int64)
+        original = np.arange(len(self.assignment), dtype=np.int64)
+        # checkpoints from before `doubted` was kept: what differs from the original
+        doubted = state.get("doubted")
+        self.doubted = (
+            self.assignment != original
+            if doubted is None
+            else np.asarray(doubted, dtype=bool).copy()
+        )
         self.history = History.from_bytes(bytes(state["history"]))
         self.rounds = int(state["rounds"])
 
@@ -576,6 +614,23 @@ DEFENSES: dict[str, type[Defense]] = {
     "safeclip": SafeCLIPDefense,
     "otcclip": OTCCLIPDefense,
 }
+
+
+def _off_original_by_attack(ctx: TrainContext, off: np.ndarray) -> dict[str, float]:
+    """Per attack, the share of its poisoned pairs not trained on their original caption.
+
+    The round's own `poison_broken` counts changes against the round's starting
+    captions; this counts against the data, which is what an attack needs.
+    """
+    ids = np.asarray(ctx.table.ids, dtype=np.int64)
+    rows: dict[str, np.ndarray] = {}
+    for m in ctx.manifests:
+        hit = np.isin(ids, np.asarray(m.poisoned_ids, dtype=np.int64))
+        rows[m.attack] = rows[m.attack] | hit if m.attack in rows else hit
+    return {
+        f"off_original_{attack}": _share(int(off[hit].sum()), int(hit.sum()))
+        for attack, hit in rows.items()
+    }
 
 
 def make_defense(config: TrainConfig) -> Defense:

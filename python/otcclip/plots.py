@@ -68,7 +68,9 @@ def round_reports(metrics: Sequence[Mapping[str, Any]]) -> list[tuple[int, Mappi
 
 
 def plot_rounds(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path) -> bool:
-    """Share of poisoned and of clean pairs re-paired at each matching round.
+    """Share of poisoned and of clean pairs each matching round doubts.
+
+    A doubted pair is re-paired, or left out of the epoch (OTCCLIP's `on_doubt="drop"`).
 
     Returns False (and writes nothing) when no run had a matching round.
     """
@@ -82,8 +84,8 @@ def plot_rounds(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Pat
         x = [epoch for epoch, _ in rounds]
         broken = [100.0 * float(r.get("poison_broken") or 0.0) for _, r in rounds]
         clean = [100.0 * (1.0 - float(r.get("clean_kept") or 1.0)) for _, r in rounds]
-        ax.plot(x, broken, marker="o", label=f"{name}: poisoned pairs re-paired")
-        ax.plot(x, clean, marker="s", linestyle="--", label=f"{name}: clean pairs re-paired")
+        ax.plot(x, broken, marker="o", label=f"{name}: poisoned pairs doubted")
+        ax.plot(x, clean, marker="s", linestyle="--", label=f"{name}: clean pairs doubted")
         drawn = True
     if drawn:
         ax.set_xlabel("epoch (a matching round at its start)")

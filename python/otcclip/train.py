@@ -157,6 +157,7 @@ class TrainConfig:
     fallback: str = "own"
     flag_outside_topk: bool = False
     rematch_from: str = "original"
+    on_doubt: str = "drop"
     max_repair: float = 0.25
     match_batch: int = 256
     # RoCLIP

@@ -173,10 +173,19 @@ _SCHEDULE_HELP = (
 )
 @click.option(
     "--rematch-from",
-    type=click.Choice(["original", "previous"]),
+    type=click.Choice(["original", "previous", "sticky"]),
     default="original",
     show_default=True,
-    help="A round starts from the original captions or from the previous pairing.",
+    help="A round starts from the original captions, from the previous pairing, or "
+    "(sticky) from the original caption until a round doubts the pair.",
+)
+@click.option(
+    "--on-doubt",
+    type=click.Choice(["drop", "repair"]),
+    default="drop",
+    show_default=True,
+    help="What a round does with the pairs it doubts: leave them out of the epoch, or "
+    "re-pair them with their best candidate (the paper's re-assignment).",
 )
 @click.option(
     "--max-repair",
