@@ -839,7 +839,7 @@ def bar_checks(runs: Sequence[Run], jobs: int) -> list[str]:
             result = verdict(elapsed <= 60.0)
         lines.append(
             f"whole table under an hour on this machine: {total:.1f} min of runs "
-            f"(sum of wall times; about {elapsed:.1f} min with {jobs} at a time): {result}"
+            f"(sum of wall times; about {elapsed:.1f} min at --jobs {jobs}): {result}"
         )
     return lines
 

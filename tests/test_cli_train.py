@@ -40,3 +40,16 @@ def test_a_setting_without_an_option_is_named_not_dropped():
     config = TrainConfig(data="d", out="o", ot_duplicate_cos=None)
     line = command_line(config)
     assert line.endswith("# not expressible as options: ot_duplicate_cos=None")
+
+
+def test_the_options_defaults_are_the_library_defaults():
+    """The click options repeat TrainConfig's defaults (the CLI must not import torch to
+    print --help); this keeps the two from drifting apart. Two differ on purpose: the
+    command trains OTCCLIP and checkpoints, the library's bare config does neither."""
+    ctx = command.make_context("train", ["--data", "d", "--out", "o"])
+    settings = _settings(ctx, dict(ctx.params))
+    settings.pop("eval_size"), settings.pop("probe_size")
+    cli = TrainConfig(**settings).to_dict()
+    library = TrainConfig(data="d", out="o").to_dict()
+    differ = {k: (cli[k], library[k]) for k in cli if cli[k] != library[k]}
+    assert differ == {"defense": ("otcclip", "none"), "checkpoint_every": (500, 0)}

@@ -52,12 +52,12 @@ __all__ = [
     "schedule",
 ]
 
-# Each defense's schedule defaults: W (warm-up epochs) and R (period), used when
-# the config leaves them at None.
 # Where an OTCCLIP round starts from, and what happens to the pairs it doubts.
 REMATCH_FROM = ("original", "previous", "sticky")
-ON_DOUBT = ("repair", "drop")
+ON_DOUBT = ("drop", "repair")
 
+# Each defense's schedule defaults: W (warm-up epochs) and R (period), used when
+# the config leaves them at None.
 DEFAULTS: dict[str, dict[str, int]] = {
     "none": {"warmup_epochs": 0, "match_every": 0},
     "roclip": {"warmup_epochs": 1, "match_every": 2},
@@ -218,22 +218,24 @@ class OTCCLIPDefense(Defense):
     augmented views of each image, and between each caption and an augmented copy.
 
     Re-matching: after W warm-up epochs, every R epochs, `matching.match_round`
-    re-pairs every image with a pool caption by S = alpha*cos + (1-alpha)*s_OT,
-    keeping its own caption unless beaten by more than `margin` (and, with
-    `flag_outside_topk`, re-pairing every image whose own caption is not among
-    its k nearest: "re-pair only suspicious pairs" is margin > 0), and
-    re-pairing at most `max_repair` of the images, those whose own caption
-    trails most (without the budget each round re-pairs more clean pairs as the
-    model learns the previous re-pairings; benchmarks/TUNING.md). A round
-    starts from the ORIGINAL captions (`rematch_from="original"`, default: the
-    probe saw clean pairs drift from their true captions when each round
-    started from the previous one), from the previous assignment ("previous"),
-    or from the original caption until a round doubts the pair and from its
-    latest pairing after that ("sticky": a doubted pair never gets its original
-    caption back for free, so a poison the model learns later cannot return).
-    With `on_doubt="drop"` the pairs a round would re-pair sit the epoch out
-    instead (with "sticky", every later epoch too). Images left unassigned
-    (capacity with fallback "unassigned") sit the epoch out.
+    scores every image against pool captions by S = alpha*cos + (1-alpha)*s_OT
+    and doubts the pairs whose own caption a candidate beats by more than
+    `margin` (with `flag_outside_topk`, also every image whose own caption is
+    not among its k nearest), at most `max_repair` of the images, those whose
+    own caption trails most (without the budget each round doubts more clean
+    pairs as the model learns the previous rounds' choices; TUNING.md).
+    A doubted pair sits the epoch out (`on_doubt="drop"`, default) or is
+    re-paired with its best candidate (`"repair"`, the paper's re-assignment):
+    at our scale a re-paired clean pair almost never gets a caption of its true
+    content, so re-pairing adds label noise that leaving out does not
+    (TUNING.md, session 4). A round starts from the ORIGINAL captions
+    (`rematch_from="original"`, default: the probe saw clean pairs drift from
+    their true captions when each round started from the previous one), from
+    the previous assignment ("previous"), or from the original caption until a
+    round doubts the pair and from its latest pairing after that ("sticky": a
+    poison caught once cannot come back when the model later learns its
+    copies; with "drop", a pair left out once stays out). Images left
+    unassigned (capacity with fallback "unassigned") sit the epoch out.
     """
 
     name = "otcclip"
