@@ -159,7 +159,10 @@ def test_every_defense_trains_and_records_its_work(defense, tmp_path):
     config = _tiny(defense=defense, out=str(tmp_path), warmup_epochs=1, match_every=1)
     result = train(config)
     assert [m["epoch"] for m in result.metrics] == [1, 2]
-    assert len(result.step_losses) == 2 * (192 // 32)
+    steps = [m["steps"] for m in result.metrics]
+    assert len(result.step_losses) == sum(steps) and steps[0] == 192 // 32
+    if defense != "otcclip":
+        assert steps[1] == 192 // 32
     assert all(np.isfinite(result.step_losses))
     phases = [m["phase"] for m in result.metrics]
     second = result.metrics[1]
@@ -173,13 +176,16 @@ def test_every_defense_trains_and_records_its_work(defense, tmp_path):
         assert phases == ["warmup", "matched"] and "inter" in second
         info = second["defense"]
         assert info["round"] == 1 and 0 <= info["changed"] <= 192
+        # on_doubt="drop" (default): the doubted pairs sit the matched epoch out
+        assert info["sitting_out"] == info["changed"] == 192 - second["pairs"]
+        assert steps[1] == second["pairs"] // 32
         assert result.history.changes(0) in (0, 1)
         assert result.assignment.shape == (192,)
     for name in ("model.safetensors", "metrics.jsonl", "summary.json", "config.json"):
         assert (tmp_path / name).is_file(), name
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines if x["event"] == "epoch"] == [1, 2]
-    assert sum(x["event"] == "step" for x in lines) == 12
+    assert sum(x["event"] == "step" for x in lines) == sum(steps)
 
 
 @pytest.mark.slow
