@@ -1018,7 +1018,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rows", nargs="+", default=None, help="row keys or names, or comma lists [all]"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (worker processes)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="runs at a time (worker processes) [1; with --report-only: as last recorded]",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument(
         "--out", type=Path, default=None, help=f"[{DEFAULT_OUT}; with --quick {QUICK_OUT}]"
@@ -1055,6 +1060,8 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
     args = parser.parse_args(argv)
     if args.run_one is not None:
         return run_one(args.run_one)
+    jobs_given = args.jobs is not None
+    args.jobs = args.jobs if jobs_given else 1
     for name in ("jobs", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -1089,7 +1096,7 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
             elif state == "stale":
                 echo(f"[defense_table] stale (ran with other settings): {run.directory}")
         recorded = _read_json(out / "results.json") or {}
-        jobs = (recorded.get("machine") or {}).get("jobs") or args.jobs
+        jobs = args.jobs if jobs_given else (recorded.get("machine") or {}).get("jobs") or 1
         table, bars = results_table(runs), bar_checks(runs, jobs)
         echo(table)
         echo("")
