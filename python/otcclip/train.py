@@ -953,7 +953,9 @@ def _epoch_line(m: dict[str, Any]) -> str:
     parts = [f"epoch {m['epoch']}", m.get("phase", ""), f"loss {m.get('loss', float('nan')):.4f}"]
     parts.append(f"{m['seconds']:.1f}s (+{m['prepare_seconds']:.1f}s preparing)")
     defense = m.get("defense") or {}
-    if "changed" in defense:
+    if defense.get("sitting_out"):  # OTCCLIP's on_doubt="drop", or unassigned images
+        parts.append(f"left out {defense['sitting_out']}")
+    elif "changed" in defense:
         parts.append(f"re-paired {defense['changed']}")
     ev = m.get("eval") or {}
     for key in ("zero_shot_top1", "targeted_asr", "backdoor_asr"):
