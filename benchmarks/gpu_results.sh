@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU half of the results, in one time-boxed call (a lent GPU is held for minutes, not
 # hours): the CUDA test, the OT and matching benchmarks on CUDA, and the defense table with
-# a larger model (otc-vit-small) and dataset, beside a sweep of OTCCLIP's warm-up settings
-# at the demo's size (three seeds each, fp32 and one thread per run as on the CPU). The large
-# table trains at the trainer's default precision (bf16 autocast on CUDA); while the tables run, the test files
-# that train or score run once more on this machine, where their device is CUDA.
+# a larger model (otc-vit-small) and dataset, beside a sweep of OTCCLIP settings at the
+# demo's size (three seeds each, fp32 and one thread per run as on the CPU). The large table
+# trains at the trainer's default precision (bf16 autocast on CUDA); while the tables run,
+# the test files that train or score run once more on this machine, where their device is
+# CUDA.
 #
 #   bash benchmarks/gpu_results.sh OUT [SECONDS]      # on a machine with a CUDA GPU
 #   GPU_RESULTS_QUICK=1 bash benchmarks/gpu_results.sh /tmp/g 300   # a CPU dry run
@@ -80,8 +81,8 @@ if [ "$BENCH" = 1 ]; then
     "${BENCH_MATCH[@]}"
 fi
 
-# The tables share the machine: 5 workers of $THREADS threads (the large table) and 3 x 3
-# workers of one thread (the sweep).
+# The tables share the machine: the large table's workers ($THREADS threads each) and three
+# one-thread workers per sweep configuration.
 COMMON=(--set ot_compile=off --threads "$THREADS")
 LARGE=(--out "$OUT/table-large" "${LARGE_SIZE[@]}" --set model=otc-vit-small "${COMMON[@]}")
 SWEEP=("${TABLE_SIZE[@]}" --set ot_compile=off --threads 1 --set precision=fp32)
@@ -96,7 +97,7 @@ done
 
 deadline=$(($(left) - 45)) # leaves time for the reports and the archive
 log "tables until $((SECONDS - T0 + deadline))s"
-sweeps=()
+running=()
 if [ -n "$LARGE_FIRST" ]; then
   IFS=/ read -r large_rows large_seeds large_jobs <<<"$LARGE_FIRST"
   (
@@ -106,7 +107,7 @@ if [ -n "$LARGE_FIRST" ]; then
     timeout -s INT -k 20 "$(($(left) - 45))" "$PY" benchmarks/defense_table.py "${LARGE[@]}" \
       --rows none otcclip --seeds 1 2 --jobs 4
   ) >"$OUT/table-large.txt" 2>&1 &
-  sweeps+=($!)
+  running+=($!)
 fi
 for i in "${!SWEEP_NAMES[@]}"; do
   sets=()
@@ -114,15 +115,15 @@ for i in "${!SWEEP_NAMES[@]}"; do
   timeout -s INT -k 20 "$deadline" "$PY" benchmarks/defense_table.py \
     --out "$OUT/sweep-${SWEEP_NAMES[$i]}" "${SWEEP[@]}" "${sets[@]}" \
     --rows otcclip --seeds 0 1 2 --jobs 3 >"$OUT/sweep-${SWEEP_NAMES[$i]}.txt" 2>&1 &
-  sweeps+=($!)
+  running+=($!)
 done
 if [ "$DEVICE" = cuda ] && [ "$BENCH" = 1 ]; then
   timeout -s INT -k 15 "$deadline" "$PY" -m pytest -q -p no:cacheprovider -rs \
     tests/test_ot.py tests/test_losses.py tests/test_matching.py tests/test_train.py \
     >"$OUT/tests-cuda-training.txt" 2>&1 &
-  sweeps+=($!)
+  running+=($!)
 fi
-wait "${sweeps[@]}"
+wait "${running[@]}"
 tail -n 5 "$OUT/tests-cuda-training.txt" 2>/dev/null
 log "tables stopped"
 

@@ -119,7 +119,8 @@ def test_ablation_rows_flip_the_current_defaults_and_name_themselves():
     assert flipped["rho"].overrides == {"ot_rho": None}
     assert flipped["assign"].overrides == {"assign": "argmax"}
     assert names["doubt"] == "otcclip, on_doubt=repair (the paper's re-pairing)"
-    assert table.table_rows(TrainConfig(on_doubt="repair"))[-3].overrides == {"on_doubt": "drop"}
+    doubt = {r.key: r for r in table.table_rows(TrainConfig(on_doubt="repair"))}["doubt"]
+    assert doubt.overrides == {"on_doubt": "drop"} and doubt.name == "otcclip, on_doubt=drop"
     assert [r.key for r in table.select_rows(table.table_rows(base), ["none,otcclip"])] == [
         "none",
         "otcclip",
