@@ -167,3 +167,33 @@ def test_a_run_recorded_before_a_setting_existed_compares_as_its_old_value(tmp_p
         run.directory.mkdir(parents=True)
         (run.directory / table.RUN_SPEC).write_text(json.dumps(old))
     assert [table.run_state(r) for r in (drop, repair)] == ["fresh", "resume"]
+
+
+def test_the_adaptive_count_reruns_only_the_adaptive_rows(tmp_path):
+    from otcclip.demo import train_config
+
+    table = _load_script()
+    wanted = ["none,none-adaptive"]
+
+    def plan(*options: str) -> list:
+        args = table._parser().parse_args(["--scenes", "200", "--out", str(tmp_path), *options])
+        base = table.demo_config(args)
+        rows = table.select_rows(table.table_rows(train_config(base, "otcclip")), wanted)
+        return table.plan_runs(tmp_path, base, rows, [0])
+
+    poisoned, adaptive = plan("--n-adaptive", "200")
+    assert poisoned.spec["data"]["n_backdoor"] == adaptive.spec["data"]["n_backdoor"] == 200
+    for run in (poisoned, adaptive):
+        run.directory.mkdir(parents=True)
+        (run.directory / table.RUN_SPEC).write_text(json.dumps(run.spec))
+    poisoned, adaptive = plan()  # the default count
+    assert adaptive.spec["data"]["n_backdoor"] == table.N_ADAPTIVE != 200
+    assert poisoned.spec["data"]["n_backdoor"] == 200
+    assert [table.run_state(r) for r in (poisoned, adaptive)] == ["resume", "fresh"]
+    base = table.demo_config(table._parser().parse_args(["--out", str(tmp_path)]))
+    command = table.poison_command(base, "adaptive", tmp_path)
+    assert "--attack adaptive --target-label bag --n-targets 8 --n-captions 40 " in command
+    assert f"--n-poison {table.N_ADAPTIVE} " in command
+    assert "--n-poison 200 " in table.poison_command(base, "poisoned", tmp_path)
+    with pytest.raises(SystemExit):
+        table.main(["--n-adaptive", "0", "--out", str(tmp_path)])

@@ -45,6 +45,9 @@ class DemoConfig:
     n_targets: int = 8
     n_captions: int = 40
     n_backdoor: int = 200
+    # the adaptive backdoor's poison count where one is built (the results table's
+    # adaptive rows; the demo builds none); None: n_backdoor
+    n_adaptive: int | None = None
     eval_size: int = 1000
     probe_size: int = 1000
     progress: bool = True
