@@ -352,8 +352,8 @@ def poison_command(config: Any, variant: str, directory: Path) -> str:
         parts.append(" ".join(f"--attack {a}" for a in ATTACKS[variant]))
         parts.append(
             f"--target-label {config.target_label} --n-targets {config.n_targets} "
-            f"--n-captions {config.n_captions} --n-poison "
-            f"{adaptive_count(config) if variant == 'adaptive' else config.n_backdoor}"
+            f"--n-captions {config.n_captions} "
+            f"--n-poison {data_spec(config, variant)['n_backdoor']}"
         )
     parts.append(f"--seed {config.seed}")
     return " ".join(parts)

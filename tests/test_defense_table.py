@@ -169,7 +169,7 @@ def test_a_run_recorded_before_a_setting_existed_compares_as_its_old_value(tmp_p
     assert [table.run_state(r) for r in (drop, repair)] == ["fresh", "resume"]
 
 
-def test_the_adaptive_count_reruns_only_the_adaptive_rows(tmp_path):
+def test_the_adaptive_count_reruns_only_the_adaptive_rows(tmp_path, capsys):
     from otcclip.demo import train_config
 
     table = _load_script()
@@ -197,3 +197,4 @@ def test_the_adaptive_count_reruns_only_the_adaptive_rows(tmp_path):
     assert "--n-poison 200 " in table.poison_command(base, "poisoned", tmp_path)
     with pytest.raises(SystemExit):
         table.main(["--n-adaptive", "0", "--out", str(tmp_path)])
+    assert "--n-adaptive must be >= 1" in capsys.readouterr().err

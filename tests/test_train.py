@@ -188,6 +188,16 @@ def test_every_defense_trains_and_records_its_work(defense, tmp_path):
     assert sum(x["event"] == "step" for x in lines) == sum(steps)
 
 
+def test_the_epoch_line_says_whether_doubted_pairs_were_left_out_or_re_paired():
+    from otcclip.train import _epoch_line
+
+    base = {"epoch": 3, "phase": "matched", "loss": 1.0, "seconds": 2.0, "prepare_seconds": 1.0}
+    dropped = _epoch_line({**base, "defense": {"changed": 5, "sitting_out": 5}})
+    repaired = _epoch_line({**base, "defense": {"changed": 3, "sitting_out": 0}})
+    assert "left out 5" in dropped and "re-paired" not in dropped
+    assert "re-paired 3" in repaired and "left out" not in repaired
+
+
 @pytest.mark.slow
 def test_safeclip_mixed_epochs_split_safe_from_risky(tmp_path):
     config = _tiny(defense="safeclip", epochs=3, warmup_epochs=1, safe_start=0.5)
@@ -386,13 +396,3 @@ if __name__ == "__main__":
         _kill_worker(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "ddp":
         _ddp_worker(sys.argv[2])
-
-
-def test_the_epoch_line_says_whether_doubted_pairs_were_left_out_or_re_paired():
-    from otcclip.train import _epoch_line
-
-    base = {"epoch": 3, "phase": "matched", "loss": 1.0, "seconds": 2.0, "prepare_seconds": 1.0}
-    dropped = _epoch_line({**base, "defense": {"changed": 5, "sitting_out": 5}})
-    repaired = _epoch_line({**base, "defense": {"changed": 3, "sitting_out": 0}})
-    assert "left out 5" in dropped and "re-paired" not in dropped
-    assert "re-paired 3" in repaired and "left out" not in repaired
