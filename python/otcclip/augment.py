@@ -16,6 +16,7 @@ resumed run exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -61,6 +62,31 @@ class ImageAugment:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.contrast >= 1:
             raise ValueError(f"contrast must be < 1, got {self.contrast}")
+
+    @staticmethod
+    def from_spec(spec: str) -> ImageAugment:
+        """'' (the defaults) or comma-separated NAME=VALUE overrides, e.g. 'noise_std=0'.
+
+        One string keeps every knob reachable from one CLI option (and a recorded command),
+        which the augmentation probes of TUNING.md need: each part on and off.
+        """
+        known = {f.name for f in dataclasses.fields(ImageAugment)}
+        values: dict[str, float] = {}
+        for item in (part.strip() for part in spec.split(",")):
+            if not item:
+                continue
+            name, sep, raw = item.partition("=")
+            name = name.strip()
+            if not sep or name not in known:
+                raise ValueError(
+                    f"image augment {item!r}: expected NAME=VALUE with NAME one of "
+                    f"{', '.join(sorted(known))}"
+                )
+            try:
+                values[name] = float(raw)
+            except ValueError:
+                raise ValueError(f"image augment {item!r}: {raw!r} is not a number") from None
+        return ImageAugment(**values)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ __all__ = [
     "Defense",
     "EpochPlan",
     "Features",
+    "FilterDefense",
     "NoDefense",
     "OTCCLIPDefense",
     "RoCLIPDefense",
@@ -63,6 +64,7 @@ DEFAULTS: dict[str, dict[str, int]] = {
     "roclip": {"warmup_epochs": 1, "match_every": 2},
     "safeclip": {"warmup_epochs": 1, "match_every": 1},
     "otcclip": {"warmup_epochs": 2, "match_every": 1},
+    "filter": {"warmup_epochs": 2, "match_every": 0},
 }
 
 
@@ -95,6 +97,7 @@ class EpochPlan:
     augment_images / augment_text: augment view 0 of the images / captions;
     image_views / text_views: 2 = also encode an independently augmented view 1;
     safe: bool (N,) SafeCLIP's safe set (None: every pair is safe);
+    groups: int per position: batches never mix groups (None: one shuffled pool);
     lr_scale: factor on the scheduled learning rate; phase: a name for the logs;
     info: metrics of the epoch's preparation (reassignment counts, ...).
     """
@@ -109,6 +112,8 @@ class EpochPlan:
     safe: np.ndarray | None = None
     lr_scale: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
+    groups: np.ndarray | None = None
+    switch_step: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +127,8 @@ class EpochPlan:
             "safe": self.safe,
             "lr_scale": self.lr_scale,
             "info": self.info,
+            "groups": self.groups,
+            "switch_step": self.switch_step,
         }
 
     @staticmethod
@@ -188,6 +195,10 @@ class Defense:
 
     def after_step(self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features) -> None:
         """Sees the step's features, detached (e.g. to update a bank)."""
+
+    def step_lr(self, plan: EpochPlan, epoch: int, step: int, scheduled: float) -> float:
+        """The learning rate of one step, given the schedule's (SafeCLIP's low-lr phase)."""
+        return scheduled * plan.lr_scale
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -429,24 +440,47 @@ class OTCCLIPDefense(Defense):
         self.rounds = int(state["rounds"])
 
 
+def steps_per_epoch(ctx: TrainContext) -> int:
+    """Optimizer steps of an epoch that trains every row (the warm-up's unit)."""
+    return max(1, len(ctx.table) // ctx.config.batch_size)
+
+
+def warmup_steps(defense: Defense, ctx: TrainContext) -> int:
+    """The warm-up in optimizer steps: `warmup_steps` when set, else W whole epochs.
+
+    Steps, not epochs, because what a warm-up must buy (a model that already ranks
+    captions by content) takes a number of updates, whatever the data's size; the
+    references' warm-ups are 1-5 epochs of CC3M (thousands of steps), ours a few hundred.
+    """
+    given = defense.config.warmup_steps
+    return int(given) if given is not None else defense.warmup_epochs * steps_per_epoch(ctx)
+
+
 class RoCLIPDefense(Defense):
     """RoCLIP (Yang et al., NeurIPS 2023), following its public code's mechanism.
 
     A FIFO bank holds the global embeddings of the most recent `bank_size`
-    captions (detached, from the batches just trained). In a matching epoch
-    (every R epochs after W; defaults W=1, R=2, i.e. the paper's "every other
-    epoch" counting from 1) each image is paired with its nearest bank caption
-    by global cosine (`otmatch.topk`, k=1) and the CLIP loss runs on (image,
-    nearest caption); the caption side then carries no gradient, as in the
-    reference code. Other epochs train plain CLIP. Images and captions are
-    augmented throughout (the code's `cross_aug`). Deviations: the bank is
-    refreshed at every step of every epoch (the reference refreshes it only in
-    matching epochs, so its first matching steps search stale or random
-    entries); augmentations are the position-preserving ones of
-    `otcclip.augment` instead of EDA and flips. Two images whose nearest caption
-    is the same bank entry stay each other's negatives, as in the reference
-    code: masking them lets a collapse onto one entry drive the loss to zero
-    (measured: zero-shot at chance, loss 0.0 by the third matching epoch).
+    captions (detached, from the batches just trained). After a warm-up of plain
+    CLIP (`warmup_steps`, else W epochs; it may end mid-epoch), in every R-th
+    epoch from the one where the warm-up ends (defaults W=1, R=2: the paper's
+    "every other epoch" counting from 1) each image is paired with its nearest
+    bank caption by global cosine (`otmatch.topk`, k=1) and the CLIP loss runs on
+    (image, nearest caption); the caption side then carries no gradient, as in the
+    reference code. Other epochs train plain CLIP.
+    Augmentation: the reference augments images and captions in every epoch
+    (`cross_aug`); here `augment="auto"` does the same, and `--augment text` turns
+    the image side off: at our 8-epoch budget the image augmentation alone holds
+    plain CLIP near 20% zero-shot (TUNING.md, session 6).
+    Deviations: the bank is refreshed at every step of every epoch (the reference
+    refreshes it only in matching epochs, so its first matching steps search stale
+    or random entries); augmentations are the position-preserving ones of
+    `otcclip.augment` instead of EDA and flips; the bank (4,096 of 20k captions,
+    20%) is a larger share of the data than the reference's 131k of CC3M's 3M (4%),
+    because a bank of 4% (800) holds few captions of each item/place combination.
+    Two images whose nearest caption is the same bank entry stay each other's
+    negatives, as in the reference code: masking them lets a collapse onto one
+    entry drive the loss to zero (measured: zero-shot at chance, loss 0.0 by the
+    third matching epoch).
     """
 
     name = "roclip"
@@ -463,7 +497,13 @@ class RoCLIPDefense(Defense):
         plan = super().before_epoch(ctx, epoch)
         plan.augment_images = True
         plan.augment_text = True
-        plan.phase = "nearest" if self.intervenes(epoch) else "clip"
+        per_epoch = steps_per_epoch(ctx)
+        start = warmup_steps(self, ctx)
+        first = start // per_epoch  # the epoch in which the warm-up ends
+        r = self.match_every
+        matching = r > 0 and epoch >= first and (epoch - first) % r == 0
+        plan.phase = "nearest" if matching else "clip"
+        plan.switch_step = max(0, start - epoch * per_epoch) if matching else None
         plan.info = {"bank_fill": int(self.count)}
         return plan
 
@@ -471,7 +511,8 @@ class RoCLIPDefense(Defense):
         self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features
     ) -> dict[str, Tensor]:
         img, txt = feats.image[0][0], feats.text[0][0]
-        if plan.phase != "nearest" or self.count == 0:
+        warming = batch.step < (plan.switch_step or 0)
+        if plan.phase != "nearest" or warming or self.count == 0:
             return {
                 "clip": clip_loss(
                     img, txt, feats.logit_scale, rows=batch.rows, ids=batch.caption_ids
@@ -507,51 +548,110 @@ class RoCLIPDefense(Defense):
         self.cursor = int(state["cursor"])
 
 
+SAFE_SCHEDULES = ("share", "reference")
+SAFE_PASSES = ("mixed", "separate")
+
+
 class SafeCLIPDefense(Defense):
     """SafeCLIP (Yang, Gao and Mirzasoleiman, ICML 2024), its mechanism at our scale.
 
-    1. Unimodal warm-up, W epochs (default 1): image-image and text-text
-       contrastive losses on two augmented views (CleanCLIP-style in-modal
-       InfoNCE with the model's logit scale); no image-caption term.
-    2. One CLIP epoch on all pairs at `safeclip_lr_scale` times the scheduled
-       learning rate (default 0.1).
+    1. Unimodal warm-up (`warmup_steps`, else W epochs; default 1 epoch):
+       image-image and text-text contrastive losses on two augmented views
+       (CleanCLIP-style in-modal InfoNCE with the model's logit scale); no
+       image-caption term.
+    2. About one epoch of CLIP on all pairs at a low learning rate: from the end of
+       the warm-up to the nearest epoch boundary one epoch later (so between half
+       an epoch and 1.5 epochs); `safeclip_lr_scale` times the scheduled rate, or,
+       with `safeclip_lr_fixed`, times the base rate (the reference: a fixed 1%).
     3. Every later epoch: the cosine of every image with its caption, a
-       2-component Gaussian mixture (sklearn) on these cosines, and the safe set =
-       pairs the high-mean component claims (posterior > 0.5), at most the top
-       `safe_share` of the data by posterior; the share starts at
-       `safe_start` and grows by `safe_growth` per epoch. CLIP loss on safe
-       pairs, the unimodal losses on risky ones.
-    Deviations: the paper's slow-update of similarities and its nearest-neighbour
-    text pool are omitted; augmentations are those of `otcclip.augment`; the
-    share schedule's defaults suit runs of ~10 epochs rather than the paper's 30+.
+       2-component Gaussian mixture (sklearn) on these cosines, and the safe set:
+       - schedule "share" (default): the top `safe_start + safe_growth * m` of the
+         data (m = mixed epochs so far, capped at `safe_max`) by posterior, among
+         the pairs whose posterior of the high-mean component is >= `safe_threshold`;
+       - schedule "reference" (the reference code's): the first mixed epoch keeps
+         the pairs with posterior >= `safe_threshold` (the reference: 0.9); later
+         epochs the top (that share + `safe_growth` * m) by posterior then cosine,
+         capped at `safe_max` (the reference: 1% per epoch up to 85%).
+       CLIP loss on safe pairs, the unimodal losses on risky ones. With
+       `safeclip_passes="separate"` (the reference) a batch holds safe rows only or
+       risky rows only, so the CLIP loss has a full batch of negatives; with
+       "mixed" (default) both share each batch and the CLIP loss only has the
+       batch's safe rows as negatives.
+    Deviations that remain: the paper's slow update of similarities and its
+    nearest-neighbour text pool are omitted; augmentations are those of
+    `otcclip.augment` (`--augment off` leaves the first view plain; the second
+    view of the unimodal losses is always augmented); the schedules are scaled
+    from the reference's 32 epochs to our 8 (its 5 warm-up epochs of 32 would be
+    1.25 of 8).
     """
 
     name = "safeclip"
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
-        for name in ("safe_start", "safe_growth", "safeclip_lr_scale"):
+        for name in ("safe_start", "safe_growth", "safeclip_lr_scale", "safe_threshold"):
             value = getattr(config, name)
             if not (0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0.0 < config.safe_max <= 1.0:
+            raise ValueError(f"safe_max must be in (0, 1], got {config.safe_max}")
+        if config.safe_schedule not in SAFE_SCHEDULES:
+            raise ValueError(
+                f"safe_schedule must be one of {', '.join(SAFE_SCHEDULES)}, "
+                f"got {config.safe_schedule!r}"
+            )
+        if config.safeclip_passes not in SAFE_PASSES:
+            raise ValueError(
+                f"safeclip_passes must be one of {', '.join(SAFE_PASSES)}, "
+                f"got {config.safeclip_passes!r}"
+            )
+        self.first_share: float | None = None  # the first split's share ("reference")
+        self.splits = 0
+
+    def phases(self, ctx: TrainContext) -> tuple[int, int, int]:
+        """(steps per epoch, warm-up steps, first mixed epoch)."""
+        per_epoch = steps_per_epoch(ctx)
+        warm = warmup_steps(self, ctx)
+        # the low-lr phase: one epoch, ending at the nearest epoch boundary
+        mixed_from = (warm + per_epoch + per_epoch // 2) // per_epoch
+        return per_epoch, warm, mixed_from
 
     def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         plan = super().before_epoch(ctx, epoch)
         plan.augment_images = True
-        w = self.warmup_epochs
-        if epoch < w:
-            plan.phase, plan.image_views, plan.text_views = "unimodal", 2, 2
-        elif epoch == w:
-            plan.phase, plan.lr_scale = "clip_low_lr", self.config.safeclip_lr_scale
-        else:
-            share = min(1.0, self.config.safe_start + self.config.safe_growth * (epoch - w - 1))
-            safe, info = self._split(ctx, share, epoch)
+        per_epoch, warm, mixed_from = self.phases(ctx)
+        if epoch >= mixed_from:
+            safe, info = self._split(ctx, epoch - mixed_from, epoch)
             plan.phase, plan.image_views, plan.text_views = "mixed", 2, 2
             plan.safe, plan.info = safe, info
+            if self.config.safeclip_passes == "separate":
+                plan.groups = (~safe).astype(np.int64)  # 0: safe batches, 1: risky batches
+        elif (epoch + 1) * per_epoch <= warm:
+            plan.phase, plan.image_views, plan.text_views = "unimodal", 2, 2
+        else:
+            switch = max(0, warm - epoch * per_epoch)
+            plan.lr_scale = self.config.safeclip_lr_scale
+            if switch:
+                plan.phase, plan.image_views, plan.text_views = "unimodal+clip_low_lr", 2, 2
+                plan.switch_step = switch
+            else:
+                plan.phase = "clip_low_lr"
         return plan
 
+    def step_lr(self, plan: EpochPlan, epoch: int, step: int, scheduled: float) -> float:
+        if not self._low_lr_step(plan, step):
+            return scheduled
+        base = self.config.lr if self.config.safeclip_lr_fixed else scheduled
+        return base * self.config.safeclip_lr_scale
+
+    @staticmethod
+    def _low_lr_step(plan: EpochPlan, step: int) -> bool:
+        if plan.phase == "clip_low_lr":
+            return True
+        return plan.phase == "unimodal+clip_low_lr" and step >= (plan.switch_step or 0)
+
     def _split(
-        self, ctx: TrainContext, share: float, epoch: int
+        self, ctx: TrainContext, mixed: int, epoch: int
     ) -> tuple[np.ndarray, dict[str, Any]]:
         from sklearn.mixture import GaussianMixture
 
@@ -572,15 +672,19 @@ class SafeCLIPDefense(Defense):
         )
         cos = np.asarray(cos.own_global_score, dtype=np.float64)
         safe = np.zeros(n, dtype=bool)
+        share = 0.0
         if ctx.is_main:
             gmm = GaussianMixture(n_components=2, random_state=self.config.seed + epoch)
             gmm.fit(cos.reshape(-1, 1))
             clean = int(np.argmax(gmm.means_.ravel()))
             posterior = gmm.predict_proba(cos.reshape(-1, 1))[:, clean]
             order = np.lexsort((-cos, -posterior))  # by posterior, then cosine
-            limit = min(int(math.floor(share * n)), int((posterior > 0.5).sum()))
+            limit, share = self._safe_count(posterior, mixed)
             safe[order[:limit]] = True
-        safe = dist.broadcast_object(safe)
+        safe, share = dist.broadcast_object((safe, share))
+        if self.config.safe_schedule == "reference" and self.first_share is None:
+            self.first_share = float(share)
+        self.splits += 1
         info: dict[str, Any] = {"safe_share_target": share, "safe": int(safe.sum())}
         if ctx.poisoned is not None:
             poisoned = ctx.poisoned
@@ -588,10 +692,24 @@ class SafeCLIPDefense(Defense):
             info["poison_risky_share"] = _share(int((~safe & poisoned).sum()), int(poisoned.sum()))
         return safe, info
 
+    def _safe_count(self, posterior: np.ndarray, mixed: int) -> tuple[int, float]:
+        """How many pairs (top by posterior) are safe in the `mixed`-th split, and the share."""
+        c = self.config
+        n = len(posterior)
+        confident = int((posterior >= c.safe_threshold).sum())
+        if c.safe_schedule == "share":
+            share = min(c.safe_max, c.safe_start + c.safe_growth * mixed)
+            return min(int(math.floor(share * n)), confident), share
+        if mixed == 0 or self.first_share is None:
+            share = min(c.safe_max, confident / n)
+            return int(math.floor(share * n)), share
+        share = min(c.safe_max, self.first_share + c.safe_growth * mixed)
+        return int(math.floor(share * n)), share
+
     def loss(
         self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features
     ) -> dict[str, Tensor]:
-        if plan.phase == "clip_low_lr":
+        if self._low_lr_step(plan, batch.step):
             return super().loss(ctx, plan, batch, feats)
         (ig, _), (jg, _) = feats.image[0], feats.image[1]
         (tg, _, _), (ug, _, _) = feats.text[0], feats.text[1]
@@ -609,12 +727,122 @@ class SafeCLIPDefense(Defense):
             )
         return parts
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_share": self.first_share, "splits": self.splits}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        first = state.get("first_share")
+        self.first_share = None if first is None else float(first)
+        self.splits = int(state.get("splits", 0))
+
+
+FILTER_SCORES = ("kdist", "slof", "dao")
+
+
+class FilterDefense(Defense):
+    """Filter-then-train: what a user would try first (after Huang et al., ICLR 2025).
+
+    Plain CLIP for the warm-up (W epochs, default 2; `warmup_steps` is rounded up to
+    the next epoch boundary, where the filter runs), then once: embed every training
+    image with the model, score each by a local-outlier detector on those embeddings
+    (`filter_score`: k-distance, SLOF or DAO over the k = `filter_k` nearest images,
+    `otcclip.doubt.local_outlier_scores`; larger = sparser neighbourhood, which
+    Huang et al. found marks backdoor samples in CLIP's space), and drop the pairs
+    above a cut fitted without labels: `otcclip.doubt.mixture_threshold`, a
+    two-component Gaussian mixture over the scores, the cut where the upper
+    component becomes the more likely one, at most `filter_max_share` of the data.
+    Training then continues on the kept pairs, plain CLIP, to the end. Nothing here
+    reads the poison manifest (the share of poisons dropped is reported only).
+    Deviation: Huang et al. score a pre-trained CLIP's embeddings of the whole set;
+    here the only model is the one being trained, so the warm-up stands in for it.
+    """
+
+    name = "filter"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        if config.filter_score not in FILTER_SCORES:
+            raise ValueError(
+                f"filter_score must be one of {', '.join(FILTER_SCORES)}, "
+                f"got {config.filter_score!r}"
+            )
+        if not 0.0 <= config.filter_max_share < 1.0:
+            raise ValueError(f"filter_max_share must be in [0, 1), got {config.filter_max_share}")
+        if _bad_count(config.filter_k):
+            raise ValueError(f"filter_k must be an integer >= 1, got {config.filter_k!r}")
+        self.kept: np.ndarray | None = None  # None until the filter has run
+
+    def filter_epoch(self, ctx: TrainContext) -> int:
+        """The epoch at whose start the filter runs (the warm-up rounded up to an epoch)."""
+        if self.config.warmup_steps is None:
+            return self.warmup_epochs
+        per_epoch = steps_per_epoch(ctx)
+        return -(-int(self.config.warmup_steps) // per_epoch)
+
+    def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        info: dict[str, Any] = {}
+        if self.kept is None and epoch >= self.filter_epoch(ctx):
+            info = self._filter(ctx)
+        n = len(ctx.table)
+        kept = np.ones(n, dtype=bool) if self.kept is None else self.kept
+        caption = np.where(kept, np.arange(n, dtype=np.int64), -1)
+        return EpochPlan(
+            positions=np.flatnonzero(kept).astype(np.int64),
+            caption=caption,
+            phase="warmup" if self.kept is None else "filtered",
+            info=info,
+        )
+
+    def _filter(self, ctx: TrainContext) -> dict[str, Any]:
+        from otcclip.doubt import local_outlier_scores, mixture_threshold
+        from otcclip.models import embed_images
+
+        c = self.config
+        n = len(ctx.table)
+        kept = np.ones(n, dtype=bool)
+        cut, share = float("nan"), 0.0
+        if ctx.is_main:
+            emb = embed_images(ctx.bundle, ctx.table.images, batch_size=c.match_batch)
+            assert isinstance(emb, np.ndarray)
+            scores = local_outlier_scores(emb, c.filter_k, threads=c.threads)[c.filter_score]
+            cut = mixture_threshold(scores, max_share=c.filter_max_share)
+            kept = scores <= cut
+            share = float((~kept).mean())
+        kept, cut = dist.broadcast_object((kept, cut))
+        self.kept = kept
+        info: dict[str, Any] = {
+            "filter_cut": cut,
+            "dropped": int((~kept).sum()),
+            "dropped_share": share,
+            "sitting_out": int((~kept).sum()),
+        }
+        info.update(_off_original_by_attack(ctx, ~kept))
+        if ctx.poisoned is not None:
+            poisoned = ctx.poisoned
+            info["dropped_precision"] = _share(int((~kept & poisoned).sum()), int((~kept).sum()))
+            info["poison_dropped_share"] = _share(
+                int((~kept & poisoned).sum()), int(poisoned.sum())
+            )
+        return info
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kept": self.kept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        kept = state.get("kept")
+        self.kept = None if kept is None else np.asarray(kept, dtype=bool).copy()
+
+
+def _bad_count(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
+
 
 DEFENSES: dict[str, type[Defense]] = {
     "none": NoDefense,
     "roclip": RoCLIPDefense,
     "safeclip": SafeCLIPDefense,
     "otcclip": OTCCLIPDefense,
+    "filter": FilterDefense,
 }
 
 

@@ -425,6 +425,9 @@ class EpochEvaluation:
     the linear probe (slower) only after the last epoch. It duck-types the
     trainer's `Callback` so that this module never imports the trainer (data
     flows one way: training -> evaluation). Only the main process evaluates.
+    With `val_size`, also zero-shot on a clean validation split of test-pool images
+    outside the zero-shot and probe sets (`val_zero_shot_top1`): the metric that
+    tuning chooses by, so that the reported images never decide a setting.
     """
 
     def __init__(
@@ -435,8 +438,11 @@ class EpochEvaluation:
         probe_size: int = 0,
         seed: int = 0,
         manifests: Sequence[Manifest] | None = None,
+        val_size: int = 0,
     ) -> None:
         self.every = every
+        self.val_size = val_size
+        self.validation: EvalSet | None = None
         self.epochs = epochs
         self.eval_size = eval_size
         self.probe_size = probe_size
@@ -457,6 +463,13 @@ class EpochEvaluation:
             else None
         )
         self.sets = (eval_set, probe)
+        if self.val_size:
+            from otcclip.data import validation_set
+
+            seen = [eval_set.ids] + ([] if probe is None else [probe[0].ids, probe[1].ids])
+            self.validation = validation_set(
+                self.val_size, self.seed, image_size, exclude=np.concatenate(seen)
+            )
 
     def on_step_end(self, ctx: Any, info: dict) -> None:
         pass
@@ -478,6 +491,9 @@ class EpochEvaluation:
             probe=probe if last else None,
             seed=self.seed,
         )
+        if self.validation is not None:  # the tuning metric: never the reported images
+            zs = zero_shot(as_encoder(ctx.bundle), self.validation)
+            result["val_zero_shot_top1"] = zs["top1"]
         return {"eval": result}
 
     def on_train_end(self, ctx: Any, result: Any) -> None:

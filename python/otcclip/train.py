@@ -42,7 +42,13 @@ from torch import Tensor
 
 from otcclip import distributed as dist
 from otcclip.atomic import write_text
-from otcclip.augment import augment_captions, augment_images, batch_generator, batch_rng
+from otcclip.augment import (
+    ImageAugment,
+    augment_captions,
+    augment_images,
+    batch_generator,
+    batch_rng,
+)
 from otcclip.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -66,6 +72,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "cosine_lr",
+    "batch_order",
     "epoch_order",
     "load_training_data",
     "train",
@@ -75,6 +82,8 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 SUMMARY_FILE = "summary.json"
+# TrainConfig.augment: which parts of view 0 are augmented ("auto": as the defense plans)
+AUGMENT_MODES = ("auto", "off", "images", "text", "both")
 _MAX_LOGIT_SCALE = math.log(100.0)
 
 # Settings that may change between a run and its resumption (they do not change
@@ -131,9 +140,15 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
     threads: int | None = None
+    # augmentation of view 0: "auto" (the defense's own), "off", "images", "text", "both";
+    # image_augment: ImageAugment overrides "name=value,..." for every augmented view
+    augment: str = "auto"
+    image_augment: str = ""
     # defense schedule (None: the defense's default, see defenses.DEFAULTS)
     warmup_epochs: int | None = None
     match_every: int | None = None
+    # a warm-up in optimizer steps (RoCLIP, SafeCLIP, filter); overrides warmup_epochs
+    warmup_steps: int | None = None
     # OTCCLIP losses
     lambda_inter: float = 0.5
     inter_ramp: float = 0.0
@@ -164,8 +179,17 @@ class TrainConfig:
     bank_size: int = 4096
     # SafeCLIP
     safeclip_lr_scale: float = 0.1
+    safeclip_lr_fixed: bool = False
     safe_start: float = 0.3
     safe_growth: float = 0.1
+    safe_max: float = 1.0
+    safe_threshold: float = 0.5
+    safe_schedule: str = "share"
+    safeclip_passes: str = "mixed"
+    # filter-then-train
+    filter_score: str = "dao"
+    filter_k: int = 16
+    filter_max_share: float = 0.25
 
     def validate(self) -> None:
         """Clear errors for settings that cannot work (before anything is built)."""
@@ -223,6 +247,13 @@ class TrainConfig:
             )
         if not 0.0 <= self.max_repair <= 1.0:
             raise ValueError(f"max_repair must be a share in [0, 1], got {self.max_repair}")
+        if self.augment not in AUGMENT_MODES:
+            raise ValueError(
+                f"augment must be one of {', '.join(AUGMENT_MODES)}, got {self.augment!r}"
+            )
+        ImageAugment.from_spec(self.image_augment)
+        if self.warmup_steps is not None and _bad_int(self.warmup_steps, 0):
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory (out) to resume from")
 
@@ -368,6 +399,33 @@ def epoch_order(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
     return np.asarray(positions, dtype=np.int64)[rng.permutation(len(positions))]
 
 
+def batch_order(
+    seed: int, epoch: int, positions: np.ndarray, groups: np.ndarray | None, batch: int
+) -> np.ndarray:
+    """The epoch's rows in training order; with `groups`, every batch holds one group only.
+
+    Without groups: `epoch_order`. With groups (SafeCLIP's separate safe and risky
+    passes): each group is shuffled and cut into whole batches (its remainder left out),
+    and the batches of all groups are then shuffled together. A pure function of its
+    arguments, so a resumed epoch replays the same batches.
+    """
+    if groups is None:
+        return epoch_order(seed, epoch, positions)
+    positions = np.asarray(positions, dtype=np.int64)
+    groups = np.asarray(groups)
+    if groups.shape != positions.shape:
+        raise ValueError(f"groups {groups.shape} must match positions {positions.shape}")
+    blocks = []
+    for g in np.unique(groups):
+        rows = epoch_order(seed, epoch * 1000 + int(g) + 1, positions[groups == g])
+        whole = len(rows) // batch * batch
+        blocks += list(rows[:whole].reshape(-1, batch))
+    if not blocks:
+        return np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng([int(seed), int(epoch), 0xB10C])
+    return np.concatenate([blocks[i] for i in rng.permutation(len(blocks))])
+
+
 def cosine_lr(step: int, total: int, warmup: int, base: float) -> float:
     """open_clip's schedule: linear warm-up to `base`, then a cosine down to 0."""
     if step < warmup:
@@ -500,12 +558,12 @@ def train(
         if loop.plan is None:
             model.train()
             start = time.perf_counter()
-            loop.plan = defense.before_epoch(ctx, epoch)
+            loop.plan = _with_augment(defense.before_epoch(ctx, epoch), config.augment)
             model.train()
             loop.prepare_seconds = time.perf_counter() - start
             loop.sums, loop.steps_done, loop.seconds, loop.step = {}, 0, 0.0, 0
         plan = loop.plan
-        order = epoch_order(config.seed, epoch, plan.positions)
+        order = batch_order(config.seed, epoch, plan.positions, plan.groups, config.batch_size)
         steps = len(order) // config.batch_size
         if steps == 0:
             raise ValueError(
@@ -514,7 +572,8 @@ def train(
         step_bar = _bar(steps, f"epoch {epoch + 1}", ctx.progress, initial=loop.step, position=1)
         while loop.step < steps:
             start = time.perf_counter()
-            lr = cosine_lr(loop.global_step, total_steps, warmup, config.lr) * plan.lr_scale
+            scheduled = cosine_lr(loop.global_step, total_steps, warmup, config.lr)
+            lr = defense.step_lr(plan, epoch, loop.step, scheduled)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             positions = order[loop.step * config.batch_size : (loop.step + 1) * config.batch_size]
@@ -641,6 +700,19 @@ class _Encoder(torch.nn.Module):
         return images, texts, self.model.logit_scale.exp()
 
 
+def _with_augment(plan: EpochPlan, mode: str) -> EpochPlan:
+    """The plan with view 0's augmentation forced by `mode` (TrainConfig.augment).
+
+    The control row of the table (no defense with the baselines' augmentations) and the
+    baselines without image augmentation both come from here. Views > 0 stay augmented:
+    they exist to be a second, different view.
+    """
+    if mode != "auto":
+        plan.augment_images = mode in ("images", "both")
+        plan.augment_text = mode in ("text", "both")
+    return plan
+
+
 def _step(
     ctx: TrainContext,
     encoder: torch.nn.Module,
@@ -671,11 +743,12 @@ def _step(
     from otcclip.models import image_transform
 
     base = image_transform(table.images[local], bundle.image_size).to(ctx.device)
+    image_aug = ImageAugment.from_spec(config.image_augment)
     pixels = []
     for view in range(plan.image_views):
         if view > 0 or plan.augment_images:
             gen = batch_generator(config.seed, epoch, step, view)
-            pixels.append(augment_images(base, gen, offset=rows.start, total=b))
+            pixels.append(augment_images(base, gen, image_aug, offset=rows.start, total=b))
         else:
             pixels.append(base)
     texts = [table.captions[i] for i in caption_rows]

@@ -18,7 +18,7 @@ from click.core import ParameterSource
 
 _SCHEDULE_HELP = (
     "[default per defense: otcclip W=2 R=1; roclip W=1 R=2; safeclip W=1 (its unimodal "
-    "warm-up epochs)]"
+    "warm-up epochs); filter W=2]"
 )
 
 
@@ -44,7 +44,7 @@ _SCHEDULE_HELP = (
 )
 @click.option(
     "--defense",
-    type=click.Choice(["none", "roclip", "safeclip", "otcclip"]),
+    type=click.Choice(["none", "roclip", "safeclip", "otcclip", "filter"]),
     default="otcclip",
     show_default=True,
 )
@@ -103,6 +103,14 @@ _SCHEDULE_HELP = (
 )
 @click.option("--eval-size", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option(
+    "--val-size",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Zero-shot on N clean validation images (test-pool images outside the zero-shot "
+    "and probe sets) every epoch: the metric to tune by (0: off).",
+)
+@click.option(
     "--probe-size",
     type=click.IntRange(min=0),
     default=0,
@@ -118,6 +126,26 @@ _SCHEDULE_HELP = (
     "--warmup-epochs",
     type=click.IntRange(min=0),
     help="W: epochs before the defense first acts. " + _SCHEDULE_HELP,
+)
+@click.option(
+    "--warmup-steps",
+    type=click.IntRange(min=0),
+    help="RoCLIP / SafeCLIP / filter: the warm-up in optimizer steps (overrides "
+    "--warmup-epochs; a defense switches mid-epoch where it can).",
+)
+@click.option(
+    "--augment",
+    type=click.Choice(["auto", "off", "images", "text", "both"]),
+    default="auto",
+    show_default=True,
+    help="Augment the first view's images / captions: auto = as the defense plans it "
+    "(roclip: both, safeclip: images, none/otcclip: off).",
+)
+@click.option(
+    "--image-augment",
+    default="",
+    help="Image augmentation overrides NAME=VALUE,... of min_scale (0.9), max_shift (0.04), "
+    "brightness (0.2), contrast (0.2), noise_std (0.05) [default: those].",
 )
 @click.option(
     "--match-every",
@@ -267,6 +295,13 @@ _SCHEDULE_HELP = (
     help="SafeCLIP: learning-rate factor of its one CLIP epoch after the warm-up.",
 )
 @click.option(
+    "--safeclip-lr-fixed/--safeclip-lr-scheduled",
+    default=False,
+    show_default=True,
+    help="SafeCLIP: the low-lr phase at --safeclip-lr-scale times the base rate (the "
+    "reference: 1%) instead of times the schedule's rate.",
+)
+@click.option(
     "--safe-start",
     type=click.FloatRange(0, 1),
     default=0.3,
@@ -279,6 +314,54 @@ _SCHEDULE_HELP = (
     default=0.1,
     show_default=True,
     help="SafeCLIP: safe share added per epoch.",
+)
+@click.option(
+    "--safe-max",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="SafeCLIP: the largest safe share (the reference: 0.85).",
+)
+@click.option(
+    "--safe-threshold",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="SafeCLIP: posterior of the high-cosine component a safe pair needs (schedule "
+    "share: every split; reference: the first split, where the reference uses 0.9).",
+)
+@click.option(
+    "--safe-schedule",
+    type=click.Choice(["share", "reference"]),
+    default="share",
+    show_default=True,
+    help="SafeCLIP: share = start + growth per epoch among confident pairs; reference = "
+    "the confident pairs first, then that share + growth per epoch.",
+)
+@click.option(
+    "--safeclip-passes",
+    type=click.Choice(["mixed", "separate"]),
+    default="mixed",
+    show_default=True,
+    help="SafeCLIP: safe and risky rows share batches (mixed) or get batches of their own "
+    "(separate, the reference: the CLIP loss sees a full batch of negatives).",
+)
+@click.option(
+    "--filter-score",
+    type=click.Choice(["kdist", "slof", "dao"]),
+    default="dao",
+    show_default=True,
+    help="filter: the local-outlier score on the warm-up model's image embeddings.",
+)
+@click.option(
+    "--filter-k", type=click.IntRange(min=1), default=16, show_default=True, help="filter: k."
+)
+@click.option(
+    "--filter-max-share",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.25,
+    show_default=True,
+    help="filter: the most the label-free (mixture) cut may drop.",
 )
 def command(**options: Any) -> None:
     """Train CLIP from scratch on (possibly poisoned) pairs, with a defense.
@@ -298,10 +381,11 @@ def command(**options: Any) -> None:
     dist.init_from_env()
     try:
         settings = _settings(ctx, options)
-        eval_every, eval_size, probe_size = (
+        eval_every, eval_size, probe_size, val_size = (
             settings.pop("eval_every"),
             settings.pop("eval_size"),
             settings.pop("probe_size"),
+            settings.pop("val_size"),
         )
         config = TrainConfig(eval_every=eval_every, **settings)
         try:
@@ -319,6 +403,7 @@ def command(**options: Any) -> None:
                     eval_size=eval_size,
                     probe_size=probe_size,
                     seed=config.seed,
+                    val_size=val_size,
                 )
             )
         try:

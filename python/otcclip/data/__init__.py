@@ -27,6 +27,7 @@ from otcclip.data.scenes import (
     ZERO_SHOT_TEMPLATES,
     fashion_scenes,
     probe_sets,
+    validation_set,
     zero_shot_set,
 )
 from otcclip.data.table import EvalSet, PairTable
@@ -53,5 +54,6 @@ __all__ = [
     "resolve_root",
     "with_article",
     "write_pairs",
+    "validation_set",
     "zero_shot_set",
 ]

@@ -75,7 +75,7 @@ ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
 # a target image never doubles as a zero-shot test image.
 _TEST_PARTITION_SEED = 20250923
 _N_TARGET_POOL = 1000
-_SPLIT_CODES = {"train": 1, "test": 2, "zero_shot": 3, "probe": 4, "targets": 5}
+_SPLIT_CODES = {"train": 1, "test": 2, "zero_shot": 3, "probe": 4, "targets": 5, "validation": 6}
 
 
 def _offsets(image_size: int) -> np.ndarray:
@@ -375,6 +375,28 @@ def zero_shot_set(
     if not 1 <= n <= len(pool):
         raise ValueError(f"zero-shot set size must be in 1..{len(pool)}, got {n}")
     rng = _rng(seed, "zero_shot")
+    return _single_item_eval_set(rng.permutation(pool)[:n], rng, image_size, root)
+
+
+def validation_set(
+    n: int = 1000,
+    seed: int = 0,
+    image_size: int = 56,
+    exclude: np.ndarray | None = None,
+    root: str | os.PathLike[str] | None = None,
+) -> EvalSet:
+    """n single-item scenes of test-pool images NOT in `exclude` (the zero-shot/probe sets' ids).
+
+    For tuning: a defense's knobs are chosen by zero-shot accuracy here, so that the
+    images the table reports (zero_shot_set, probe_sets) never decide a setting.
+    """
+    _check_size(image_size, 1)
+    _, _, pool = _pool("test", root)
+    if exclude is not None:
+        pool = np.setdiff1d(pool, np.asarray(exclude, dtype=np.int64))
+    if not 1 <= n <= len(pool):
+        raise ValueError(f"validation set size must be in 1..{len(pool)}, got {n}")
+    rng = _rng(seed, "validation")
     return _single_item_eval_set(rng.permutation(pool)[:n], rng, image_size, root)
 
 
