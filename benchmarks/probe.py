@@ -14,6 +14,7 @@ its settings, so that TUNING.md can quote it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shlex
@@ -154,10 +155,8 @@ def run(argv: list[str] | None = None) -> int:
     )
     recorder = Recorder()
     start = time.perf_counter()
-    try:
+    with contextlib.suppress(_Stop):
         train(config, [evaluation, recorder, StopAfter(args.stop_after)])
-    except _Stop:
-        pass
     record = {
         "tag": args.tag,
         "command": invocation,

@@ -14,6 +14,7 @@ def _parse(line: str) -> tuple[TrainConfig, int, int]:
     ctx = command.make_context("train", argv[2:])
     settings = _settings(ctx, dict(ctx.params))
     eval_size, probe_size = settings.pop("eval_size"), settings.pop("probe_size")
+    assert settings.pop("val_size") == 0  # evaluation only, not a training setting
     return TrainConfig(**settings), eval_size, probe_size
 
 
@@ -25,6 +26,17 @@ def _parse(line: str) -> tuple[TrainConfig, int, int]:
         {"defense": "otcclip", "assign": "capacity", "capacity": 2, "max_repair": 0.2},
         {"defense": "otcclip", "ot_duplicate_cos": 1.0, "inter_symmetric": True},
         {"defense": "roclip", "out": "runs/a b", "data": "data dir/poisoned", "lr": 2e-3},
+        {"defense": "roclip", "warmup_steps": 237, "augment": "text", "bank_size": 8192},
+        {
+            "defense": "safeclip",
+            "safe_schedule": "reference",
+            "safe_threshold": 0.9,
+            "safe_max": 0.85,
+            "safeclip_passes": "separate",
+            "safeclip_lr_fixed": True,
+            "image_augment": "noise_std=0,brightness=0",
+        },
+        {"defense": "filter", "filter_score": "slof", "filter_k": 8, "filter_max_share": 0.1},
     ],
 )
 def test_a_recorded_command_reruns_exactly_the_same_settings(overrides):
@@ -48,7 +60,7 @@ def test_the_options_defaults_are_the_library_defaults():
     command trains OTCCLIP and checkpoints, the library's bare config does neither."""
     ctx = command.make_context("train", ["--data", "d", "--out", "o"])
     settings = _settings(ctx, dict(ctx.params))
-    settings.pop("eval_size"), settings.pop("probe_size")
+    settings.pop("eval_size"), settings.pop("probe_size"), settings.pop("val_size")
     cli = TrainConfig(**settings).to_dict()
     library = TrainConfig(data="d", out="o").to_dict()
     differ = {k: (cli[k], library[k]) for k in cli if cli[k] != library[k]}

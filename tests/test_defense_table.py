@@ -34,6 +34,7 @@ def _assert_command_reproduces(command: str, spec: dict) -> None:
     settings = _settings(ctx, dict(ctx.params))
     assert settings.pop("eval_size") == spec["eval"]["eval_size"]
     assert settings.pop("probe_size") == spec["eval"]["probe_size"]
+    assert settings.pop("val_size") == 0  # the table reports; it does not tune
     assert TrainConfig(**settings).to_dict() == spec["train"]
 
 

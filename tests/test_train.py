@@ -255,28 +255,56 @@ class _Interrupt(Callback):
 
 # --------------------------------------------------------------------------- resume after SIGKILL
 
-_KILL_CONFIG = {
-    "defense": "otcclip",
-    "epochs": 3,
-    "warmup_epochs": 1,
-    "match_every": 1,
-    "checkpoint_every": 2,
-    "log_every": 1,
+_KILL_CONFIGS = {
+    "otcclip": {
+        "defense": "otcclip",
+        "epochs": 3,
+        "warmup_epochs": 1,
+        "match_every": 1,
+        "checkpoint_every": 2,
+        "log_every": 1,
+    },
+    # a step warm-up that ends mid-epoch 1; nearest-caption epochs 1..3 search the bank
+    "roclip": {
+        "defense": "roclip",
+        "epochs": 3,
+        "warmup_steps": 4,
+        "match_every": 1,
+        "augment": "text",
+        "checkpoint_every": 2,
+        "log_every": 1,
+    },
+    # unimodal for 3 steps, low lr to the end of epoch 1, split from epoch 2 (separate passes)
+    "safeclip": {
+        "defense": "safeclip",
+        "epochs": 3,
+        "warmup_steps": 3,
+        "safe_schedule": "reference",
+        "safe_threshold": 0.5,
+        "safeclip_passes": "separate",
+        "checkpoint_every": 2,
+        "log_every": 1,
+    },
 }
+_KILL_CONFIG = _KILL_CONFIGS["otcclip"]
 # 6 steps an epoch; step checkpoints every 2 steps: the last one before global step 9
-# (epoch 2, step 3, just after the first matching round) is at global step 8.
+# (epoch 2, step 3, just after the first matching round) is at global step 8. SafeCLIP's
+# first split is at the start of epoch 2 too (its mixed epoch has >= 4 whole batches).
 _KILL_AT_STEP = 9
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("defense", ["otcclip", "roclip", "safeclip"])
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(defense, tmp_path):
     """A run killed mid-epoch (after a step checkpoint, with unsaved steps since) and
-    resumed ends with the metrics and weights of a run that was never interrupted."""
+    resumed ends with the metrics and weights of a run that was never interrupted:
+    OTCCLIP's assignment, RoCLIP's caption bank and SafeCLIP's split state included."""
+    config = _KILL_CONFIGS[defense]
     killed = tmp_path / "killed"
     marker = tmp_path / "reached"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, __file__, "kill", str(killed), str(marker)],
+        [sys.executable, __file__, "kill", str(killed), str(marker), defense],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -298,15 +326,33 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tmp_path):
     step, epoch = saved.state["global_step"], saved.state["epoch"]
     assert saved.state["step"] > 0 and step < _KILL_AT_STEP, "killed at an epoch end"
     assert epoch == 1 and saved.state["plan"] is not None  # mid-epoch, after a matching round
+    if defense == "roclip":
+        assert saved.state["defense"]["count"] > 0 and saved.state["plan"]["phase"] == "nearest"
+    if defense == "safeclip":
+        assert saved.state["plan"]["phase"] == "mixed"
+        assert saved.state["defense"]["first_share"] is not None
 
-    resumed = train(_tiny(out=str(killed), resume=True, **_KILL_CONFIG))
-    reference = train(_tiny(out=str(tmp_path / "reference"), **_KILL_CONFIG))
+    seen: dict[str, list] = {"resumed": [], "reference": []}
+    resumed = train(
+        _tiny(out=str(killed), resume=True, **config), [_DefenseState(seen["resumed"])]
+    )
+    reference = train(
+        _tiny(out=str(tmp_path / "reference"), **config), [_DefenseState(seen["reference"])]
+    )
     np.testing.assert_allclose(resumed.step_losses, reference.step_losses, rtol=0, atol=1e-6)
     for a, b in zip(resumed.metrics, reference.metrics, strict=True):
-        for key in ("loss", "clip", "inter", "lr"):
-            assert a[key] == pytest.approx(b[key], abs=1e-6), key
-        assert a["defense"].get("changed") == b["defense"].get("changed")
+        for key in ("loss", "clip", "inter", "nearest", "image_image", "lr"):
+            assert a.get(key) == pytest.approx(b.get(key), abs=1e-6), key
+        untimed = [{k: v for k, v in m["defense"].items() if "seconds" not in k} for m in (a, b)]
+        assert untimed[0] == untimed[1]
     np.testing.assert_array_equal(resumed.assignment, reference.assignment)
+    final = seen["resumed"][-1], seen["reference"][-1]
+    assert final[0].keys() == final[1].keys()
+    for key, value in final[0].items():  # the bank, the split state, the assignment ...
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(value, final[1][key], err_msg=key)
+        elif not isinstance(value, bytes):
+            assert value == final[1][key], key
     ref_state = reference.bundle.model.state_dict()
     for name, value in resumed.bundle.model.state_dict().items():
         torch.testing.assert_close(value, ref_state[name], rtol=0, atol=1e-6, msg=name)
@@ -373,9 +419,25 @@ class _PauseAt(Callback):
             time.sleep(600)
 
 
-def _kill_worker(run: str, marker: str) -> None:
+class _DefenseState(Callback):
+    """Keeps a copy of the defense's saved state at each epoch-end checkpoint."""
+
+    def __init__(self, into: list) -> None:
+        self.into = into
+
+    def on_checkpoint(self, ctx, path, info) -> None:
+        from otcclip.checkpoint import load_checkpoint
+
+        if info["step"] == 0 and path is not None:
+            saved = load_checkpoint(ctx.config.out)
+            if saved is not None:
+                self.into.append(dict(saved.state["defense"]))
+
+
+def _kill_worker(run: str, marker: str, defense: str) -> None:
     torch.set_num_threads(THREADS)
-    train(_tiny(out=run, **_KILL_CONFIG), [_PauseAt(_KILL_AT_STEP, Path(marker))])
+    config = _KILL_CONFIGS[defense]
+    train(_tiny(out=run, **config), [_PauseAt(_KILL_AT_STEP, Path(marker))])
 
 
 def _ddp_worker(out: str) -> None:
@@ -393,6 +455,6 @@ def _ddp_worker(out: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "kill":
-        _kill_worker(sys.argv[2], sys.argv[3])
+        _kill_worker(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "ddp":
         _ddp_worker(sys.argv[2])

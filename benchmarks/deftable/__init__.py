@@ -1,0 +1,1 @@
+"""benchmarks/defense_table.py's parts: rows, data, runs, report, verdicts."""

@@ -1,0 +1,282 @@
+"""The table's rows and settings: which configurations run, on which data, with what.
+
+Rows are named configurations (data variant, defense, TrainConfig overrides) on the
+demo's settings; the ablations flip the CURRENT OTCCLIP defaults. The baselines'
+control rows (no defense with the baselines' augmentation; filter-then-train) live
+here too, next to the defenses they control for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+ROW_KEYS = (
+    "clean",
+    "none",
+    "roclip",
+    "safeclip",
+    "otcclip",
+    "alpha",
+    "inter",
+    "intra",
+    "rho",
+    "assign",
+    "none-adaptive",
+    "otcclip-adaptive",
+    "none-aug",
+    "filter",
+)
+# The baselines' augmentation, for the control row: what RoCLIP and SafeCLIP train on
+# (`augment="auto"` gives them their reference's images and captions; see TrainConfig).
+BASELINE_AUGMENT = {"augment": "both"}
+ATTACKS = {"clean": [], "poisoned": ["targeted", "badnet"], "adaptive": ["targeted", "adaptive"]}
+# TrainConfig fields that do not change what a run computes, or that are paths under OUT:
+# a difference in these alone does not rerun a finished run.
+NOT_COMPARED = frozenset(
+    {
+        "data",
+        "out",
+        "resume",
+        "progress",
+        "threads",
+        "device",
+        "tensorboard",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "match_batch",
+        "ot_compile",
+    }
+)
+# OTCCLIP's own knobs: a row of another defense never reads them, so a change of an
+# OTCCLIP default does not rerun the none / RoCLIP / SafeCLIP rows (SafeCLIP's split is a
+# fixed global-cosine round that reads none of these).
+OTCCLIP_ONLY = frozenset(
+    {
+        "lambda_inter",
+        "inter_ramp",
+        "lambda_intra",
+        "ot_negatives",
+        "eps",
+        "iters",
+        "ot_rho",
+        "ot_scale",
+        "inter_symmetric",
+        "ot_duplicate_cos",
+        "k",
+        "alpha",
+        "match_eps",
+        "match_iters",
+        "assign",
+        "capacity",
+        "margin",
+        "fallback",
+        "flag_outside_topk",
+        "rematch_from",
+        "on_doubt",
+        "max_repair",
+    }
+)
+
+
+# Settings added after runs were recorded, with the value those runs trained with: a
+# recorded config without the key is compared as if it held this value.
+BEFORE_THE_SETTING: dict[str, Any] = {
+    "on_doubt": "repair",
+    # issue 14's settings: the earlier runs trained as these defaults do
+    "augment": "auto",
+    "image_augment": "",
+    "warmup_steps": None,
+    "safeclip_lr_fixed": False,
+    "safe_max": 1.0,
+    "safe_threshold": 0.5,
+    "safe_schedule": "share",
+    "safeclip_passes": "mixed",
+    "filter_score": "dao",
+    "filter_k": 16,
+    "filter_max_share": 0.25,
+}
+
+
+def _with_older_settings(train: dict[str, Any]) -> dict[str, Any]:
+    return {**BEFORE_THE_SETTING, **train}
+
+
+def _not_compared(spec: dict[str, Any]) -> frozenset[str]:
+    return NOT_COMPARED if spec.get("defense") == "otcclip" else NOT_COMPARED | OTCCLIP_ONLY
+
+
+# TrainConfig fields the table sets itself (per row, per seed, or by its own options).
+MANAGED = {
+    "data": "per variant and seed",
+    "scenes": "use --scenes",
+    "data_seed": "the seed",
+    "image_size": "the demo's",
+    "out": "per row and seed",
+    "resume": "automatic",
+    "seed": "use --seeds",
+    "defense": "per row",
+    "threads": "use --threads",
+    "progress": "off in workers",
+    "eval_every": "every epoch",
+    "epochs": "use --epochs",
+    "batch_size": "use --batch-size",
+}
+# --quick: about the sizes of tests/test_demo.py, with a matching round in epoch 2.
+QUICK = {
+    "scenes": 400,
+    "epochs": 2,
+    "batch_size": 64,
+    "n_targets": 2,
+    "n_captions": 5,
+    "n_backdoor": 12,
+    "eval_size": 100,
+    "probe_size": 100,
+}
+QUICK_OVERRIDES = {"warmup_epochs": 1, "k": 4, "iters": 5}
+# The adaptive backdoor's poison count. Its captions name the scene's true items as well
+# as the target, so the trigger explains less of each caption than BadNet's does: at
+# BadNet's 200 it reached 47% without a defense (73.6 / 56.0 / 11.4% by seed), under the
+# issue's 80% bar, which asks for the count to be tuned until the attack works. On seed 2,
+# the weakest, 400 gave 92.4% and 600 79.9% (TUNING.md, session 5).
+N_ADAPTIVE = 400
+
+
+# ---------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    key: str
+    name: str
+    variant: str
+    defense: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9._]+", "-", self.name.lower()).strip("-")
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, float) and v == int(v):
+        return str(int(v))
+    return str(v)
+
+
+def _ablation(key: str, overrides: dict[str, Any], tag: str = "") -> Row:
+    name = "otcclip, " + ", ".join(f"{k}={_value(v)}" for k, v in overrides.items())
+    return Row(key, name + (f" ({tag})" if tag else ""), "poisoned", "otcclip", overrides)
+
+
+def table_rows(base: Any) -> list[Row]:
+    """The table's rows; `base` is the otcclip TrainConfig the flipped ablations start from."""
+    intra = 0.0 if base.lambda_intra > 0 else 0.5
+    rho = None if base.ot_rho is not None else 1.0
+    if base.assign == "capacity":
+        assign: dict[str, Any] = {"assign": "argmax"}
+    else:
+        assign = {"assign": "capacity", "capacity": 2}
+    doubt = "repair" if base.on_doubt == "drop" else "drop"
+    return [
+        Row("clean", "clean", "clean", "none"),
+        Row("none", "none", "poisoned", "none"),
+        Row("roclip", "roclip", "poisoned", "roclip"),
+        Row("safeclip", "safeclip", "poisoned", "safeclip"),
+        Row("otcclip", "otcclip", "poisoned", "otcclip"),
+        _ablation("alpha", {"alpha": 1.0}),
+        _ablation("inter", {"lambda_inter": 0.0}),
+        _ablation("intra", {"lambda_intra": intra}),
+        _ablation("rho", {"ot_rho": rho}, "balanced" if rho is None else "unbalanced"),
+        _ablation("assign", assign),
+        _ablation(
+            "doubt", {"on_doubt": doubt}, "the paper's re-pairing" if doubt == "repair" else ""
+        ),
+        Row("none-adaptive", "none (adaptive)", "adaptive", "none"),
+        Row("otcclip-adaptive", "otcclip (adaptive)", "adaptive", "otcclip"),
+        # controls for the baselines: their augmentation without their defense, and
+        # the defense a user would try first
+        Row("none-aug", "none, baselines' augmentation", "poisoned", "none", BASELINE_AUGMENT),
+        Row("filter", "filter-then-train", "poisoned", "filter"),
+    ]
+
+
+def select_rows(rows: list[Row], wanted: Sequence[str] | None) -> list[Row]:
+    if not wanted:
+        return rows
+    by_name = {r.key: r for r in rows} | {r.name: r for r in rows} | {r.slug: r for r in rows}
+    chosen: list[Row] = []
+    for item in wanted:
+        names = [item] if item in by_name else [s.strip() for s in item.split(",") if s.strip()]
+        for name in names:
+            if name not in by_name:
+                raise ValueError(
+                    f"unknown row {name!r}; expected one of {', '.join(r.key for r in rows)} "
+                    "(or a printed row name)"
+                )
+            if by_name[name] not in chosen:
+                chosen.append(by_name[name])
+    return [r for r in rows if r in chosen]
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE TrainConfig overrides: numbers, true/false and none are parsed."""
+    from otcclip.train import TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r} is not KEY=VALUE")
+        if key not in known:
+            raise ValueError(f"--set {key}: not a TrainConfig setting")
+        if key in MANAGED:
+            raise ValueError(f"--set {key}: set by the table itself ({MANAGED[key]})")
+        text = raw.strip()
+        value: Any = text
+        if text.lower() in ("none", "null"):
+            value = None
+        elif text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for cast in (int, float):
+                try:
+                    value = cast(text)
+                    break
+                except ValueError:
+                    continue
+        out[key] = value
+    return out
+
+
+def demo_config(args: argparse.Namespace) -> Any:
+    """The demo's settings (seed 0), with --quick and the size options applied."""
+    from otcclip.demo import DemoConfig
+
+    sizes: dict[str, Any] = dict(QUICK) if args.quick else {}
+    overrides = dict(QUICK_OVERRIDES) if args.quick else {}
+    for name in ("scenes", "epochs", "batch_size", "eval_size", "probe_size"):
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
+    overrides.update(_parse_set(args.set))
+    if args.n_adaptive is not None:
+        sizes["n_adaptive"] = args.n_adaptive
+    elif not args.quick:
+        sizes["n_adaptive"] = N_ADAPTIVE
+    return DemoConfig(
+        out=str(args.out),
+        threads=args.threads,
+        progress=False,
+        train_overrides=overrides,
+        **sizes,
+    )
