@@ -373,3 +373,174 @@ def test_safeclip_phases_and_the_safe_split(monkeypatch):
     (ig, _), (tg, _, _) = feats.image[0], feats.text[0]
     assert torch.allclose(parts["clip"], clip_loss(ig[safe], tg[safe], 10.0), atol=1e-6)
     assert parts["image_image"].item() == 0.0  # a single risky row has no negative to learn from
+
+
+def test_roclip_warmup_in_steps_switches_mid_epoch():
+    # N = 12 rows, batch 4: 3 steps an epoch; a 4-step warm-up ends at epoch 1, step 1
+    config = _config("roclip", bank_size=6, warmup_steps=4, match_every=2)
+    d = make_defense(config)
+    ctx = _ctx(config)
+    plans = [d.before_epoch(ctx, e) for e in range(5)]
+    assert [p.phase for p in plans] == ["clip", "nearest", "clip", "nearest", "clip"]
+    assert plans[1].switch_step == 1 and plans[3].switch_step == 0
+    feats = _features(b=4, seed=1)
+    d.after_step(ctx, plans[1], _batch(), feats)
+    before = d.loss(ctx, plans[1], dataclasses.replace(_batch(), epoch=1, step=0), feats)
+    after = d.loss(ctx, plans[1], dataclasses.replace(_batch(), epoch=1, step=1), feats)
+    assert set(before) == {"clip"} and set(after) == {"nearest"}
+
+
+def test_safeclip_warmup_in_steps_and_its_low_lr_phase():
+    # 3 steps an epoch; unimodal for 4 steps, low lr from there to the epoch-2 boundary
+    config = _config("safeclip", warmup_steps=4, safeclip_lr_scale=0.01)
+    d = make_defense(config)
+    ctx = _ctx(config)
+    assert d.phases(ctx) == (3, 4, 2)
+    first, second = d.before_epoch(ctx, 0), d.before_epoch(ctx, 1)
+    assert first.phase == "unimodal" and second.phase == "unimodal+clip_low_lr"
+    assert second.switch_step == 1 and second.image_views == 2
+    feats = _features(views=2)
+    warm = d.loss(ctx, second, dataclasses.replace(_batch(), epoch=1, step=0), feats)
+    low = d.loss(ctx, second, dataclasses.replace(_batch(), epoch=1, step=1), feats)
+    assert set(warm) == {"image_image", "text_text"} and set(low) == {"clip"}
+    assert d.step_lr(second, 1, 0, 1e-3) == 1e-3
+    assert d.step_lr(second, 1, 2, 1e-3) == pytest.approx(1e-5)  # 1% of the schedule's rate
+    fixed = make_defense(dataclasses.replace(config, safeclip_lr_fixed=True, lr=2e-3))
+    assert fixed.step_lr(second, 1, 2, 1e-4) == pytest.approx(2e-5)  # 1% of the base rate
+
+
+def test_safeclip_reference_schedule_and_separate_passes(monkeypatch):
+    rng = np.random.default_rng(0)
+    cos = np.concatenate([rng.normal(0.8, 0.03, N - 3), rng.normal(0.1, 0.03, 3)])
+    poisoned = np.zeros(N, bool)
+    poisoned[-3:] = True
+    result = SimpleNamespace(own_global_score=cos.astype(np.float32), caption=None, report={})
+    monkeypatch.setattr("otcclip.matching.match_round", lambda *a, **k: result)
+    config = _config(
+        "safeclip",
+        warmup_epochs=1,
+        safe_schedule="reference",
+        safe_threshold=0.9,
+        safe_growth=0.25,
+        safe_max=0.85,
+        safeclip_passes="separate",
+    )
+    d = make_defense(config)
+    ctx = _ctx(config, poisoned=poisoned)
+    first = d.before_epoch(ctx, 2)  # the first split: every confident pair, no share cap
+    assert int(first.safe.sum()) == N - 3 and d.first_share == pytest.approx(0.75)
+    assert np.array_equal(first.groups, (~first.safe).astype(np.int64))
+    later = d.before_epoch(ctx, 3)  # 0.75 + 0.25, capped at 0.85: ranks past the GMM's cut,
+    assert int(later.safe.sum()) == int(0.85 * N)  # so the best-agreeing poison gets in
+    assert later.info["poison_in_safe"] == 1 and later.safe[np.argmax(np.where(poisoned, cos, -1))]
+    again = make_defense(config)
+    again.load_state_dict(d.state_dict())
+    assert again.first_share == d.first_share and again.splits == 2
+
+
+def test_batches_of_separate_passes_never_mix_groups():
+    from otcclip.train import batch_order
+
+    positions = np.arange(20, dtype=np.int64)
+    groups = (positions % 3 == 0).astype(np.int64)  # 7 rows of group 1, 13 of group 0
+    order = batch_order(5, 2, positions, groups, 4)
+    assert len(order) == 4 * (13 // 4 + 7 // 4) and len(set(order.tolist())) == len(order)
+    for block in order.reshape(-1, 4):
+        assert len(set(groups[block].tolist())) == 1
+    assert np.array_equal(order, batch_order(5, 2, positions, groups, 4))
+    assert np.array_equal(batch_order(5, 2, positions, None, 4).size, 20)
+
+
+def test_filter_drops_the_sparse_rows_once_and_keeps_them_out(monkeypatch):
+    pytest.importorskip("otcclip.doubt")
+    rng = np.random.default_rng(0)
+    dense = rng.normal(0, 0.02, (N - 2, 8)) + np.eye(8)[0]  # a tight cluster ...
+    sparse = rng.normal(0, 1.0, (2, 8))  # ... and two rows far from everything
+    emb = np.concatenate([dense, sparse]).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    monkeypatch.setattr("otcclip.models.embed_images", lambda *a, **k: emb)
+    poisoned = np.zeros(N, bool)
+    poisoned[-2:] = True
+    config = _config("filter", warmup_epochs=1, filter_k=3, filter_score="kdist")
+    d = make_defense(config)
+    ctx = _ctx(config, poisoned=poisoned)
+    warm = d.before_epoch(ctx, 0)
+    assert warm.phase == "warmup" and len(warm.positions) == N and d.kept is None
+    plan = d.before_epoch(ctx, 1)
+    assert plan.phase == "filtered" and plan.info["dropped"] >= 2
+    assert not set(plan.positions.tolist()) & {N - 2, N - 1}
+    assert plan.info["poison_dropped_share"] == 1.0 and plan.caption[N - 1] == -1
+    assert plan.info["dropped"] <= int(0.25 * N)  # filter_max_share
+    monkeypatch.setattr("otcclip.models.embed_images", lambda *a, **k: 1 / 0)
+    later = d.before_epoch(ctx, 2)  # the filter ran once; its verdict holds
+    assert np.array_equal(later.positions, plan.positions)
+    again = make_defense(config)
+    again.load_state_dict(d.state_dict())
+    assert np.array_equal(again.kept, d.kept)
+
+
+def test_filter_refuses_unknown_scores():
+    with pytest.raises(ValueError, match="filter_score must be one of"):
+        make_defense(_config("filter", filter_score="lof"))
+
+
+# --------------------------------------------------------------------------- small real runs
+
+# A small seeded BadNet run: 1,600 scenes + 80 poisons (5%), 4 epochs of batch 64. Without a
+# defense the trigger is learned; each defense must still learn the task and lower the ASR.
+_SMALL = {"scenes": 1600, "n_poison": 80, "epochs": 4, "batch_size": 64, "eval_size": 300}
+_SMALL_DEFENSES = {
+    "none": {},
+    "roclip": {"warmup_epochs": 2, "match_every": 1, "augment": "text"},
+    "safeclip": {"warmup_epochs": 1},
+    "otcclip": {"warmup_epochs": 2},
+    "filter": {"warmup_epochs": 2},
+}
+# 10 classes: chance is 10%; a defense that learns clears this floor by a wide margin
+_ZERO_SHOT_FLOOR = 0.30
+
+
+@pytest.fixture(scope="module")
+def small_runs() -> dict[str, dict]:
+    from otcclip.attacks import backdoor
+    from otcclip.data import fashion_scenes, zero_shot_set
+    from otcclip.evaluate import evaluate
+
+    clean = fashion_scenes(_SMALL["scenes"], seed=0, max_items=2)
+    table, manifest = backdoor(clean, "badnet", _SMALL["n_poison"], "bag", seed=1)
+    eval_set = zero_shot_set(_SMALL["eval_size"], seed=0)
+    from otcclip.train import train
+
+    out = {}
+    for defense, kw in _SMALL_DEFENSES.items():
+        config = TrainConfig(
+            scenes=1,
+            defense=defense,
+            epochs=_SMALL["epochs"],
+            batch_size=_SMALL["batch_size"],
+            lr=2e-3,
+            threads=1,
+            progress=False,
+            match_batch=256,
+            seed=0,
+            **kw,
+        )
+        result = train(config, table=table, manifests=[manifest])
+        out[defense] = evaluate(result.bundle, eval_set, manifests=[manifest])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", list(_SMALL_DEFENSES))
+def test_each_defense_learns_on_a_small_poisoned_run(small_runs, defense):
+    zero_shot = small_runs[defense]["zero_shot_top1"]
+    assert zero_shot >= _ZERO_SHOT_FLOOR, f"{defense}: zero-shot {zero_shot:.3f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense", [d for d in _SMALL_DEFENSES if d != "none"])
+def test_each_defense_lowers_the_backdoor_asr(small_runs, defense):
+    undefended = small_runs["none"]["backdoor_asr"]
+    asr = small_runs[defense]["backdoor_asr"]
+    assert undefended >= 0.5, f"the attack must work without a defense: {undefended:.3f}"
+    assert asr < undefended - 0.2, f"{defense}: backdoor ASR {asr:.3f} vs none {undefended:.3f}"

@@ -333,9 +333,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(defense, t
         assert saved.state["defense"]["first_share"] is not None
 
     seen: dict[str, list] = {"resumed": [], "reference": []}
-    resumed = train(
-        _tiny(out=str(killed), resume=True, **config), [_DefenseState(seen["resumed"])]
-    )
+    resumed = train(_tiny(out=str(killed), resume=True, **config), [_DefenseState(seen["resumed"])])
     reference = train(
         _tiny(out=str(tmp_path / "reference"), **config), [_DefenseState(seen["reference"])]
     )
