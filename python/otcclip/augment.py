@@ -43,7 +43,9 @@ class ImageAugment:
     min_scale: the view covers between min_scale and 1 of each side (a zoom in);
     max_shift: extra translation, as a fraction of the side; brightness/contrast:
     jitter amplitudes in normalised pixel units / as a factor; noise_std: Gaussian
-    noise in normalised pixel units.
+    noise in normalised pixel units; whole_pixels: round the shift to whole pixels, so
+    that a view without zoom (min_scale 1) is an exact translated copy, not a bilinear
+    resampling (which blurs every training image, and never a test image).
     """
 
     min_scale: float = 0.9
@@ -51,6 +53,7 @@ class ImageAugment:
     brightness: float = 0.2
     contrast: float = 0.2
     noise_std: float = 0.05
+    whole_pixels: bool = False
 
     def __post_init__(self) -> None:
         if not 0.5 <= self.min_scale <= 1.0:
@@ -71,7 +74,7 @@ class ImageAugment:
         which the augmentation probes of TUNING.md need: each part on and off.
         """
         known = {f.name for f in dataclasses.fields(ImageAugment)}
-        values: dict[str, float] = {}
+        values: dict[str, float | bool] = {}
         for item in (part.strip() for part in spec.split(",")):
             if not item:
                 continue
@@ -83,7 +86,7 @@ class ImageAugment:
                     f"{', '.join(sorted(known))}"
                 )
             try:
-                values[name] = float(raw)
+                values[name] = float(raw) if name != "whole_pixels" else bool(float(raw))
             except ValueError:
                 raise ValueError(f"image augment {item!r}: {raw!r} is not a number") from None
         return ImageAugment(**values)
@@ -138,6 +141,9 @@ def augment_images(
     scale = 1.0 - (1.0 - config.min_scale) * torch.rand(total, generator=generator)
     reach = (1.0 - scale) + 2.0 * config.max_shift  # grid units: the side spans 2
     shift = (torch.rand(total, 2, generator=generator) * 2.0 - 1.0) * reach.unsqueeze(1)
+    if config.whole_pixels:  # grid units: one pixel is 2 / side
+        side = torch.tensor([w, h], dtype=shift.dtype)
+        shift = torch.round(shift * side / 2.0) * 2.0 / side
     bright = (torch.rand(total, generator=generator) * 2.0 - 1.0) * config.brightness
     contrast = 1.0 + (torch.rand(total, generator=generator) * 2.0 - 1.0) * config.contrast
     noise = torch.randn(total, c, h, w, generator=generator) * config.noise_std
