@@ -298,7 +298,7 @@ def test_roclip_pairs_each_image_with_its_nearest_bank_caption():
     ctx = _ctx(config)
     assert d.before_epoch(ctx, 0).phase == "clip"
     plan = d.before_epoch(ctx, 1)
-    assert plan.phase == "nearest" and plan.augment_images and plan.augment_text
+    assert plan.phase == "nearest" and not plan.augment_images and plan.augment_text
     feats = _features(b=4, seed=1)
     for step in range(2):  # two batches of 4 into a bank of 6: FIFO keeps the newest 6
         text = _features(b=4, seed=10 + step).text

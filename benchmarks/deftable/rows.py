@@ -31,8 +31,9 @@ ROW_KEYS = (
     "none-aug",
     "filter",
 )
-# The baselines' augmentation, for the control row: what RoCLIP and SafeCLIP train on
-# (`augment="auto"` gives them their reference's images and captions; see TrainConfig).
+# The references' augmentation (RoCLIP's: images and captions of every pair, every epoch),
+# for the control row: what it costs plain CLIP at this budget. RoCLIP and SafeCLIP no
+# longer augment the images of the view their CLIP loss sees (TUNING.md, session 6).
 BASELINE_AUGMENT = {"augment": "both"}
 ATTACKS = {"clean": [], "poisoned": ["targeted", "badnet"], "adaptive": ["targeted", "adaptive"]}
 # TrainConfig fields that do not change what a run computes, or that are paths under OUT:
@@ -201,7 +202,7 @@ def table_rows(base: Any) -> list[Row]:
         Row("otcclip-adaptive", "otcclip (adaptive)", "adaptive", "otcclip"),
         # controls for the baselines: their augmentation without their defense, and
         # the defense a user would try first
-        Row("none-aug", "none, baselines' augmentation", "poisoned", "none", BASELINE_AUGMENT),
+        Row("none-aug", "none, the references' augmentation", "poisoned", "none", BASELINE_AUGMENT),
         Row("filter", "filter-then-train", "poisoned", "filter"),
     ]
 

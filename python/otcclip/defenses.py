@@ -468,9 +468,10 @@ class RoCLIPDefense(Defense):
     (image, nearest caption); the caption side then carries no gradient, as in the
     reference code. Other epochs train plain CLIP.
     Augmentation: the reference augments images and captions in every epoch
-    (`cross_aug`); here `augment="auto"` does the same, and `--augment text` turns
-    the image side off: at our 8-epoch budget the image augmentation alone holds
-    plain CLIP near 20% zero-shot (TUNING.md, session 6).
+    (`cross_aug`); here `augment="auto"` augments the captions only (`--augment
+    both` is the reference's): at our 8-epoch budget the image augmentation alone
+    holds plain CLIP near 20% zero-shot for two epochs and at 33% after three,
+    against 66% without it, and a lighter one did no better (TUNING.md, session 6).
     Deviations: the bank is refreshed at every step of every epoch (the reference
     refreshes it only in matching epochs, so its first matching steps search stale
     or random entries); augmentations are the position-preserving ones of
@@ -495,7 +496,7 @@ class RoCLIPDefense(Defense):
 
     def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         plan = super().before_epoch(ctx, epoch)
-        plan.augment_images = True
+        plan.augment_images = False  # the reference's image augmentation: `--augment both`
         plan.augment_text = True
         per_epoch = steps_per_epoch(ctx)
         start = warmup_steps(self, ctx)
@@ -579,8 +580,10 @@ class SafeCLIPDefense(Defense):
        batch's safe rows as negatives.
     Deviations that remain: the paper's slow update of similarities and its
     nearest-neighbour text pool are omitted; augmentations are those of
-    `otcclip.augment` (`--augment off` leaves the first view plain; the second
-    view of the unimodal losses is always augmented); the schedules are scaled
+    `otcclip.augment`, and the first view (the one the CLIP loss sees) is not
+    augmented unless `--augment images` (the reference augments it: at our budget
+    that stalls CLIP, TUNING.md session 6); the second view of the unimodal
+    losses is always augmented; the schedules are scaled
     from the reference's 32 epochs to our 8 (its 5 warm-up epochs of 32 would be
     1.25 of 8).
     """
@@ -618,7 +621,7 @@ class SafeCLIPDefense(Defense):
 
     def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         plan = super().before_epoch(ctx, epoch)
-        plan.augment_images = True
+        plan.augment_images = False  # view 1 (the unimodal losses') is always augmented
         per_epoch, warm, mixed_from = self.phases(ctx)
         if epoch >= mixed_from:
             safe, info = self._split(ctx, epoch - mixed_from, epoch)

@@ -139,7 +139,8 @@ _SCHEDULE_HELP = (
     default="auto",
     show_default=True,
     help="Augment the first view's images / captions: auto = as the defense plans it "
-    "(roclip: both, safeclip: images, none/otcclip: off).",
+    "(roclip: text; none, safeclip, otcclip, filter: off; the references of RoCLIP and "
+    "SafeCLIP augment images too: --augment both / images).",
 )
 @click.option(
     "--image-augment",
