@@ -159,6 +159,10 @@ class TrainConfig:
     rematch_from: str = "original"
     on_doubt: str = "drop"
     max_repair: float = 0.25
+    doubt: str = "fused"
+    doubt_signals: str | None = None
+    doubt_k: int = 16
+    doubt_min_share: float = 0.005
     match_batch: int = 256
     # RoCLIP
     bank_size: int = 4096
@@ -187,6 +191,7 @@ class TrainConfig:
             "k",
             "iters",
             "match_batch",
+            "doubt_k",
         )
         for name in positive_ints:
             if _bad_int(getattr(self, name), 1):
@@ -223,6 +228,11 @@ class TrainConfig:
             )
         if not 0.0 <= self.max_repair <= 1.0:
             raise ValueError(f"max_repair must be a share in [0, 1], got {self.max_repair}")
+        if not 0.0 <= self.doubt_min_share <= self.max_repair:
+            raise ValueError(
+                f"doubt_min_share must be in [0, max_repair={self.max_repair}], "
+                f"got {self.doubt_min_share}"
+            )
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory (out) to resume from")
 

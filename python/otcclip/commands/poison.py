@@ -142,6 +142,20 @@ def _params_for(kind: str, params: dict[str, object]) -> dict[str, object]:
     help="Targeted poisoning: poisoned captions per target image.",
 )
 @click.option(
+    "--copy-shift",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Targeted poisoning: shift each copy of a target by up to this many pixels.",
+)
+@click.option(
+    "--copy-noise",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Targeted poisoning: Gaussian pixel noise (sigma, 0-255 units) on each copy.",
+)
+@click.option(
     "--n-poison",
     default="200",
     show_default=True,
@@ -194,6 +208,8 @@ def command(
     source_label: str | None,
     n_targets: int,
     n_captions: int,
+    copy_shift: int,
+    copy_noise: float,
     n_poison: str,
     label_consistent: bool,
     trigger: str,
@@ -290,6 +306,8 @@ def command(
                     source_labels=source,
                     adaptive=name == "targeted-adaptive",
                     root=fmnist_root,
+                    copy_shift=copy_shift,
+                    copy_noise=copy_noise,
                 )
             elif name == "adaptive":
                 table, m = atk.adaptive_backdoor(

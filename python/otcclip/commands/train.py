@@ -196,6 +196,36 @@ _SCHEDULE_HELP = (
     "(largest lead of the best candidate over the own caption).",
 )
 @click.option(
+    "--doubt",
+    type=click.Choice(["fused", "match"]),
+    default="fused",
+    show_default=True,
+    help="Which pairs a round doubts: 'fused' = the fused doubt score of otcclip.doubt "
+    "(density, neighbourhood consistency and the round's cross-modal lead), cut by a "
+    "label-free mixture and capped by --max-repair; 'match' = the paper's rule (a "
+    "candidate beats the own caption by --margin), capped by --max-repair.",
+)
+@click.option(
+    "--doubt-signals",
+    default=None,
+    help="Comma-separated signals the fused doubt uses (see otcclip.doubt.SIGNALS) "
+    "[default: otcclip.doubt.DoubtConfig's].",
+)
+@click.option(
+    "--doubt-k",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Neighbours of the doubt signals' self-joins.",
+)
+@click.option(
+    "--doubt-min-share",
+    type=click.FloatRange(0, 1),
+    default=0.005,
+    show_default=True,
+    help="The fused doubt leaves out at least this share of the pairs each round.",
+)
+@click.option(
     "--lambda-inter",
     type=click.FloatRange(min=0),
     default=0.5,
