@@ -187,7 +187,8 @@ def test_tail_scale_maps_median_to_zero_and_the_tail_quantile_to_one():
     x = np.arange(101, dtype=np.float64)
     t = doubt.tail_scale(x, tail=0.9)
     assert t[50] == pytest.approx(0.0) and t[90] == pytest.approx(1.0)
-    np.testing.assert_array_equal(doubt.upper_rank(np.array([3.0, 1.0, 3.0, 2.0])), [1, 0.25, 1, 0.5])
+    ranks = doubt.upper_rank(np.array([3.0, 1.0, 3.0, 2.0]))
+    np.testing.assert_array_equal(ranks, [1, 0.25, 1, 0.5])
 
 
 def test_mixture_threshold_cuts_between_two_clear_modes():

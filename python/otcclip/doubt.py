@@ -311,7 +311,8 @@ def pixel_recurrence(
     owners: list[np.ndarray] = []
     for start in range(0, n, block):
         part = gray[start : start + block]
-        win = sliding_window_view(part, (tile, tile), axis=(1, 2)).reshape(len(part), -1, tile * tile)
+        win = sliding_window_view(part, (tile, tile), axis=(1, 2))
+        win = win.reshape(len(part), -1, tile * tile)
         textured = win.astype(np.float32).std(axis=2) >= min_std
         rows, where = np.nonzero(textured)
         chosen = np.zeros((len(rows), width), np.uint8)
