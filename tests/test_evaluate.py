@@ -196,6 +196,38 @@ def test_reassignment_from_a_matching_output(tmp_path, world):
         ev.reassignment(tmp_path / "m2.parquet", manifests)
 
 
+def test_reassignment_of_other_data_is_refused_and_partial_coverage_said(tmp_path, world):
+    """A matching file of another dataset whose ids overlap used to give exit 0 and figures
+    computed on a fraction of the rows (the missing count only in the JSON)."""
+    poisoned, manifests = world["poisoned"], world["manifests"]
+    other = fashion_scenes(60, seed=9)  # ids 0..59 fall inside the data's ids
+    pq.write_table(
+        pa.table({"id": other.ids, "caption": other.captions, "changed": [False] * 60}),
+        tmp_path / "other.parquet",
+    )
+    with pytest.raises(ValueError, match=r"of its 60 unchanged pairs hold another caption"):
+        ev.reassignment(tmp_path / "other.parquet", manifests, poisoned)
+    # A genuine output of part of the data: accepted, and the table says it is partial.
+    part = np.arange(60)
+    pq.write_table(
+        pa.table(
+            {
+                "id": poisoned.ids[part],
+                "caption": [poisoned.captions[i] for i in part],
+                "changed": [False] * 60,
+            }
+        ),
+        tmp_path / "part.parquet",
+    )
+    r = ev.reassignment(tmp_path / "part.parquet", manifests, poisoned)
+    assert r["n"] == 60 and r["n_data"] == len(poisoned) == 320
+    missing = len(set(atk.poisoned_ids(manifests).tolist()) - set(poisoned.ids[part].tolist()))
+    assert r["poisoned_missing"] == missing > 0
+    table = ev.format_report({"zero_shot_top1": 0.5, "reassignment": r})
+    assert "only 60 of the data's 320 rows" in table
+    assert f"{missing} (not in the output)" in table
+
+
 def test_evaluate_rejects_what_is_not_a_model(world):
     with pytest.raises(TypeError, match="ModelBundle"):
         ev.evaluate(object(), world["zs"])
