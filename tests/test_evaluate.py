@@ -250,3 +250,32 @@ def test_real_model_end_to_end(world, tmp_path):
         assert 0.0 <= r[key] <= 1.0
     assert r["zero_shot_top5"] >= r["zero_shot_top1"]
     assert set(r["recall"]) == {"i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10", "n"}
+
+
+def test_epoch_evaluation_of_small_images_runs_at_the_model_size():
+    """Training on 48 px images stopped with 'image_size must be an int >= 56, got 48'."""
+    from types import SimpleNamespace
+
+    from otcclip.data.scenes import MIN_IMAGE_SIZE
+
+    table = SimpleNamespace(images=np.zeros((4, 48, 48), np.uint8))
+    ctx = SimpleNamespace(
+        is_main=True, table=table, bundle=SimpleNamespace(image_size=64), manifests=[]
+    )
+    callback = ev.EpochEvaluation(every=1, epochs=1, eval_size=20)
+    callback.on_train_start(ctx)
+    assert callback.sets[0].images.shape[1:] == (64, 64)
+    ctx.bundle.image_size = 32  # a model smaller than the test scenes: their minimum
+    callback.on_train_start(ctx)
+    assert callback.sets[0].images.shape[1] == MIN_IMAGE_SIZE
+    ctx.manifests = [
+        atk.Manifest(
+            attack="badnet",
+            target_label=BAG,
+            seed=0,
+            poisoned_ids=[],
+            params={"trigger": {"kind": "badnet"}},
+        )
+    ]
+    with pytest.raises(ValueError, match="are 48 px.*pass --image-size 56 \\(or --eval-every 0\\)"):
+        callback.on_train_start(ctx)

@@ -396,3 +396,36 @@ if __name__ == "__main__":
         _kill_worker(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "ddp":
         _ddp_worker(sys.argv[2])
+
+
+# --------------------------------------------------------------------------- a diverging run
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """--lr 1e6 used to print 'loss nan', exit 0, save an all-NaN model and write bare NaN
+    into metrics.jsonl (invalid JSON)."""
+    from click.testing import CliRunner
+
+    from otcclip.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "--scenes", "96", "--epochs", "2", "--batch-size", "32", "--lr", "1e6"]
+    args += ["--defense", "none", "--out", str(run), "--eval-every", "0", "--no-progress"]
+    args += ["--checkpoint-every", "1", "--log-every", "1", "--threads", str(THREADS)]
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the loss is not finite (") and "lower --lr" in last
+    assert "at epoch 1, step 2 (lr 1e+06)" in last  # this data and seed break at step 2
+    assert not (run / "model.safetensors").exists() and not (run / "summary.json").exists()
+    kept = load_checkpoint(run)  # the one of step 1: step 2's update broke the weights
+    assert kept is not None and f"the last good checkpoint {kept.path} is kept" in last
+    from otcclip.models import create_model
+
+    bundle = create_model("otc-vit-tiny")
+    kept.load_weights(bundle)
+    assert all(torch.isfinite(p).all() for p in bundle.model.parameters())
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+        assert np.isfinite(json.loads(line)["loss"])

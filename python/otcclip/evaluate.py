@@ -444,6 +444,28 @@ def load_eval_inputs(
     return manifests, data, train if train.is_file() else None
 
 
+def _eval_image_size(ctx: Any, manifests: Sequence[Manifest] | None) -> int:
+    """The test scenes' size: the training images', or the model's when those are too small.
+
+    Test scenes need MIN_IMAGE_SIZE px; training on smaller images of one's own used to
+    stop with "image_size must be an int >= 56, got 48", a number the user never typed.
+    A trigger was made for the data's size, so with one the data must be large enough.
+    """
+    from otcclip.data.scenes import MIN_IMAGE_SIZE
+
+    size = int(ctx.table.images.shape[1])
+    if size >= MIN_IMAGE_SIZE:
+        return size
+    triggers = [m for m in (ctx.manifests if manifests is None else manifests) if m.trigger]
+    if triggers:
+        raise ValueError(
+            f"the training images are {size} px, but evaluating their backdoor needs test "
+            f"scenes of at least {MIN_IMAGE_SIZE} px; pass --image-size {MIN_IMAGE_SIZE} "
+            "(or --eval-every 0)"
+        )
+    return max(MIN_IMAGE_SIZE, int(getattr(ctx.bundle, "image_size", MIN_IMAGE_SIZE)))
+
+
 class EpochEvaluation:
     """A training callback: evaluate every `every` epochs and after the last one.
 
@@ -475,7 +497,7 @@ class EpochEvaluation:
             return
         from otcclip.data import probe_sets, zero_shot_set
 
-        image_size = int(ctx.table.images.shape[1])
+        image_size = _eval_image_size(ctx, self.manifests)
         eval_set = zero_shot_set(self.eval_size, seed=self.seed, image_size=image_size)
         probe = (
             probe_sets(self.probe_size, self.probe_size, seed=self.seed, image_size=image_size)

@@ -88,9 +88,10 @@ def _params_for(kind: str, params: dict[str, object]) -> dict[str, object]:
 )
 @click.option(
     "--image-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=56),
     default=None,
-    help="Scene canvas in pixels (default 56); with --data, resize images to this size.",
+    help="Scene canvas in pixels (default 56); with --data, resize images to this size "
+    "(at least 56: the evaluation's test scenes and the targets are built at this size).",
 )
 @click.option(
     "--max-items",
