@@ -175,12 +175,16 @@ def test_every_defense_trains_and_records_its_work(defense, tmp_path):
     else:
         assert phases == ["warmup", "matched"] and "inter" in second
         info = second["defense"]
-        assert info["round"] == 1 and 0 <= info["changed"] <= 192
+        # max_repair (0.25) bounds the round; an untrained model doubts some pairs
+        assert info["round"] == 1 and 0 < info["changed"] <= 192 // 4
         # on_doubt="drop" (default): the doubted pairs sit the matched epoch out
         assert info["sitting_out"] == info["changed"] == 192 - second["pairs"]
         assert steps[1] == second["pairs"] // 32
-        assert result.history.changes(0) in (0, 1)
         assert result.assignment.shape == (192,)
+        # the history holds round 0 (own captions) and round 1: a doubted pair changed once
+        doubted = (result.assignment < 0).astype(int).tolist()
+        assert [result.history.changes(i) for i in range(192)] == doubted
+        assert sum(doubted) == info["changed"]
     for name in ("model.safetensors", "metrics.jsonl", "summary.json", "config.json"):
         assert (tmp_path / name).is_file(), name
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -200,11 +204,21 @@ def test_the_epoch_line_says_whether_doubted_pairs_were_left_out_or_re_paired():
 
 @pytest.mark.slow
 def test_safeclip_mixed_epochs_split_safe_from_risky(tmp_path):
+    from otcclip.attacks import backdoor
+    from otcclip.data import fashion_scenes
+
+    clean = fashion_scenes(192, seed=0)
+    poisoned, manifest = backdoor(clean, "badnet", 24, "bag", seed=1)
     config = _tiny(defense="safeclip", epochs=3, warmup_epochs=1, safe_start=0.5)
-    result = train(config)
+    result = train(config, table=poisoned, manifests=[manifest])
     mixed = result.metrics[2]
-    assert mixed["phase"] == "mixed" and 0 < mixed["defense"]["safe"] <= 96
+    info = mixed["defense"]
+    assert mixed["phase"] == "mixed" and 0 < info["safe"] <= 96
     assert {"clip", "image_image", "text_text"} <= set(mixed)
+    # the split is measured against the poison: safe + risky poison is all 24 of it
+    in_safe = info["poison_in_safe"]
+    assert 0 <= in_safe <= 24
+    assert info["poison_risky_share"] == pytest.approx((24 - in_safe) / 24)
 
 
 # --------------------------------------------------------------------------- the command

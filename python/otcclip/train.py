@@ -100,6 +100,10 @@ _RESUMABLE_FIELDS = frozenset(
 )
 
 
+# Recorded only when set (see TrainConfig.to_dict): the results table compares configs.
+_OMITTED_AT_DEFAULT = frozenset({"eval_size", "probe_size", "resume_from"})
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on. Defaults documented in `otcclip train --help`."""
@@ -238,7 +242,13 @@ class TrainConfig:
             raise ValueError("resume_from needs resume")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as recorded; fields added after runs were recorded are left out at
+        their default, so that those records still compare equal to today's configs."""
+        d = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in _OMITTED_AT_DEFAULT and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> TrainConfig:
