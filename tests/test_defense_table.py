@@ -221,7 +221,8 @@ def test_the_table_aggregates_the_seeds_as_computed_by_hand(tmp_path):
             else:
                 run.status = "done"
                 zs, targeted, backdoor = final
-                run.final = {"zero_shot_top1": zs, "targeted_asr": targeted, "backdoor_asr": backdoor}
+                run.final = {"zero_shot_top1": zs, "targeted_asr": targeted}
+                run.final["backdoor_asr"] = backdoor
                 run.seconds_per_epoch = 10.0 + seed
             runs.append(run)
     lines = table.results_table(runs).splitlines()
