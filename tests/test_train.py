@@ -443,3 +443,31 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     for line in (run / "metrics.jsonl").read_text().splitlines():
         json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
         assert np.isfinite(json.loads(line)["loss"])
+
+
+@pytest.mark.slow
+def test_own_small_images_train_and_evaluate_at_the_model_size(tmp_path):
+    """64x48 images used to stop with 'image_size must be an int >= 56, got 48'."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from otcclip.cli import main
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 64), dtype=np.uint8)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    captions = [f"a photo of a {'shirt' if i % 2 else 'bag'}" for i in range(64)]
+    pq.write_table(pa.table({"image": images, "caption": captions}), tmp_path / "own.parquet")
+    args = ["train", "--data", str(tmp_path / "own.parquet"), "--epochs", "1"]
+    args += ["--batch-size", "32", "--defense", "none", "--out", str(tmp_path / "run")]
+    args += ["--eval-size", "20", "--no-progress", "--threads", str(THREADS)]
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert '"zero_shot_top1": ' in r.output
