@@ -283,7 +283,13 @@ def poison_count(n_or_fraction: int | float, n_rows: int) -> int:
     f = float(n_or_fraction)
     if not 0.0 < f <= 1.0:
         raise ValueError(f"poison rate must be in (0, 1], got {f}")
-    return max(1, round(f * n_rows))
+    if round(f * n_rows) < 1:
+        # It used to become 1 sample silently: a rate the user did not ask for.
+        raise ValueError(
+            f"poison rate {f:g} of {n_rows} rows is {f * n_rows:.2g} samples, less than one; "
+            "give a count (e.g. 1) or a larger rate"
+        )
+    return round(f * n_rows)
 
 
 def _new_ids(table: PairTable, count: int) -> np.ndarray:
