@@ -140,3 +140,28 @@ def test_rng_states_restore_the_same_draws():
     restore_rng(state)
     again = (random.random(), np.random.rand(), torch.rand(2))
     assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove"])
+def test_a_damaged_newest_checkpoint_names_the_older_complete_one(tmp_path, bundle, damage):
+    """A truncated state.safetensors used to give a SafetensorError traceback."""
+    old = save_checkpoint(tmp_path, bundle, {"s": 1}, global_step=1, keep=2)
+    new = save_checkpoint(tmp_path, bundle, {"s": 2}, global_step=2, keep=2)
+    state = new / "state.safetensors"
+    if damage == "truncate":
+        state.write_bytes(state.read_bytes()[:20])
+    else:
+        state.unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path)
+    message = str(err.value)
+    assert str(new) in message and ("damaged" in message or "incomplete" in message)
+    assert f"the older checkpoint {old} is complete: resume from it with --resume-from" in message
+    assert "\n" not in message
+    assert load_checkpoint(tmp_path, old.name).state == {"s": 1}
+    with pytest.raises(CheckpointError, match="no checkpoint 'step-7' in"):
+        load_checkpoint(tmp_path, "step-7")
+    # with no older one to fall back on, the message says so
+    (old / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no older complete checkpoint exists"):
+        load_checkpoint(tmp_path)

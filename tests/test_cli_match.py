@@ -159,12 +159,16 @@ def test_flag_only_keeps_the_pairs_and_flags(files, tmp_path):
 
 
 def test_capacity_bounds_the_caption_loads(files, tmp_path):
-    out = tmp_path / "cap.parquet"
+    free, out = tmp_path / "free.parquet", tmp_path / "cap.parquet"
+    assert run(*base(files, free), "--margin", "0").exit_code == 0
+    shared = pq.read_table(free).column("caption_id").to_pylist()
+    assert len(set(shared)) < N  # without a capacity some caption goes to several images
     result = run(*base(files, out), "--assign", "capacity", "--capacity", "1", "--margin", "0")
     assert result.exit_code == 0, result.output
     ids = pq.read_table(out).column("caption_id").to_pylist()
     changed = pq.read_table(out).column("changed").to_pylist()
     moved = [c for c, ch in zip(ids, changed, strict=True) if ch]
+    assert moved  # something moved, so the bound below is tested, not vacuous
     assert len(moved) == len(set(moved))
 
 
@@ -264,3 +268,95 @@ def test_bad_input_stops_without_output(files, tmp_path, case, message):
     assert result.exit_code != 0
     assert message in result.output
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def _invalid_utf8_pool(folder: Path) -> Path:
+    """A pool whose caption column holds bytes that are not UTF-8 (pyarrow writes them)."""
+    raw = pa.array([b"a shirt", b"a \xff\xfe bag"], pa.binary())
+    text = pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())
+    path = folder / "bad_utf8.parquet"
+    pq.write_table(pa.table({"id": pa.array([0, 1], pa.int64()), "caption": text}), path)
+    return path
+
+
+def test_invalid_utf8_captions_are_one_line_errors(files, tmp_path):
+    out = tmp_path / "out.parquet"
+    result = run(*base(files, out, pool=_invalid_utf8_pool(tmp_path)))
+    assert result.exit_code == 2
+    assert "bad_utf8.parquet is not a readable parquet file" in result.output
+    assert "UTF8" in result.output or "UTF-8" in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_byte_flipped_parquet_is_an_error_not_a_traceback(files, tmp_path, seed):
+    data = bytearray(files["pool"].read_bytes())
+    rng = np.random.default_rng(seed)
+    for pos in rng.integers(4, len(data) - 4, size=8):
+        data[pos] ^= 0xFF
+    pool = tmp_path / "flipped.parquet"
+    pool.write_bytes(bytes(data))
+    out = tmp_path / "out.parquet"
+    result = run(*base(files, out, pool=pool, images=files["images"]))  # no exception escapes
+    if result.exit_code != 0:
+        assert result.output.strip().splitlines()[-1].startswith("Error:"), result.output
+        assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("out_is_a_folder", "is a directory; give a file name"),
+        ("out_under_a_file", "is a file, so"),
+        ("json_is_a_folder", "is a directory; give a file name"),
+        ("out_is_the_images", "is the --images input: writing there would replace it"),
+        ("out_is_the_json", "is also --out"),
+    ],
+)
+def test_output_paths_are_checked_before_any_work(files, tmp_path, case, message, monkeypatch):
+    import otcclip.commands.match as match_command
+
+    monkeypatch.setattr(match_command, "_inputs", lambda *a: pytest.fail("work started"))
+    out = tmp_path / "matched.parquet"
+    extra: list[object] = []
+    if case == "out_is_a_folder":
+        out.mkdir()
+    elif case == "out_under_a_file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "x.parquet"
+    elif case == "json_is_a_folder":
+        (tmp_path / "report").mkdir()
+        extra = ["--json", tmp_path / "report"]
+    elif case == "out_is_the_json":
+        extra = ["--json", out]
+    args = base(files, out)
+    if case == "out_is_the_images":
+        images = tmp_path / "images.parquet"
+        images.write_bytes(files["pairs"].read_bytes())
+        args = base(files, images, images=images)
+        before = images.read_bytes()
+    result = run(*args, *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    if case == "out_is_the_images":
+        assert images.read_bytes() == before
+    else:
+        assert not out.is_file() and not (tmp_path / "report").is_file()
+
+
+def test_extra_input_columns_are_carried_through(files, tmp_path):
+    source = pq.read_table(files["pairs"])
+    urls = [f"https://example.org/{i}.png" for i in source.column("id").to_pylist()]
+    table = source.append_column("url", pa.array(urls)).append_column(
+        "score", pa.array(np.arange(N, dtype=np.float64))
+    )
+    images = tmp_path / "with_url.parquet"
+    pq.write_table(table, images)
+    out = tmp_path / "out.parquet"
+    result = run(*base(files, out, images=images))
+    assert result.exit_code == 0, result.output
+    t = pq.read_table(out).to_pydict()
+    assert t["url"] == [f"https://example.org/{i}.png" for i in t["id"]]
+    assert t["input_score"] == [float(i) for i in range(N)]  # a clash keeps both, renamed
+    assert "image_classes" in t and "caption_classes" not in t  # the latter would be stale

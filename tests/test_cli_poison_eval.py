@@ -77,6 +77,11 @@ def test_poison_reads_user_data_and_options(tmp_path):
         (["--attack", "badnet", "--fashion-mnist", "/nonexistent"], "dataset-fashion-mnist"),
         (["--attack", "badnet", "--data", "/nonexistent/x.parquet"], "no parquet data"),
         (["--data", "x.parquet", "--scenes", "200"], "--data or --scenes, not both"),
+        (["--attack", "badnet", "--n-poison", "0.0001"], "is 0.02 samples, less than one"),
+        (
+            ["--attack", "targeted", "--n-targets", "100000"],
+            "100000 target images asked for",
+        ),
     ],
 )
 def test_poison_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, args, message):
@@ -100,6 +105,20 @@ def test_poison_refuses_to_overwrite_without_force(tmp_path):
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train.parquet"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_poison_refuses_a_file_as_out(tmp_path, force):
+    """--force used to rename the file to a hidden .tmp.old leftover and exit 0."""
+    out = tmp_path / "out"
+    out.write_text("mine")
+    r = _run("poison", "--out", out, "--scenes", 50, "--attack", "sig", "--n-poison", 3, *force)
+    assert r.exit_code == 2
+    assert "is a file; the output is a folder (--force replaces only a folder)" in r.output
+    assert out.read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    r = _run("poison", "--out", out / "sub", "--scenes", 50, "--attack", "sig", "--n-poison", 3)
+    assert r.exit_code == 2 and "is a file, so" in r.output
 
 
 def test_eval_checkpoint_on_a_poisoned_directory(tmp_path):
@@ -144,6 +163,23 @@ def test_eval_bad_input(tmp_path):
         "eval", "--checkpoint", tmp_path / "junk.safetensors", "--matching", tmp_path / "m.parquet"
     )
     assert r.exit_code != 0 and "--matching needs --poison-dir" in r.output
+
+
+def test_eval_json_path_is_checked_before_any_work(tmp_path, monkeypatch):
+    """--json <folder> used to give a traceback after the whole evaluation."""
+    import otcclip.evaluate
+
+    monkeypatch.setattr(otcclip.evaluate, "evaluate", lambda *a, **k: pytest.fail("work started"))
+    (tmp_path / "w.safetensors").write_bytes(b"junk")
+    (tmp_path / "report").mkdir()
+    r = _run("eval", "--checkpoint", tmp_path / "w.safetensors", "--json", tmp_path / "report")
+    assert r.exit_code == 2
+    assert "Invalid value for --json" in r.output and "is a directory; give a file name" in r.output
+    r = _run(
+        "eval", "--checkpoint", tmp_path / "w.safetensors", "--json", tmp_path / "w.safetensors"
+    )
+    assert r.exit_code == 2 and "is the --checkpoint input" in r.output
+    assert (tmp_path / "w.safetensors").read_bytes() == b"junk"
 
 
 def test_pair_table_survives_the_cli_round_trip(tmp_path):

@@ -256,3 +256,24 @@ def test_read_pair_columns_skips_images(tmp_path):
     assert set(cols) == {"id", "caption", "image_classes"}
     np.testing.assert_array_equal(cols["id"], t.ids)
     np.testing.assert_array_equal(cols["image_classes"], t.image_classes)
+
+
+def test_damaged_parquet_bytes_are_a_data_error(tmp_path):
+    """Flipped bytes used to escape as OSError ("Corrupt snappy compressed data",
+    "Couldn't deserialize thrift"): a traceback in `otcclip train` and `poison`."""
+    from otcclip.data import DataError, fashion_scenes, read_pairs_report, write_pairs
+
+    write_pairs(fashion_scenes(30, seed=0), tmp_path / "p.parquet")
+    clean = (tmp_path / "p.parquet").read_bytes()
+    errors = 0
+    for seed in range(40):
+        data = bytearray(clean)
+        for pos in np.random.default_rng(seed).integers(4, len(data) - 4, size=8):
+            data[pos] ^= 0xFF
+        (tmp_path / "f.parquet").write_bytes(bytes(data))
+        try:
+            read_pairs_report(tmp_path / "f.parquet")
+        except DataError as err:
+            assert str(err) and "\n" not in str(err)
+            errors += 1
+    assert errors >= 10  # these seeds damage the file's structure, not only pixels

@@ -34,7 +34,6 @@ def _assert_command_reproduces(command: str, spec: dict) -> None:
     settings = _settings(ctx, dict(ctx.params))
     assert settings.pop("eval_size") == spec["eval"]["eval_size"]
     assert settings.pop("probe_size") == spec["eval"]["probe_size"]
-    assert settings.pop("val_size") == 0  # the table reports; it does not tune
     assert TrainConfig(**settings).to_dict() == spec["train"]
 
 
@@ -199,3 +198,40 @@ def test_the_adaptive_count_reruns_only_the_adaptive_rows(tmp_path, capsys):
     with pytest.raises(SystemExit):
         table.main(["--n-adaptive", "0", "--out", str(tmp_path)])
     assert "--n-adaptive must be >= 1" in capsys.readouterr().err
+
+
+def test_the_table_aggregates_the_seeds_as_computed_by_hand(tmp_path):
+    """The smoke run can only range-check its numbers; here the mean ± std and the bars
+    are checked against figures worked out by hand."""
+    table = _load_script()
+    none = table.Row(key="none", name="none", variant="poisoned", defense="none")
+    otc = table.Row(key="otcclip", name="otcclip", variant="poisoned", defense="otcclip")
+    finals = {
+        # zero-shot 0.70 / 0.74 / 0.78: mean 74.0, sample std sqrt((16 + 0 + 16) / 2) = 4.0
+        "none": [(0.70, 1.0, 0.9), (0.74, 0.8, 1.0), (0.78, 0.9, 0.95)],
+        # one seed failed: mean of the two finished (0.60, 0.64) = 62.0, std 2.8 (0.04 / √2)
+        "otcclip": [(0.60, 0.0, 0.01), (0.64, 0.05, 0.03), None],
+    }
+    runs = []
+    for row in (none, otc):
+        for seed, final in enumerate(finals[row.key]):
+            run = table.Run(row=row, seed=seed, directory=tmp_path / f"{row.key}{seed}", spec={})
+            if final is None:
+                run.status = "failed"
+            else:
+                run.status = "done"
+                zs, targeted, backdoor = final
+                run.final = {"zero_shot_top1": zs, "targeted_asr": targeted}
+                run.final["backdoor_asr"] = backdoor
+                run.seconds_per_epoch = 10.0 + seed
+            runs.append(run)
+    lines = table.results_table(runs).splitlines()
+    none_cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    otc_cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    # targeted 1.0 / 0.8 / 0.9: mean 90.0, std 10.0; backdoor 0.9 / 1.0 / 0.95: 95.0 ± 5.0
+    assert none_cells[:4] == ["none", "90.0 ± 10.0", "95.0 ± 5.0", "74.0 ± 4.0"]
+    assert none_cells[5] == "11.0 ± 1.0"  # s/epoch 10, 11, 12
+    assert otc_cells[:4] == ["otcclip (n=2/3)", "2.5 ± 3.5", "2.0 ± 1.4", "62.0 ± 2.8"]
+    bars = "\n".join(table.bar_checks(runs, jobs=1))
+    assert "attacks work without a defense (>= 80%): targeted 90.0%, backdoor 95.0%: met" in bars
+    assert "OTCCLIP ASR <= 2%: targeted 2.5%, backdoor 2.0%: NOT met" in bars

@@ -44,7 +44,8 @@ def _ctx(config: TrainConfig, poisoned: np.ndarray | None = None) -> TrainContex
 
 
 def _config(defense: str, **kw) -> TrainConfig:
-    return TrainConfig(scenes=N, defense=defense, batch_size=4, **{"k": 4, **kw})
+    # the round tests script the match's own verdict ("match"); the fused doubt has its own
+    return TrainConfig(scenes=N, defense=defense, batch_size=4, **{"k": 4, "doubt": "match", **kw})
 
 
 def _features(b: int = 4, views: int = 1, seed: int = 0) -> Features:
@@ -220,9 +221,87 @@ def test_rounds_report_each_attack_off_its_original_captions(monkeypatch):
     assert info["off_original_targeted"] == 0.5 and info["off_original_badnet"] == 0.25
 
 
+def _two_worlds(n: int, poisoned: list[int], seed: int = 0):
+    """Images and captions in two classes (rows alternate); `poisoned` rows get the other
+    class's caption. Returns normalised image and caption embeddings."""
+    rng = np.random.default_rng(seed)
+    centre = np.eye(8, dtype=np.float32)[:2]
+    labels = np.arange(n) % 2
+    img = centre[labels] + 0.05 * rng.normal(size=(n, 8)).astype(np.float32)
+    cap_labels = labels.copy()
+    cap_labels[poisoned] = 1 - cap_labels[poisoned]
+    cap = centre[cap_labels] + 0.05 * rng.normal(size=(n, 8)).astype(np.float32)
+    unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return unit(img), unit(cap)
+
+
+def test_the_fused_doubt_leaves_out_pairs_whose_neighbours_disagree(monkeypatch):
+    n, bad = 40, [3, 10]
+    img, cap = _two_worlds(n, bad)
+
+    def round_(bundle, images, captions, own, config, **kw):
+        return SimpleNamespace(
+            caption=np.arange(n),  # the match itself doubts nothing
+            best=(np.arange(n) + 2) % n,
+            best_score=np.zeros(n, np.float32),
+            own_score=np.zeros(n, np.float32),
+            image_embeddings=img,
+            pool_embeddings=cap,
+            own_global_score=None,
+            report={"changed": 0, "seconds": {}},
+        )
+
+    monkeypatch.setattr("otcclip.matching.match_round", round_)
+    config = TrainConfig(
+        scenes=n,
+        defense="otcclip",
+        batch_size=4,
+        k=4,
+        warmup_epochs=0,
+        doubt="fused",
+        doubt_k=5,
+        doubt_signals="consistency_caption,consistency_image",
+        max_repair=0.25,
+    )
+    d = make_defense(config)
+    table = PairTable(
+        ids=np.arange(n, dtype=np.int64),
+        images=np.random.default_rng(1).integers(0, 255, (n, 16, 16), dtype=np.uint8),
+        captions=[f"caption {i}" for i in range(n)],
+    )
+    poisoned = np.isin(np.arange(n), bad)
+    ctx = TrainContext(
+        config=config,
+        bundle=None,
+        table=table,
+        device=torch.device("cpu"),
+        poisoned=poisoned,
+        log=lambda _: None,
+    )
+    d.setup(ctx)
+    plan = d.before_epoch(ctx, 0)
+    left_out = sorted(set(range(n)) - set(plan.positions.tolist()))
+    assert set(bad) <= set(left_out)
+    assert len(left_out) <= int(0.25 * n)
+    assert plan.info["doubt_recall"] == 1.0
+    assert plan.info["doubt_doubted"] == len(left_out)
+    # repair instead: the doubted pairs take their best candidate
+    config = dataclasses.replace(config, on_doubt="repair")
+    d = make_defense(config)
+    d.setup(ctx)
+    plan = d.before_epoch(ctx, 0)
+    for r in bad:
+        assert plan.caption[r] == (r + 2) % n
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [({"rematch_from": "latest"}, "rematch_from must be one of"), ({"on_doubt": "x"}, "on_doubt")],
+    [
+        ({"rematch_from": "latest"}, "rematch_from must be one of"),
+        ({"on_doubt": "x"}, "on_doubt"),
+        ({"doubt": "vibes"}, "doubt must be one of"),
+        ({"doubt": "fused", "doubt_signals": "cross,nope"}, "subset of"),
+    ],
 )
 def test_otcclip_refuses_unknown_round_modes(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -196,6 +196,38 @@ def test_reassignment_from_a_matching_output(tmp_path, world):
         ev.reassignment(tmp_path / "m2.parquet", manifests)
 
 
+def test_reassignment_of_other_data_is_refused_and_partial_coverage_said(tmp_path, world):
+    """A matching file of another dataset whose ids overlap used to give exit 0 and figures
+    computed on a fraction of the rows (the missing count only in the JSON)."""
+    poisoned, manifests = world["poisoned"], world["manifests"]
+    other = fashion_scenes(60, seed=9)  # ids 0..59 fall inside the data's ids
+    pq.write_table(
+        pa.table({"id": other.ids, "caption": other.captions, "changed": [False] * 60}),
+        tmp_path / "other.parquet",
+    )
+    with pytest.raises(ValueError, match=r"of its 60 unchanged pairs hold another caption"):
+        ev.reassignment(tmp_path / "other.parquet", manifests, poisoned)
+    # A genuine output of part of the data: accepted, and the table says it is partial.
+    part = np.arange(60)
+    pq.write_table(
+        pa.table(
+            {
+                "id": poisoned.ids[part],
+                "caption": [poisoned.captions[i] for i in part],
+                "changed": [False] * 60,
+            }
+        ),
+        tmp_path / "part.parquet",
+    )
+    r = ev.reassignment(tmp_path / "part.parquet", manifests, poisoned)
+    assert r["n"] == 60 and r["n_data"] == len(poisoned) == 320
+    missing = len(set(atk.poisoned_ids(manifests).tolist()) - set(poisoned.ids[part].tolist()))
+    assert r["poisoned_missing"] == missing > 0
+    table = ev.format_report({"zero_shot_top1": 0.5, "reassignment": r})
+    assert "only 60 of the data's 320 rows" in table
+    assert f"{missing} (not in the output)" in table
+
+
 def test_evaluate_rejects_what_is_not_a_model(world):
     with pytest.raises(TypeError, match="ModelBundle"):
         ev.evaluate(object(), world["zs"])
@@ -218,3 +250,32 @@ def test_real_model_end_to_end(world, tmp_path):
         assert 0.0 <= r[key] <= 1.0
     assert r["zero_shot_top5"] >= r["zero_shot_top1"]
     assert set(r["recall"]) == {"i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10", "n"}
+
+
+def test_epoch_evaluation_of_small_images_runs_at_the_model_size():
+    """Training on 48 px images stopped with 'image_size must be an int >= 56, got 48'."""
+    from types import SimpleNamespace
+
+    from otcclip.data.scenes import MIN_IMAGE_SIZE
+
+    table = SimpleNamespace(images=np.zeros((4, 48, 48), np.uint8))
+    ctx = SimpleNamespace(
+        is_main=True, table=table, bundle=SimpleNamespace(image_size=64), manifests=[]
+    )
+    callback = ev.EpochEvaluation(every=1, epochs=1, eval_size=20)
+    callback.on_train_start(ctx)
+    assert callback.sets[0].images.shape[1:] == (64, 64)
+    ctx.bundle.image_size = 32  # a model smaller than the test scenes: their minimum
+    callback.on_train_start(ctx)
+    assert callback.sets[0].images.shape[1] == MIN_IMAGE_SIZE
+    ctx.manifests = [
+        atk.Manifest(
+            attack="badnet",
+            target_label=BAG,
+            seed=0,
+            poisoned_ids=[],
+            params={"trigger": {"kind": "badnet"}},
+        )
+    ]
+    with pytest.raises(ValueError, match="are 48 px.*pass --image-size 56 \\(or --eval-every 0\\)"):
+        callback.on_train_start(ctx)

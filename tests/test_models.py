@@ -216,8 +216,10 @@ def test_image_transform_grayscale_rgb_resize_and_normalisation():
     gray = _images(2, 28)
     out = M.image_transform(gray, 28)
     assert out.shape == (2, 3, 28, 28) and out.dtype == torch.float32
-    assert torch.equal(out[:, 0] * M._STD[0] + M._MEAN[0], out[:, 0] * M._STD[0] + M._MEAN[0])
     expect = torch.from_numpy(gray).float() / 255
+    # normalised per channel with CLIP's mean and std, the gray value copied to each channel
+    assert torch.allclose(out[:, 0], (expect - M._MEAN[0]) / M._STD[0], atol=1e-5)
+    assert not torch.allclose(out[:, 0], out[:, 2])  # the channels' std differ
     for ch in range(3):
         assert torch.allclose(out[:, ch] * M._STD[ch] + M._MEAN[ch], expect, atol=1e-6)
     rgb = np.stack([gray, gray // 2, 255 - gray], axis=-1)

@@ -175,12 +175,16 @@ def test_every_defense_trains_and_records_its_work(defense, tmp_path):
     else:
         assert phases == ["warmup", "matched"] and "inter" in second
         info = second["defense"]
-        assert info["round"] == 1 and 0 <= info["changed"] <= 192
+        # max_repair (0.25) bounds the round; an untrained model doubts some pairs
+        assert info["round"] == 1 and 0 < info["changed"] <= 192 // 4
         # on_doubt="drop" (default): the doubted pairs sit the matched epoch out
         assert info["sitting_out"] == info["changed"] == 192 - second["pairs"]
         assert steps[1] == second["pairs"] // 32
-        assert result.history.changes(0) in (0, 1)
         assert result.assignment.shape == (192,)
+        # the history holds round 0 (own captions) and round 1: a doubted pair changed once
+        doubted = (result.assignment < 0).astype(int).tolist()
+        assert [result.history.changes(i) for i in range(192)] == doubted
+        assert sum(doubted) == info["changed"]
     for name in ("model.safetensors", "metrics.jsonl", "summary.json", "config.json"):
         assert (tmp_path / name).is_file(), name
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -200,11 +204,21 @@ def test_the_epoch_line_says_whether_doubted_pairs_were_left_out_or_re_paired():
 
 @pytest.mark.slow
 def test_safeclip_mixed_epochs_split_safe_from_risky(tmp_path):
+    from otcclip.attacks import backdoor
+    from otcclip.data import fashion_scenes
+
+    clean = fashion_scenes(192, seed=0)
+    poisoned, manifest = backdoor(clean, "badnet", 24, "bag", seed=1)
     config = _tiny(defense="safeclip", epochs=3, warmup_epochs=1, safe_start=0.5)
-    result = train(config)
+    result = train(config, table=poisoned, manifests=[manifest])
     mixed = result.metrics[2]
-    assert mixed["phase"] == "mixed" and 0 < mixed["defense"]["safe"] <= 96
+    info = mixed["defense"]
+    assert mixed["phase"] == "mixed" and 0 < info["safe"] <= 96
     assert {"clip", "image_image", "text_text"} <= set(mixed)
+    # the split is measured against the poison: safe + risky poison is all 24 of it
+    in_safe = info["poison_in_safe"]
+    assert 0 <= in_safe <= 24
+    assert info["poison_risky_share"] == pytest.approx((24 - in_safe) / 24)
 
 
 # --------------------------------------------------------------------------- the command
@@ -456,3 +470,64 @@ if __name__ == "__main__":
         _kill_worker(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "ddp":
         _ddp_worker(sys.argv[2])
+
+
+# --------------------------------------------------------------------------- a diverging run
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """--lr 1e6 used to print 'loss nan', exit 0, save an all-NaN model and write bare NaN
+    into metrics.jsonl (invalid JSON)."""
+    from click.testing import CliRunner
+
+    from otcclip.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "--scenes", "96", "--epochs", "2", "--batch-size", "32", "--lr", "1e6"]
+    args += ["--defense", "none", "--out", str(run), "--eval-every", "0", "--no-progress"]
+    args += ["--checkpoint-every", "1", "--log-every", "1", "--threads", str(THREADS)]
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("Error: the loss is not finite (") and "lower --lr" in last
+    assert "at epoch 1, step 2 (lr 1e+06)" in last  # this data and seed break at step 2
+    assert not (run / "model.safetensors").exists() and not (run / "summary.json").exists()
+    kept = load_checkpoint(run)  # the one of step 1: step 2's update broke the weights
+    assert kept is not None and f"the last good checkpoint {kept.path} is kept" in last
+    from otcclip.models import create_model
+
+    bundle = create_model("otc-vit-tiny")
+    kept.load_weights(bundle)
+    assert all(torch.isfinite(p).all() for p in bundle.model.parameters())
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))
+        assert np.isfinite(json.loads(line)["loss"])
+
+
+@pytest.mark.slow
+def test_own_small_images_train_and_evaluate_at_the_model_size(tmp_path):
+    """64x48 images used to stop with 'image_size must be an int >= 56, got 48'."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from otcclip.cli import main
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(64):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (48, 64), dtype=np.uint8)).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    captions = [f"a photo of a {'shirt' if i % 2 else 'bag'}" for i in range(64)]
+    pq.write_table(pa.table({"image": images, "caption": captions}), tmp_path / "own.parquet")
+    args = ["train", "--data", str(tmp_path / "own.parquet"), "--epochs", "1"]
+    args += ["--batch-size", "32", "--defense", "none", "--out", str(tmp_path / "run")]
+    args += ["--eval-size", "20", "--no-progress", "--threads", str(THREADS)]
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert '"zero_shot_top1": ' in r.output

@@ -87,21 +87,7 @@ OTCCLIP_ONLY = frozenset(
 
 # Settings added after runs were recorded, with the value those runs trained with: a
 # recorded config without the key is compared as if it held this value.
-BEFORE_THE_SETTING: dict[str, Any] = {
-    "on_doubt": "repair",
-    # issue 14's settings: the earlier runs trained as these defaults do
-    "augment": "auto",
-    "image_augment": "",
-    "warmup_steps": None,
-    "safeclip_lr_fixed": False,
-    "safe_max": 1.0,
-    "safe_threshold": 0.5,
-    "safe_schedule": "share",
-    "safeclip_passes": "mixed",
-    "filter_score": "dao",
-    "filter_k": 16,
-    "filter_max_share": 0.25,
-}
+BEFORE_THE_SETTING: dict[str, Any] = {"on_doubt": "repair"}
 
 
 def _with_older_settings(train: dict[str, Any]) -> dict[str, Any]:

@@ -361,6 +361,12 @@ fn thread_count(threads: Option<usize>) -> PyResult<usize> {
     otmatch::thread_count(Threads::from(threads)).map_err(to_py)
 }
 
+/// The largest thread count topk accepts on this machine (4 per core, at least 8).
+#[pyfunction]
+fn max_threads() -> usize {
+    otmatch::max_threads()
+}
+
 #[pymodule]
 fn _otmatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(topk, m)?)?;
@@ -368,6 +374,7 @@ fn _otmatch(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_input_address, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_name, m)?)?;
     m.add_function(wrap_pyfunction!(thread_count, m)?)?;
+    m.add_function(wrap_pyfunction!(max_threads, m)?)?;
     m.add_class::<PyHistory>()?;
     Ok(())
 }

@@ -23,5 +23,5 @@ pub use assign::{assign, AssignConfig, AssignStats, Assignment, Fallback, Method
 pub use error::{Error, Result};
 pub use history::History;
 pub use matrix::MatRef;
-pub use threads::{thread_count, Threads};
+pub use threads::{max_threads, thread_count, Threads};
 pub use topk::{topk, topk_into, Kernel, TopK, TopkConfig};

@@ -181,6 +181,17 @@ fn parse_shape(header: &str) -> Option<Vec<usize>> {
 
 /// Writes `values` as a C-order `.npy` array of `shape`, atomically.
 pub fn write<T: Element>(path: impl AsRef<Path>, shape: &[usize], values: &[T]) -> io::Result<()> {
+    stage(path, shape, values)?.commit()
+}
+
+/// Writes `values` to a temporary sibling of `path`; [`Staged::commit`] renames it
+/// into place. Several outputs staged first and committed together are written
+/// all or none: a failure while staging any of them leaves every target untouched.
+pub fn stage<T: Element>(
+    path: impl AsRef<Path>,
+    shape: &[usize],
+    values: &[T],
+) -> io::Result<Staged> {
     let count: usize = shape.iter().product();
     if count != values.len() {
         return Err(io::Error::new(
@@ -208,7 +219,7 @@ pub fn write<T: Element>(path: impl AsRef<Path>, shape: &[usize], values: &[T]) 
         header.push(' ');
     }
     header.push('\n');
-    write_atomic(path.as_ref(), |w| {
+    stage_atomic(path.as_ref(), |w| {
         w.write_all(b"\x93NUMPY\x01\x00")?;
         w.write_all(&(header.len() as u16).to_le_bytes())?;
         w.write_all(header.as_bytes())?;
@@ -224,11 +235,60 @@ pub fn write<T: Element>(path: impl AsRef<Path>, shape: &[usize], values: &[T]) 
     })
 }
 
-/// Writes a file through a temporary sibling, flushed and renamed over `path`.
-pub fn write_atomic(
-    path: &Path,
-    body: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-) -> io::Result<()> {
+/// A complete output in a temporary file beside its target, not yet in place.
+/// Dropped without [`Staged::commit`], it removes its temporary file.
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    dir: PathBuf,
+    done: bool,
+}
+
+impl Staged {
+    /// Renames the temporary file over the target.
+    pub fn commit(mut self) -> io::Result<()> {
+        fs::rename(&self.tmp, &self.path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
+        self.done = true;
+        if let Ok(d) = File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Checks, before any work, that `path` can take an output file: its folder exists
+/// and it is not itself a folder. (A run should not compute for minutes and then
+/// fail on a typo in the output path.)
+pub fn check_output(path: &Path) -> io::Result<()> {
+    let (dir, _) = split(path)?;
+    let fail = |msg: String| Err(io::Error::new(io::ErrorKind::InvalidInput, msg));
+    if path.is_dir() {
+        return fail(format!(
+            "{} is a directory, not an output file",
+            path.display()
+        ));
+    }
+    if !dir.is_dir() {
+        return fail(format!(
+            "{}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+fn split(path: &Path) -> io::Result<(PathBuf, std::ffi::OsString)> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -239,27 +299,46 @@ pub fn write_atomic(
             format!("{} is not a file path", path.display()),
         )
     })?;
+    Ok((dir, name.to_os_string()))
+}
+
+/// Writes a file through a temporary sibling, flushed and renamed over `path`.
+pub fn write_atomic(
+    path: &Path,
+    body: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
+    stage_atomic(path, body)?.commit()
+}
+
+/// Writes a temporary sibling of `path`, flushed, to be renamed over it by
+/// [`Staged::commit`].
+pub fn stage_atomic(
+    path: &Path,
+    body: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<Staged> {
+    let (dir, name) = split(path)?;
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
         std::process::id()
     ));
+    let staged = Staged {
+        tmp,
+        path: path.to_path_buf(),
+        dir,
+        done: false,
+    };
     let result = (|| {
-        let file = File::create(&tmp)?;
+        let file = File::create(&staged.tmp)?;
         let mut w = BufWriter::new(file);
         body(&mut w)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        file.sync_all()
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    match result {
+        Ok(()) => Ok(staged),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
     }
-    result.map_err(|e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]

@@ -21,8 +21,9 @@ pub enum Threads {
     /// child of a process that used it, a fresh pool of the same size.
     #[default]
     Auto,
-    /// A dedicated pool of exactly this many threads, started once per process
-    /// and reused by later calls with the same count.
+    /// A dedicated pool of exactly this many threads (1..=[`max_threads`]),
+    /// started once per process and reused by later calls with the same count
+    /// (the two most recently started counts are kept).
     Count(usize),
 }
 
@@ -38,6 +39,8 @@ static GLOBAL_OWNER: AtomicU32 = AtomicU32::new(0);
 struct Pools {
     pid: u32,
     by_count: HashMap<usize, Arc<ThreadPool>>,
+    /// The counts in `by_count`, oldest first.
+    order: Vec<usize>,
     fallback: Option<Arc<ThreadPool>>,
 }
 
@@ -60,6 +63,7 @@ fn pools_of_this_process(guard: &mut Option<Pools>) -> &mut Pools {
     guard.get_or_insert_with(|| Pools {
         pid,
         by_count: HashMap::new(),
+        order: Vec::new(),
         fallback: None,
     })
 }
@@ -82,11 +86,29 @@ fn default_size() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// The largest thread count a call may ask for: four per core, and at least 8.
+///
+/// The kernel is compute-bound, so threads beyond the cores only add switching
+/// (3000 threads on 2 cores ran 100x slower); a count far above this is a
+/// mistake, refused rather than honoured with thousands of OS threads.
+pub fn max_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.saturating_mul(4).max(8)
+}
+
+/// Dedicated pools kept alive at once; asking for another count retires the oldest.
+const KEPT_POOLS: usize = 2;
+
 /// The pool a call with `threads` runs on; `None` means rayon's global pool.
 fn pool_for(threads: Threads) -> Result<Option<Arc<ThreadPool>>> {
     let pid = std::process::id();
     match threads {
         Threads::Count(0) => Err(Error::invalid("threads must be at least 1, got 0")),
+        Threads::Count(n) if n > max_threads() => Err(Error::invalid(format!(
+            "threads must be at most {} (4 per core of the {} available), got {n}",
+            max_threads(),
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ))),
         Threads::Count(n) => {
             let mut guard = lock_pools();
             let pools = pools_of_this_process(&mut guard);
@@ -94,7 +116,14 @@ fn pool_for(threads: Threads) -> Result<Option<Arc<ThreadPool>>> {
                 return Ok(Some(Arc::clone(p)));
             }
             let p = build(n)?;
+            // Bound the pools alive: each distinct count used to add one for good.
+            // A retired pool's threads end once no running call holds its Arc.
+            while pools.order.len() >= KEPT_POOLS {
+                let oldest = pools.order.remove(0);
+                pools.by_count.remove(&oldest);
+            }
             pools.by_count.insert(n, Arc::clone(&p));
+            pools.order.push(n);
             Ok(Some(p))
         }
         Threads::Auto => {
@@ -130,7 +159,7 @@ where
     }
 }
 
-/// How many threads a call with `threads` would use.
+/// How many threads a call with `threads` would use (an error for a count out of range).
 pub fn thread_count(threads: Threads) -> Result<usize> {
     match pool_for(threads)? {
         Some(pool) => Ok(pool.current_num_threads()),

@@ -97,6 +97,7 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
     npy::write(&q, &[1, 2], &[1.0f32, f32::NAN]).unwrap();
     npy::write(&p, &[1, 3], &[1.0f32, 0.0, 0.0]).unwrap();
     let out = dir.join("i.npy");
+    let out_scores = dir.join("s.npy");
     let run = |args: &[&str]| {
         let o = bin().args(args).output().unwrap();
         (
@@ -115,7 +116,7 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
         "--out-indices",
         s(&out),
         "--out-scores",
-        s(&out),
+        s(&out_scores),
     ]);
     assert_eq!(code, Some(2));
     assert!(
@@ -137,7 +138,7 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
         "--out-indices",
         s(&out),
         "--out-scores",
-        s(&out),
+        s(&out_scores),
     ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("NaN or infinity"), "{err}");
@@ -152,7 +153,7 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
         "--out-indices",
         s(&out),
         "--out-scores",
-        s(&out),
+        s(&out_scores),
     ]);
     assert_eq!(code, Some(2));
     assert!(err.contains("missing.npy"), "{err}");
@@ -169,6 +170,130 @@ fn bad_input_exits_2_with_a_message_and_writes_nothing() {
     assert!(err.contains("expected int64"), "{err}");
     let (code, _) = run(&["assign", "--bogus"]);
     assert_eq!(code, Some(2));
-    assert!(!out.exists());
+    assert!(!out.exists() && !out_scores.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn run_cli(args: &[&str]) -> (Option<i32>, String) {
+    let o = bin().args(args).output().unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn outputs_are_written_all_or_none() {
+    let dir = tempdir("allornone");
+    let (q, p) = (dir.join("q.npy"), dir.join("p.npy"));
+    npy::write(&q, &[2, 2], &[1.0f32, 0.0, 0.0, 1.0]).unwrap();
+    npy::write(&p, &[3, 2], &[1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0]).unwrap();
+    let (i, sc) = (dir.join("i.npy"), dir.join("s.npy"));
+    let topk = |oi: &Path, os: &Path| {
+        run_cli(&[
+            "topk",
+            "--queries",
+            s(&q),
+            "--pool",
+            s(&p),
+            "-k",
+            "2",
+            "--out-indices",
+            s(oi),
+            "--out-scores",
+            s(os),
+        ])
+    };
+    // The same file twice: refused (the scores used to replace the indices, exit 0).
+    let (code, err) = topk(&i, &i);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--out-indices and --out-scores both name"),
+        "{err}"
+    );
+    let (code, err) = topk(&i, &dir.join(".").join("i.npy"));
+    assert_eq!(code, Some(2), "{err}");
+    // Scores cannot be written: no indices left behind either.
+    let (code, err) = topk(&i, &dir.join("no-such-folder").join("s.npy"));
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--out-scores") && err.contains("does not exist"),
+        "{err}"
+    );
+    let (code, err) = topk(&i, &dir);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("is a directory"), "{err}");
+    assert_eq!(entries(&dir), ["p.npy", "q.npy"]);
+    assert_eq!(topk(&i, &sc).0, Some(0));
+    // assign: no assignment left behind when --stats cannot be written.
+    let a = dir.join("a.npy");
+    let (code, err) = run_cli(&[
+        "assign",
+        "--candidates",
+        s(&i),
+        "--scores",
+        s(&sc),
+        "--out",
+        s(&a),
+        "--stats",
+        s(&dir.join("nope").join("stats.json")),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--stats") && err.contains("does not exist"),
+        "{err}"
+    );
+    let (code, err) = run_cli(&[
+        "assign",
+        "--candidates",
+        s(&i),
+        "--scores",
+        s(&sc),
+        "--out",
+        s(&a),
+        "--stats",
+        s(&a),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--out and --stats both name"), "{err}");
+    assert_eq!(entries(&dir), ["i.npy", "p.npy", "q.npy", "s.npy"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn thread_counts_are_bounded() {
+    let dir = tempdir("threads");
+    let (q, p) = (dir.join("q.npy"), dir.join("p.npy"));
+    npy::write(&q, &[1, 2], &[1.0f32, 0.0]).unwrap();
+    npy::write(&p, &[2, 2], &[1.0f32, 0.0, 0.0, 1.0]).unwrap();
+    let (i, sc) = (dir.join("i.npy"), dir.join("s.npy"));
+    let (code, err) = run_cli(&[
+        "topk",
+        "--queries",
+        s(&q),
+        "--pool",
+        s(&p),
+        "-k",
+        "1",
+        "--out-indices",
+        s(&i),
+        "--out-scores",
+        s(&sc),
+        "--threads",
+        "3000",
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--threads must be at most"), "{err}");
+    assert!(err.contains("got 3000"), "{err}");
+    assert_eq!(entries(&dir), ["p.npy", "q.npy"]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -37,6 +37,33 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def file_target_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot take an output file (None when it can), checked before any work.
+
+    Catches what used to surface only after a whole run, as a traceback: the path is a
+    folder, a parent "folder" is a file, or a folder on the way cannot be written.
+    Missing folders are fine (they are created).
+    """
+    target = Path(path)
+    if target.is_dir():
+        return f"{target} is a directory; give a file name"
+    parent = target.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return f"{parent} is a file, so {target} cannot be created under it"
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file (after resolving links and `..`)."""
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -283,7 +283,13 @@ def poison_count(n_or_fraction: int | float, n_rows: int) -> int:
     f = float(n_or_fraction)
     if not 0.0 < f <= 1.0:
         raise ValueError(f"poison rate must be in (0, 1], got {f}")
-    return max(1, round(f * n_rows))
+    if round(f * n_rows) < 1:
+        # It used to become 1 sample silently: a rate the user did not ask for.
+        raise ValueError(
+            f"poison rate {f:g} of {n_rows} rows is {f * n_rows:.2g} samples, less than one; "
+            "give a count (e.g. 1) or a larger rate"
+        )
+    return round(f * n_rows)
 
 
 def _new_ids(table: PairTable, count: int) -> np.ndarray:
@@ -337,6 +343,8 @@ def targeted_poison(
     source_labels: Sequence[str | int] | str | int | None = None,
     adaptive: bool = False,
     root: str | os.PathLike[str] | None = None,
+    copy_shift: int = 0,
+    copy_noise: float = 0.0,
 ) -> tuple[PairTable, Manifest]:
     """Add n_targets test images (class y != target), each with n_captions captions naming y'.
 
@@ -344,11 +352,17 @@ def targeted_poison(
     zero-shot set). source_labels fixes y (one label, or one per target); by default
     each target's class is drawn among the classes other than the target. adaptive:
     the captions name the true item and add the target instead.
+
+    copy_shift / copy_noise: each copy of a target is shifted by up to copy_shift
+    pixels in each direction and given Gaussian pixel noise of sigma copy_noise (in
+    0-255 units), as an attacker posting variants would, so that no defense wins by
+    exact-duplicate detection alone. Evaluation still uses the unvaried target.
     """
     target = class_index(target_label)
     for name, value in (("n_targets", n_targets), ("n_captions", n_captions)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    _check_variation(copy_shift, copy_noise)
     size = _square_size(table)
     if size < MIN_IMAGE_SIZE:
         raise ValueError(
@@ -379,9 +393,13 @@ def targeted_poison(
                 captions.append(_adaptive_caption(true, target, rng))
             else:
                 captions.append(caption_for([target], [places[t]], rng))
+    copies = np.repeat(images, n_captions, axis=0)
+    if copy_shift or copy_noise:
+        variation = np.random.default_rng([int(seed), 103])
+        copies = vary_copies(copies, copy_shift, copy_noise, variation)
     added = PairTable(
         ids=new_ids,
-        images=np.repeat(images, n_captions, axis=0),
+        images=copies,
         captions=captions,
         image_classes=np.repeat(_one_hot(true_labels), n_captions, axis=0),
         caption_classes=_one_hot([target] * len(new_ids)),
@@ -402,6 +420,8 @@ def targeted_poison(
             "n_captions": int(n_captions),
             "image_size": size,
             "adaptive": bool(adaptive),
+            "copy_shift": int(copy_shift),
+            "copy_noise": float(copy_noise),
             "fashion_mnist_test_indices": sources.tolist(),
             "places": places.tolist(),
         },
@@ -417,6 +437,38 @@ def targeted_poison(
         target_images=images,
     )
     return poisoned, manifest
+
+
+def _check_variation(shift: int, noise: float) -> None:
+    if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or shift < 0:
+        raise ValueError(f"copy_shift must be an int >= 0 (pixels), got {shift!r}")
+    if not (isinstance(noise, (int, float)) and np.isfinite(noise) and noise >= 0):
+        raise ValueError(f"copy_noise must be a number >= 0 (0-255 units), got {noise!r}")
+
+
+def vary_copies(
+    images: np.ndarray, shift: int, noise: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Each image shifted by up to `shift` px per axis (edges filled with the border) plus noise.
+
+    The canvas keeps its size: the shift replicates the edge row or column it
+    uncovers, which on a scene's plain background is the background itself.
+    """
+    out = np.empty_like(images)
+    h, w = images.shape[1:3]
+    pad = [(0, 0), (shift, shift), (shift, shift)] + [(0, 0)] * (images.ndim - 3)
+    padded = np.pad(images, pad, mode="edge") if shift else images
+    moves = rng.integers(-shift, shift + 1, size=(len(images), 2)) if shift else None
+    for i in range(len(images)):
+        if moves is None:
+            out[i] = images[i]
+        else:
+            dy, dx = int(moves[i, 0]), int(moves[i, 1])
+            out[i] = padded[i, shift + dy : shift + dy + h, shift + dx : shift + dx + w]
+    if noise:
+        noisy = out.astype(np.float32) + rng.normal(0.0, noise, size=out.shape).astype(np.float32)
+        out = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    return out
 
 
 def backdoor(

@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "capture_rng",
     "checkpoint_dir",
+    "latest_checkpoint_path",
     "load_checkpoint",
     "restore_rng",
     "save_checkpoint",
@@ -131,9 +132,16 @@ def save_checkpoint(
     return root / name
 
 
-def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
-    """The checkpoint `latest.json` points at (or the newest complete one); None if none."""
+def load_checkpoint(run_dir: str | os.PathLike[str], name: str | None = None) -> Checkpoint | None:
+    """The checkpoint `latest.json` points at (or the newest complete one); None if none.
+
+    `name` (a `step-...` directory in RUN/checkpoints) loads that one instead: the way
+    back when the newest is damaged. A damaged or incomplete checkpoint is a
+    CheckpointError that names the newest older one that loads, if any.
+    """
     root = checkpoint_dir(run_dir)
+    if name is not None:
+        return _read(_named(root, name))
     if not root.is_dir():
         return None
     target = _pointer_target(root)
@@ -142,22 +150,75 @@ def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
         if not complete:
             return None
         target = complete[-1]
-    if not _complete(target):
-        raise CheckpointError(f"checkpoint {target} is incomplete (missing files)")
+    try:
+        return _read(target)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {_older_advice(root, target)}") from exc
+
+
+def latest_checkpoint_path(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The directory `latest.json` points at, without loading it (None when there is none)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    try:
+        target = _pointer_target(root)
+    except CheckpointError:
+        return None
+    return target if target is not None and target.is_dir() else None
+
+
+def _named(root: Path, name: str) -> Path:
+    """RUN/checkpoints/<name>, refused unless it is a checkpoint directory there."""
+    name = Path(name).name  # a path to the directory works too
+    target = root / name
+    if not _DIR_PATTERN.match(name) or not target.is_dir():
+        found = ", ".join(d.name for d in _checkpoint_dirs(root)) if root.is_dir() else ""
+        raise CheckpointError(f"no checkpoint {name!r} in {root} (it holds: {found or 'none'})")
+    return target
+
+
+def _step_of(d: Path) -> int:
+    match = _DIR_PATTERN.match(d.name)
+    return int(match.group(1)) if match else -1
+
+
+def _read(target: Path) -> Checkpoint:
+    """Load one checkpoint directory; any damage becomes a CheckpointError naming it."""
+    missing = [f for f in _FILES if not (target / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {target} is incomplete (missing {', '.join(missing)})")
     try:
         doc = json.loads((target / "state.json").read_text(encoding="utf-8"))
         from safetensors.torch import load_file
 
         tensors = load_file(str(target / "state.safetensors"))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint {target} cannot be read: {exc}") from exc
+        state = _decode(doc["state"], tensors)
+        model = str(doc["model"])
+    except Exception as exc:  # safetensors raises its own SafetensorError; JSON, KeyError, ...
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"checkpoint {target} is damaged ({type(exc).__name__}: {reason})"
+        ) from exc
     if doc.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint {target} has format {doc.get('format')!r}; this otcclip reads {FORMAT}"
         )
-    return Checkpoint(
-        path=target, model_name=str(doc["model"]), state=_decode(doc["state"], tensors)
-    )
+    return Checkpoint(path=target, model_name=model, state=state)
+
+
+def _older_advice(root: Path, broken: Path) -> str:
+    """Name the newest checkpoint older than `broken` that loads, and how to resume from it."""
+    step = _step_of(broken)
+    for d in reversed(_checkpoint_dirs(root)):
+        if d == broken or _step_of(d) > step or not _complete(d):
+            continue
+        try:
+            _read(d)
+        except CheckpointError:
+            continue
+        return f"the older checkpoint {d} is complete: resume from it with --resume-from {d.name}"
+    return "no older complete checkpoint exists"
 
 
 def capture_rng() -> dict[str, Any]:

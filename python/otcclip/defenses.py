@@ -56,6 +56,8 @@ __all__ = [
 # Where an OTCCLIP round starts from, and what happens to the pairs it doubts.
 REMATCH_FROM = ("original", "previous", "sticky")
 ON_DOUBT = ("drop", "repair")
+# How a round decides which pairs to doubt: the fused doubt score, or the match margin.
+DOUBT = ("fused", "match")
 
 # Each defense's schedule defaults: W (warm-up epochs) and R (period), used when
 # the config leaves them at None.
@@ -229,12 +231,20 @@ class OTCCLIPDefense(Defense):
     augmented views of each image, and between each caption and an augmented copy.
 
     Re-matching: after W warm-up epochs, every R epochs, `matching.match_round`
-    scores every image against pool captions by S = alpha*cos + (1-alpha)*s_OT
-    and doubts the pairs whose own caption a candidate beats by more than
-    `margin` (with `flag_outside_topk`, also every image whose own caption is
-    not among its k nearest), at most `max_repair` of the images, those whose
-    own caption trails most (without the budget each round doubts more clean
-    pairs as the model learns the previous rounds' choices; TUNING.md).
+    scores every image against pool captions by S = alpha*cos + (1-alpha)*s_OT.
+    Which pairs it doubts (`doubt`):
+    - "fused" (default): the fused score of `otcclip.doubt`, which adds to the
+      round's cross-modal lead signals the poison cannot rewrite (pixel
+      density, neighbourhood consistency in both directions); a label-free
+      two-component mixture sets the share, between `doubt_min_share` and
+      `max_repair`. The cross-modal score alone fades as the model learns the
+      poison (DESIGN.md, section 8).
+    - "match" (the paper's rule): the pairs whose own caption a candidate beats
+      by more than `margin` (with `flag_outside_topk`, also every image whose
+      own caption is not among its k nearest), at most `max_repair` of the
+      images, those whose own caption trails most (without the budget each
+      round doubts more clean pairs as the model learns the previous rounds'
+      choices; TUNING.md).
     A doubted pair sits the epoch out (`on_doubt="drop"`, default) or is
     re-paired with its best candidate (`"repair"`, the paper's re-assignment):
     at our scale a re-paired clean pair almost never gets a caption of its true
@@ -262,11 +272,16 @@ class OTCCLIPDefense(Defense):
             raise ValueError(
                 f"on_doubt must be one of {', '.join(ON_DOUBT)}, got {config.on_doubt!r}"
             )
+        if config.doubt not in DOUBT:
+            raise ValueError(f"doubt must be one of {', '.join(DOUBT)}, got {config.doubt!r}")
         self.match_config()  # a bad matching knob fails now, not after the warm-up
+        if config.doubt == "fused":
+            self.doubt_config()
         self.assignment: np.ndarray | None = None
         self.doubted: np.ndarray | None = None  # re-paired or dropped by some round
         self.history: Any = None
         self.rounds = 0
+        self.pixels: Any = None  # doubt.PixelEvidence, computed at the first fused round
 
     def setup(self, ctx: TrainContext) -> None:
         from otcclip.otmatch import History
@@ -346,6 +361,10 @@ class OTCCLIPDefense(Defense):
         )
         caption = np.asarray(result.caption, dtype=np.int64).copy()
         doubted_now = caption != own
+        doubt_report: dict[str, Any] = {}
+        if c.doubt == "fused":
+            doubted_now, doubt_report = self._fused_doubt(ctx, result, own)
+            caption = np.where(doubted_now, np.asarray(result.best, dtype=np.int64), own)
         if c.on_doubt == "drop":
             caption = np.where(doubted_now, -1, own)
             if c.rematch_from == "sticky":
@@ -362,8 +381,65 @@ class OTCCLIPDefense(Defense):
         report["sitting_out"] = int((self.assignment < 0).sum())
         report["doubted_ever"] = int(self.doubted.sum())
         report.update(_off_original_by_attack(ctx, self.assignment != original))
+        report.update({k: v for k, v in doubt_report.items() if _is_number(v)})
         report["seconds_by_stage"] = result.report.get("seconds", {})
         return report
+
+    def doubt_config(self) -> Any:
+        from otcclip.doubt import DoubtConfig
+
+        c = self.config
+        options: dict[str, Any] = {
+            "k": c.doubt_k,
+            "max_share": c.max_repair,
+            "min_share": min(c.doubt_min_share, c.max_repair),
+            "threads": c.threads,
+            "seed": c.seed,
+        }
+        if c.doubt_signals:
+            options["signals"] = tuple(s.strip() for s in c.doubt_signals.split(",") if s.strip())
+        return DoubtConfig(**options)
+
+    def _fused_doubt(
+        self, ctx: TrainContext, result: Any, own: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Which pairs the fused doubt score leaves out (`otcclip.doubt`), and its report.
+
+        The round's cross-modal lead (best candidate over the own caption) is one
+        signal; the others read the embeddings the round already computed and the
+        pixels, so the doubt adds no embedding pass. The poison mask, where known,
+        only feeds the report.
+        """
+        import time
+
+        from otcclip.doubt import doubt_scores
+
+        start = time.perf_counter()
+        lead = np.nan_to_num(
+            np.asarray(result.best_score, np.float64) - np.asarray(result.own_score, np.float64),
+            nan=0.0,
+            posinf=0.0,
+            neginf=0.0,
+        )
+        config = self.doubt_config()
+        if self.pixels is None:  # the pixels do not change: once per run
+            from otcclip.doubt import pixel_evidence
+
+            self.pixels = pixel_evidence(ctx.table.images, config)
+        verdict = doubt_scores(
+            result.image_embeddings,
+            np.ascontiguousarray(result.pool_embeddings[own]),
+            config,
+            pixels=self.pixels,
+            lead=lead,
+        )
+        report: dict[str, Any] = {f"doubt_{k}": v for k, v in verdict.report.items()}
+        report["doubt_seconds"] = time.perf_counter() - start
+        if ctx.poisoned is not None:
+            hit = verdict.doubted & ctx.poisoned
+            report["doubt_precision"] = _share(int(hit.sum()), int(verdict.doubted.sum()))
+            report["doubt_recall"] = _share(int(hit.sum()), int(ctx.poisoned.sum()))
+        return verdict.doubted, report
 
     def loss(
         self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features

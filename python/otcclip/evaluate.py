@@ -228,10 +228,14 @@ def reassignment(
             [c is None or c != before[r] for c, r in zip(captions, rows, strict=True)]
         )
     changed = np.asarray(changed, dtype=bool) | np.array([c is None for c in captions])
+    if original is not None:
+        _check_same_data(matching, captions, changed, original["caption"], rows)
     bad = poisoned_ids(manifests)
     is_poisoned = np.isin(ids, bad)
     out: dict[str, Any] = metrics.reassignment_precision_recall(is_poisoned, changed)
     out["n"] = len(ids)
+    if original is not None:
+        out["n_data"] = len(original["id"])  # the table says when the output covers fewer
     missing = np.setdiff1d(bad, ids)
     if len(missing):
         out["poisoned_missing"] = len(missing)  # poisoned ids absent from the matching output
@@ -252,6 +256,24 @@ def reassignment(
                 per_attack[m.attack] = metrics.names_target_share(after, m.target_label, mask)
         out["poisoned_still_naming_target"] = per_attack
     return out
+
+
+def _check_same_data(
+    matching: Any, captions: list, changed: np.ndarray, before: list, rows: np.ndarray
+) -> None:
+    """Refuse a matching output of other data whose ids happen to fall in this data's range.
+
+    A pair the matching left unchanged holds its own caption, so it must read as the
+    data's row of that id; an output of another dataset fails this on most rows.
+    """
+    kept = np.flatnonzero(~changed)
+    differ = [int(i) for i in kept if captions[i] != before[rows[i]]]
+    if differ:
+        raise ValueError(
+            f"{matching}: {len(differ)} of its {len(kept)} unchanged pairs hold another caption "
+            f"than the data's row of the same id (e.g. row {differ[0]}): the matching output "
+            "comes from other data than --poison-dir's"
+        )
 
 
 def _train_columns(train: str | os.PathLike[str] | PairTable | None) -> dict | None:
@@ -389,6 +411,10 @@ def format_report(result: dict) -> str:
         rows.append(("re-assignment precision", _pct(re.get("precision"))))
         rows.append(("re-assignment recall", _pct(re.get("recall"))))
         rows.append(("pairs changed", f"{re['n_changed']} of {re['n']}"))
+        if re.get("n_data") is not None and re["n"] < re["n_data"]:
+            rows.append(("matching covers", f"only {re['n']} of the data's {re['n_data']} rows"))
+        if re.get("poisoned_missing"):
+            rows.append(("poisoned pairs missing", f"{re['poisoned_missing']} (not in the output)"))
         if "clean_true_content" in re:
             rows.append(
                 (
@@ -416,6 +442,28 @@ def load_eval_inputs(
     manifests, data = load_manifests(poison_dir)
     train = Path(poison_dir) / "train.parquet"
     return manifests, data, train if train.is_file() else None
+
+
+def _eval_image_size(ctx: Any, manifests: Sequence[Manifest] | None) -> int:
+    """The test scenes' size: the training images', or the model's when those are too small.
+
+    Test scenes need MIN_IMAGE_SIZE px; training on smaller images of one's own used to
+    stop with "image_size must be an int >= 56, got 48", a number the user never typed.
+    A trigger was made for the data's size, so with one the data must be large enough.
+    """
+    from otcclip.data.scenes import MIN_IMAGE_SIZE
+
+    size = int(ctx.table.images.shape[1])
+    if size >= MIN_IMAGE_SIZE:
+        return size
+    triggers = [m for m in (ctx.manifests if manifests is None else manifests) if m.trigger]
+    if triggers:
+        raise ValueError(
+            f"the training images are {size} px, but evaluating their backdoor needs test "
+            f"scenes of at least {MIN_IMAGE_SIZE} px; pass --image-size {MIN_IMAGE_SIZE} "
+            "(or --eval-every 0)"
+        )
+    return max(MIN_IMAGE_SIZE, int(getattr(ctx.bundle, "image_size", MIN_IMAGE_SIZE)))
 
 
 class EpochEvaluation:
@@ -455,7 +503,7 @@ class EpochEvaluation:
             return
         from otcclip.data import probe_sets, zero_shot_set
 
-        image_size = int(ctx.table.images.shape[1])
+        image_size = _eval_image_size(ctx, self.manifests)
         eval_set = zero_shot_set(self.eval_size, seed=self.seed, image_size=image_size)
         probe = (
             probe_sets(self.probe_size, self.probe_size, seed=self.seed, image_size=image_size)

@@ -151,7 +151,10 @@ class MatchResult:
     suspicious: own caption beaten by more than the margin (or outside the top-k
         with `flag_outside_topk`): what `--flag-only` reports;
     candidates / candidate_scores: the k pruned pool indices and their S;
-    stats: the engine's assignment statistics; report: counts, shares, timings.
+    stats: the engine's assignment statistics; report: counts, shares, timings;
+    image_embeddings / pool_embeddings: the normalised global embeddings the round
+        computed (float32 (N, D) and (M, D)), for the doubt signals to reuse
+        without a second embedding pass.
     """
 
     caption: np.ndarray
@@ -169,6 +172,8 @@ class MatchResult:
     candidate_scores: np.ndarray
     stats: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    image_embeddings: np.ndarray | None = None
+    pool_embeddings: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.caption)
@@ -322,6 +327,8 @@ def match_round(
         local = {key: dist.all_gather_concat(value) for key, value in local.items()}
     with timer("assign"):
         result = _assign(local, own, config)
+    result.image_embeddings = local["embeddings"]
+    result.pool_embeddings = pool.embeddings
     result.report = _report(result, own, poisoned, image_classes, caption_classes, config, m)
     if "embed_candidates" in timer.seconds:  # ran inside the scoring: count it once
         timer.seconds["score"] -= timer.seconds["embed_candidates"]
@@ -524,12 +531,13 @@ def _score_images(
 ) -> dict[str, np.ndarray]:
     """Embed, prune and score this process's images, one batch at a time.
 
-    Returns, per image: the k candidates, and cos / s_OT for the candidates
-    plus (last column, when own is given) the own caption.
+    Returns, per image: the k candidates, cos / s_OT for the candidates plus
+    (last column, when own is given) the own caption, and the global embedding.
     """
     n, k = len(images), config.k
     cols = k + (own is not None)
     cand = np.empty((n, k), np.int64)
+    emb = np.empty((n, pool.embeddings.shape[1]), np.float32)
     cos = np.empty((n, cols), np.float32)
     ots = np.full((n, cols), np.nan, np.float32)
     bar = _progress(n, "match images", progress)
@@ -540,6 +548,7 @@ def _score_images(
             g, patches = encode_image_fine(bundle.model, pixels)
             g = F.normalize(g.float(), dim=-1).cpu().numpy()
             patches = patches.float()
+        emb[start:stop] = g
         with timer("prune"):
             idx, sim = otmatch.topk(np.ascontiguousarray(g), pool.embeddings, k, config.threads)
         cand[start:stop] = idx
@@ -560,7 +569,7 @@ def _score_images(
         if (start // config.image_batch + 1) % _TRIM_EVERY == 0:
             _trim_heap()
     bar.close()
-    return {"candidates": cand, "cos": cos, "ot": ots}
+    return {"candidates": cand, "cos": cos, "ot": ots, "embeddings": emb}
 
 
 def _score_block(

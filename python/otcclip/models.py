@@ -49,6 +49,7 @@ __all__ = [
     "encode_text_fine",
     "image_transform",
     "load_weights",
+    "model_name_of",
     "save_weights",
 ]
 
@@ -193,6 +194,10 @@ def _device_of(model: nn.Module) -> torch.device:
 # ----------------------------------------------------------------------------- weights
 
 
+# metadata keys that name the model: ours ("model") first, then other writers' habits
+_NAME_KEYS = ("model", "model_name", "name", "otcclip.model")
+
+
 def save_weights(bundle: ModelBundle, path: str | Path) -> None:
     """Write the model's weights as safetensors, atomically; the metadata names the model."""
     from safetensors.torch import save_file
@@ -201,6 +206,22 @@ def save_weights(bundle: ModelBundle, path: str | Path) -> None:
     meta = {"format": _WEIGHTS_FORMAT, "model": bundle.name, "embed_dim": str(bundle.embed_dim)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+
+
+def model_name_of(path: str | Path) -> str | None:
+    """The model name a safetensors weights file records (``save_weights`` writes it), or None.
+
+    Lets a tool load a checkpoint without being told which model it holds. A file
+    that is not safetensors is a ValueError saying so.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types on corrupt files
+        raise ValueError(f"{path} is not a readable safetensors weights file ({err})") from err
+    return next((meta[k] for k in _NAME_KEYS if meta.get(k)), None)
 
 
 def load_weights(bundle: ModelBundle, path: str | Path) -> None:

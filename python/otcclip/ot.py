@@ -210,6 +210,8 @@ def ot_distance(
     dtype = _compute_dtype(x, y)
     xm = _mask(x_mask, (n, p), "x_mask", x.device)
     ym = _mask(y_mask, (n, w), "y_mask", x.device)
+    _check_finite(x, xm, "x")
+    _check_finite(y, ym, "y")
     aw = _weights(a, xm, (n, p), "a", x.device, dtype)
     bw = _weights(b, ym, (n, w), "b", x.device, dtype)
     if n == 0:
@@ -342,8 +344,9 @@ class _Params:
 
     @staticmethod
     def make(eps, iters, tol, rho, domain) -> _Params:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-            raise ValueError(f"eps must be a positive number, got {eps!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+            # eps = inf made every plan uniform: a distance that ignores the data.
+            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
         if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
             raise ValueError(f"iters must be a positive int, got {iters!r}")
         if tol is not None and (
@@ -402,6 +405,22 @@ def _check_index(idx: Tensor, size: int, name: str) -> None:
 
 def _compute_dtype(*ts: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _check_finite(t: Tensor, mask: Tensor | None, name: str) -> None:
+    """Refuse NaN or inf in real tokens: the distance would be NaN, silently.
+
+    Padding (tokens the mask marks False) may hold anything; it never gets mass.
+    """
+    bad = ~torch.isfinite(t).all(dim=-1)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        i, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} holds NaN or inf in {int(bad.sum())} real tokens (first: set {i}, token "
+            f"{j}); the OT distance would be NaN"
+        )
 
 
 def _mask(mask, shape, name: str, device) -> Tensor | None:

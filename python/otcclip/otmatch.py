@@ -19,7 +19,15 @@ import numpy as np
 
 from otcclip import _otmatch
 
-__all__ = ["Assignment", "History", "assign", "kernel_name", "thread_count", "topk"]
+__all__ = [
+    "Assignment",
+    "History",
+    "assign",
+    "kernel_name",
+    "max_threads",
+    "thread_count",
+    "topk",
+]
 
 
 def topk(
@@ -33,7 +41,9 @@ def topk(
     each row sorted by score descending, ties to the lower pool index.
 
     ``threads=None`` shares one pool of all cores (``RAYON_NUM_THREADS``
-    overrides); an int uses a dedicated pool of that size, kept for later calls.
+    overrides); an int (1 to :func:`max_threads`, else ValueError) uses a
+    dedicated pool of that size, kept for later calls (the two most recent
+    counts are kept, so that varying counts do not pile up OS threads).
     Safe in processes forked after a call (torch DataLoader workers).
     """
     return _otmatch.topk(queries, pool, k, threads)
@@ -155,6 +165,14 @@ class History:
 def kernel_name() -> str:
     """The inner product kernel topk uses on this CPU: ``"avx512"`` or ``"portable"``."""
     return _otmatch.kernel_name()
+
+
+def max_threads() -> int:
+    """The largest ``threads`` :func:`topk` accepts here: 4 per core, at least 8.
+
+    The kernel is compute-bound: more threads than that only slow it down.
+    """
+    return _otmatch.max_threads()
 
 
 def thread_count(threads: int | None = None) -> int:

@@ -95,6 +95,10 @@ _RESUMABLE_FIELDS = frozenset(
         "progress",
         "threads",
         "eval_every",
+        "eval_size",
+        "probe_size",
+        "val_size",
+        "resume_from",
         "tensorboard",
         "log_every",
         "checkpoint_every",
@@ -102,6 +106,29 @@ _RESUMABLE_FIELDS = frozenset(
         "device",
         "match_batch",
         "ot_compile",
+    }
+)
+
+
+# Recorded only when set (see TrainConfig.to_dict): the results table compares configs.
+_OMITTED_AT_DEFAULT = frozenset(
+    {
+        "eval_size",
+        "probe_size",
+        "resume_from",
+        # issue 14
+        "val_size",
+        "augment",
+        "image_augment",
+        "warmup_steps",
+        "safeclip_lr_fixed",
+        "safe_max",
+        "safe_threshold",
+        "safe_schedule",
+        "safeclip_passes",
+        "filter_score",
+        "filter_k",
+        "filter_max_share",
     }
 )
 
@@ -133,10 +160,15 @@ class TrainConfig:
     # run directory and logging
     out: str | None = None
     resume: bool = False
+    resume_from: str | None = None  # a checkpoint directory name: resume from it, not the newest
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 50
     eval_every: int = 1
+    # recorded so that --resume evaluates as the run did (the CLI's evaluation reads them)
+    eval_size: int = 1000
+    probe_size: int = 0
+    val_size: int = 0
     progress: bool = True
     tensorboard: bool = False
     threads: int | None = None
@@ -174,6 +206,10 @@ class TrainConfig:
     rematch_from: str = "original"
     on_doubt: str = "drop"
     max_repair: float = 0.25
+    doubt: str = "fused"
+    doubt_signals: str | None = None
+    doubt_k: int = 16
+    doubt_min_share: float = 0.005
     match_batch: int = 256
     # RoCLIP
     bank_size: int = 4096
@@ -211,11 +247,21 @@ class TrainConfig:
             "k",
             "iters",
             "match_batch",
+            "doubt_k",
         )
         for name in positive_ints:
             if _bad_int(getattr(self, name), 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("checkpoint_every", "eval_every", "ot_negatives", "seed"):
+        if _bad_int(self.eval_size, 1):
+            raise ValueError(f"eval_size must be an integer >= 1, got {self.eval_size!r}")
+        for name in (
+            "checkpoint_every",
+            "eval_every",
+            "probe_size",
+            "val_size",
+            "ot_negatives",
+            "seed",
+        ):
             if _bad_int(getattr(self, name), 0):
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.batch_size < 2:
@@ -254,11 +300,24 @@ class TrainConfig:
         ImageAugment.from_spec(self.image_augment)
         if self.warmup_steps is not None and _bad_int(self.warmup_steps, 0):
             raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not 0.0 <= self.doubt_min_share <= self.max_repair:
+            raise ValueError(
+                f"doubt_min_share must be in [0, max_repair={self.max_repair}], "
+                f"got {self.doubt_min_share}"
+            )
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory (out) to resume from")
+        if self.resume_from is not None and not self.resume:
+            raise ValueError("resume_from needs resume")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as recorded; fields added after runs were recorded are left out at
+        their default, so that those records still compare equal to today's configs."""
+        d = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in _OMITTED_AT_DEFAULT and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> TrainConfig:
@@ -596,6 +655,8 @@ def train(
             loop.steps_done += 1
             loop.step += 1
             loop.global_step += 1
+            if not math.isfinite(parts["loss"]):
+                raise NonFiniteLossError(_non_finite_message(run_dir, epoch, loop, lr, parts))
             loop.step_losses.append(parts["loss"])
             info = {
                 "event": "step",
@@ -901,7 +962,7 @@ def _open_run(config: TrainConfig, run_dir: Path | None, rank: int) -> Checkpoin
             )
         dist.barrier()
         return None
-    checkpoint = load_checkpoint(run_dir)
+    checkpoint = load_checkpoint(run_dir, config.resume_from)
     if checkpoint is None:
         raise CheckpointError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}")
     saved = TrainConfig.from_dict(checkpoint.state["config"])
@@ -988,8 +1049,35 @@ def _restore(
     loop.prepare_seconds = float(s["prepare_seconds"])
 
 
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite: training stops, nothing of the broken model is saved."""
+
+
+def _non_finite_message(
+    run_dir: Path | None, epoch: int, loop: Any, lr: float, parts: dict[str, float]
+) -> str:
+    """Where the loss broke, what is kept, and what to change (the lr is the usual cause).
+
+    Called once the broken step is counted: `loop.step` is its 1-based number.
+    """
+    from otcclip.checkpoint import latest_checkpoint_path
+
+    last = None if run_dir is None else latest_checkpoint_path(run_dir)
+    kept = (
+        f"the last good checkpoint {last} is kept"
+        if last is not None
+        else "no checkpoint had been written; nothing was saved"
+    )
+    bad = ", ".join(f"{k} {v}" for k, v in sorted(parts.items()) if not math.isfinite(v))
+    return (
+        f"the loss is not finite ({bad}) at epoch {epoch + 1}, step {loop.step} "
+        f"(lr {lr:.3g}): training stopped and {kept}; lower --lr or set --grad-clip"
+    )
+
+
 def _write_metrics(run_dir: Path, metrics: list[dict[str, Any]]) -> None:
-    lines = "".join(json.dumps(_jsonable(m)) + "\n" for m in metrics)
+    # allow_nan=False: a NaN that slipped through would make the file invalid JSON.
+    lines = "".join(json.dumps(_jsonable(m), allow_nan=False) + "\n" for m in metrics)
     write_text(run_dir / METRICS_FILE, lines)
 
 
@@ -1043,11 +1131,13 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
+        return _jsonable(obj.item())
     if isinstance(obj, Tensor):
-        return obj.detach().cpu().tolist()
+        return _jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN / inf
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)

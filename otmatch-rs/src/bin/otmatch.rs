@@ -120,11 +120,24 @@ fn run(cli: Cli) -> Result<(), String> {
             let p = MatRef::new(&pv, m, dp).map_err(|e| e.to_string())?;
             let threads = match threads {
                 Some(0) => return Err("--threads must be at least 1".into()),
+                Some(t) if t > otmatch::max_threads() => {
+                    return Err(format!(
+                        "--threads must be at most {} (4 per core), got {t}",
+                        otmatch::max_threads()
+                    ))
+                }
                 t => Threads::from(t),
             };
+            check_outputs(&[
+                ("--out-indices", &out_indices),
+                ("--out-scores", &out_scores),
+            ])?;
             let t = otmatch::topk(q, p, k, threads).map_err(|e| e.to_string())?;
-            npy::write(&out_indices, &[n, k], &t.indices).map_err(|e| e.to_string())?;
-            npy::write(&out_scores, &[n, k], &t.scores).map_err(|e| e.to_string())?;
+            // Both files or neither: stage both, then rename both into place.
+            let a = npy::stage(&out_indices, &[n, k], &t.indices).map_err(|e| e.to_string())?;
+            let b = npy::stage(&out_scores, &[n, k], &t.scores).map_err(|e| e.to_string())?;
+            a.commit().map_err(|e| e.to_string())?;
+            b.commit().map_err(|e| e.to_string())?;
         }
         Command::Assign {
             candidates,
@@ -148,6 +161,11 @@ fn run(cli: Cli) -> Result<(), String> {
                     return Err("--method capacity needs --capacity C".into())
                 }
             };
+            let mut outputs = vec![("--out", out.as_path())];
+            if let Some(p) = &stats {
+                outputs.push(("--stats", p.as_path()));
+            }
+            check_outputs(&outputs)?;
             let (cs, cv) = npy::read::<i64>(&candidates).map_err(|e| e.to_string())?;
             let (ss, sv) = npy::read::<f32>(&scores).map_err(|e| e.to_string())?;
             let (n, k) = matrix_shape(&cs, &candidates, "candidates")?;
@@ -175,19 +193,57 @@ fn run(cli: Cli) -> Result<(), String> {
             };
             let a = otmatch::assign(&cv, &sv, k, own_v.as_deref(), own_s.as_deref(), &config)
                 .map_err(|e| e.to_string())?;
-            npy::write(&out, &[n], &a.caption).map_err(|e| e.to_string())?;
-            if let Some(path) = stats {
-                let s = a.stats;
-                let json = format!(
-                    "{{\"n\": {}, \"changed\": {}, \"distinct\": {}, \"max_load\": {}, \"unassigned\": {}, \"kept_by_margin\": {}}}\n",
-                    s.n, s.changed, s.distinct, s.max_load, s.unassigned, s.kept_by_margin
-                );
-                npy::write_atomic(&path, |w| w.write_all(json.as_bytes()))
-                    .map_err(|e| e.to_string())?;
+            // The assignment and its statistics, both or neither.
+            let staged_out = npy::stage(&out, &[n], &a.caption).map_err(|e| e.to_string())?;
+            let staged_stats = match stats {
+                Some(path) => {
+                    let s = a.stats;
+                    let json = format!(
+                        "{{\"n\": {}, \"changed\": {}, \"distinct\": {}, \"max_load\": {}, \"unassigned\": {}, \"kept_by_margin\": {}}}\n",
+                        s.n, s.changed, s.distinct, s.max_load, s.unassigned, s.kept_by_margin
+                    );
+                    Some(
+                        npy::stage_atomic(&path, |w| w.write_all(json.as_bytes()))
+                            .map_err(|e| e.to_string())?,
+                    )
+                }
+                None => None,
+            };
+            staged_out.commit().map_err(|e| e.to_string())?;
+            if let Some(staged) = staged_stats {
+                staged.commit().map_err(|e| e.to_string())?;
             }
         }
     }
     Ok(())
+}
+
+/// Refuses, before any work, output paths that cannot be written or that name the
+/// same file twice (the second write would silently replace the first).
+fn check_outputs(outputs: &[(&str, &std::path::Path)]) -> Result<(), String> {
+    for (i, (flag, path)) in outputs.iter().enumerate() {
+        npy::check_output(path).map_err(|e| format!("{flag}: {e}"))?;
+        for (other_flag, other) in &outputs[..i] {
+            if same_file(path, other) {
+                return Err(format!(
+                    "{other_flag} and {flag} both name {}: give each output its own file",
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let absolute = |p: &std::path::Path| {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+        let dir = dir.map_or_else(|| std::path::PathBuf::from("."), |d| d.to_path_buf());
+        dir.canonicalize()
+            .ok()
+            .map(|d| d.join(p.file_name().unwrap_or_default()))
+    };
+    a == b || matches!((absolute(a), absolute(b)), (Some(x), Some(y)) if x == y)
 }
 
 fn read_vector<T: npy::Element>(

@@ -150,6 +150,8 @@ fn public_topk_and_errors() {
     assert!(err(topk(qm, pm, 0, Threads::Auto)).contains("k must be at least 1"));
     assert!(err(topk(qm, pm, 10, Threads::Auto)).contains("exceeds the pool's 9 rows"));
     assert!(err(topk(qm, pm, 2, Threads::Count(0))).contains("threads must be at least 1"));
+    let too_many = crate::max_threads() + 1;
+    assert!(err(topk(qm, pm, 2, Threads::Count(too_many))).contains("threads must be at most"));
     let p3 = MatRef::new(&p[..27], 9, 3).unwrap();
     assert!(err(topk(qm, p3, 2, Threads::Auto))
         .contains("queries have d = 4 columns but pool has d = 3"));

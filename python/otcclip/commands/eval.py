@@ -134,9 +134,11 @@ def command(
 ) -> None:
     """Evaluate a checkpoint: zero-shot, linear probe, ASR, retrieval, re-assignment."""
     from otcclip.atomic import write_text
+    from otcclip.commands._checks import output_files
     from otcclip.data import fashion_scenes, probe_sets, zero_shot_set
     from otcclip.evaluate import evaluate, format_report, load_eval_inputs
 
+    output_files({"--json": json_path}, {"--checkpoint": checkpoint, "--matching": matching})
     weights = _weights_file(checkpoint)
     if matching is not None and poison_dir is None:
         raise click.UsageError(

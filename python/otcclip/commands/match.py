@@ -46,6 +46,7 @@ class _Images:
     values: Any  # pyarrow array: the bytes, or absolute paths
     own_from_pairs: bool
     image_classes: np.ndarray | None = None
+    extras: dict[str, Any] | None = None  # other input columns (url, ...), carried through
 
 
 @click.command(name="match")
@@ -256,8 +257,13 @@ def command(
     Runs under torchrun too (each process scores its share; rank 0 writes).
     """
     from otcclip import distributed as dist
+    from otcclip.commands._checks import output_files
     from otcclip.matching import MatchConfig, match_round
 
+    output_files(
+        {"--out": out_path, "--json": json_path},
+        {"--images": images_path, "--pool": pool_path, "--checkpoint": checkpoint},
+    )
     if method == "capacity" and capacity is None:
         raise click.BadParameter("--assign capacity needs --capacity", param_hint="--capacity")
     if method != "capacity" and capacity is not None:
@@ -302,11 +308,8 @@ def command(
             raise click.ClickException(str(err)) from None
         if dist.is_main():
             table = _output_table(result, images, pool, own, flag_only)
-            _write_parquet(table, out_path)
-            if json_path is not None:
-                from otcclip.atomic import write_text
-
-                write_text(json_path, json.dumps(_jsonable(result.report), indent=2) + "\n")
+            report = json.dumps(_jsonable(result.report), indent=2) + "\n"
+            _write_outputs(table, out_path, report, json_path)
             _print_summary(result, config, flag_only, out_path, time.perf_counter() - started)
         dist.barrier()
     finally:
@@ -344,8 +347,13 @@ def _inputs(
     return pool, bundle, images, own
 
 
-def _read_table(path: Path, what: str, wanted: tuple[str, ...]) -> Any:
-    """The columns of `wanted` that the parquet file has (others, e.g. images, stay on disk)."""
+def _read_table(path: Path, what: str, wanted: tuple[str, ...] | None) -> Any:
+    """The columns of `wanted` (None: all) that the parquet file has, fully validated.
+
+    Damaged files fail in many ways (OSError, any ArrowException, invalid UTF-8 in a
+    string column, which pyarrow only notices on conversion): all become one message
+    here, before any column is used.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -353,11 +361,16 @@ def _read_table(path: Path, what: str, wanted: tuple[str, ...]) -> Any:
         raise click.BadParameter(f"no such file: {path}", param_hint=f"--{what}")
     try:
         names = pq.read_schema(path).names
-        return pq.read_table(path, columns=[c for c in names if c in wanted]), names
-    except (OSError, pa.ArrowInvalid) as err:
+        columns = None if wanted is None else [c for c in names if c in wanted]
+        table = pq.read_table(path, columns=columns)
+        table.validate(full=True)  # e.g. invalid UTF-8 in a string column
+    except (OSError, pa.ArrowException, ValueError, UnicodeDecodeError) as err:
+        reason = " ".join(str(err).split())[:300]
         raise click.BadParameter(
-            f"{path} is not a parquet file ({err})", param_hint=f"--{what}"
+            f"{path} is not a readable parquet file ({type(err).__name__}: {reason})",
+            param_hint=f"--{what}",
         ) from None
+    return table, names
 
 
 def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
@@ -467,11 +480,7 @@ def _read_images(path: Path, image_size: int) -> _Images:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table, names = _read_table(
-        path,
-        "images",
-        (*_IMAGE_ID_COLUMNS, *_IMAGE_COLUMNS, *_PATH_COLUMNS, "caption_id", "image_classes"),
-    )
+    table, names = _read_table(path, "images", None)  # all: other columns are carried through
     id_col = _pick(names, _IMAGE_ID_COLUMNS)
     image_col = _pick(names, _IMAGE_COLUMNS)
     path_col = None if image_col else _pick(names, _PATH_COLUMNS)
@@ -522,7 +531,11 @@ def _read_images(path: Path, image_size: int) -> _Images:
         values = pa.array([None if s is None else str(s.resolve()) for s in sources], pa.string())
         out_col = "image_path"
     pixels = _decode_all(sources, ids, image_size, path)
-    return _Images(ids, own_ids, pixels, out_col, values, pairs, _classes(table, "image_classes"))
+    used = {id_col, image_col, path_col, own_col, *_TEXT_COLUMNS, "caption_classes"}
+    extras = {c: table.column(c) for c in names if c not in used}
+    return _Images(
+        ids, own_ids, pixels, out_col, values, pairs, _classes(table, "image_classes"), extras
+    )
 
 
 def _decode_all(sources: list[Any], ids: np.ndarray, size: int, path: Path) -> np.ndarray:
@@ -676,18 +689,26 @@ def _output_table(
             changed=pa.array(result.changed | (result.caption < 0), pa.bool_()),
             suspicious=pa.array(result.suspicious, pa.bool_()),
         )
+    for name, values in (images.extras or {}).items():
+        columns["input_" + name if name in columns else name] = values
     return pa.table(columns).replace_schema_metadata(
         {"otcclip.matching": json.dumps(_jsonable(result.report))}
     )
 
 
-def _write_parquet(table: Any, out_path: Path) -> None:
+def _write_outputs(table: Any, out_path: Path, report: str, json_path: Path | None) -> None:
+    """The parquet and the JSON report, both complete or neither (staged, then renamed)."""
+    import contextlib
+
     import pyarrow.parquet as pq
 
     from otcclip.atomic import atomic_path
 
-    with atomic_path(out_path) as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(out_path))
         pq.write_table(table, tmp)
+        if json_path is not None:
+            stack.enter_context(atomic_path(json_path)).write_text(report, encoding="utf-8")
 
 
 def _print_summary(

@@ -88,9 +88,10 @@ def _params_for(kind: str, params: dict[str, object]) -> dict[str, object]:
 )
 @click.option(
     "--image-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=56),
     default=None,
-    help="Scene canvas in pixels (default 56); with --data, resize images to this size.",
+    help="Scene canvas in pixels (default 56); with --data, resize images to this size "
+    "(at least 56: the evaluation's test scenes and the targets are built at this size).",
 )
 @click.option(
     "--max-items",
@@ -140,6 +141,20 @@ def _params_for(kind: str, params: dict[str, object]) -> dict[str, object]:
     default=40,
     show_default=True,
     help="Targeted poisoning: poisoned captions per target image.",
+)
+@click.option(
+    "--copy-shift",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Targeted poisoning: shift each copy of a target by up to this many pixels.",
+)
+@click.option(
+    "--copy-noise",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Targeted poisoning: Gaussian pixel noise (sigma, 0-255 units) on each copy.",
 )
 @click.option(
     "--n-poison",
@@ -194,6 +209,8 @@ def command(
     source_label: str | None,
     n_targets: int,
     n_captions: int,
+    copy_shift: int,
+    copy_noise: float,
     n_poison: str,
     label_consistent: bool,
     trigger: str,
@@ -241,7 +258,8 @@ def command(
         raise click.BadParameter(
             "applies to badnet/blended/sig/wanet only", param_hint="--label-consistent"
         )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+    _check_out_dir(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise click.ClickException(f"{out_dir} exists and is not empty; pass --force to replace it")
 
     try:
@@ -290,6 +308,8 @@ def command(
                     source_labels=source,
                     adaptive=name == "targeted-adaptive",
                     root=fmnist_root,
+                    copy_shift=copy_shift,
+                    copy_noise=copy_noise,
                 )
             elif name == "adaptive":
                 table, m = atk.adaptive_backdoor(
@@ -326,6 +346,24 @@ def command(
         + (f", {out_dir}/targets.npz" if any(m.targets for m in manifests) else "")
     )
     click.echo(atk.manifest_summary(manifests, len(table)))
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out that cannot become a folder, before any work.
+
+    --force replaces a folder; an existing file used to be renamed to a hidden
+    `.tmp.old` leftover with a folder put in its place (exit 0).
+    """
+    from otcclip.atomic import file_target_problem
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise click.BadParameter(
+            f"{out_dir} is a file; the output is a folder (--force replaces only a folder)",
+            param_hint="--out",
+        )
+    problem = file_target_problem(out_dir)
+    if problem is not None and not out_dir.is_dir():
+        raise click.BadParameter(problem, param_hint="--out")
 
 
 def _write_dir(out_dir: Path, table, manifests, data_info, write_pairs, save_manifests) -> None:

@@ -34,7 +34,8 @@ _SCHEDULE_HELP = (
 @click.option(
     "--image-size",
     type=click.IntRange(min=8),
-    help="Resize data images to S x S when reading (fashion-scenes default 56).",
+    help="Resize data images to S x S when reading (fashion-scenes default 56, and at least "
+    "56 for fashion-scenes; evaluation of smaller images runs at the model's size).",
 )
 @click.option(
     "--model",
@@ -84,6 +85,12 @@ _SCHEDULE_HELP = (
     is_flag=True,
     help="Continue the run in --out from its last checkpoint; options not given are taken "
     "from the run.",
+)
+@click.option(
+    "--resume-from",
+    metavar="CHECKPOINT",
+    help="With a damaged newest checkpoint: resume from this older one instead (a step-... "
+    "directory in RUN/checkpoints, as the error names it). Implies --resume.",
 )
 @click.option(
     "--checkpoint-every",
@@ -223,6 +230,36 @@ _SCHEDULE_HELP = (
     show_default=True,
     help="The most a round re-pairs, as a share of the images: the most suspicious first "
     "(largest lead of the best candidate over the own caption).",
+)
+@click.option(
+    "--doubt",
+    type=click.Choice(["fused", "match"]),
+    default="fused",
+    show_default=True,
+    help="Which pairs a round doubts: 'fused' = the fused doubt score of otcclip.doubt "
+    "(density, neighbourhood consistency and the round's cross-modal lead), cut by a "
+    "label-free mixture and capped by --max-repair; 'match' = the paper's rule (a "
+    "candidate beats the own caption by --margin), capped by --max-repair.",
+)
+@click.option(
+    "--doubt-signals",
+    default=None,
+    help="Comma-separated signals the fused doubt uses (see otcclip.doubt.SIGNALS) "
+    "[default: otcclip.doubt.DoubtConfig's].",
+)
+@click.option(
+    "--doubt-k",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Neighbours of the doubt signals' self-joins.",
+)
+@click.option(
+    "--doubt-min-share",
+    type=click.FloatRange(0, 1),
+    default=0.005,
+    show_default=True,
+    help="The fused doubt leaves out at least this share of the pairs each round.",
 )
 @click.option(
     "--lambda-inter",
@@ -381,30 +418,25 @@ def command(**options: Any) -> None:
     ctx = click.get_current_context()
     dist.init_from_env()
     try:
+        _check_out(options["out"], options["threads"])
         settings = _settings(ctx, options)
-        eval_every, eval_size, probe_size, val_size = (
-            settings.pop("eval_every"),
-            settings.pop("eval_size"),
-            settings.pop("probe_size"),
-            settings.pop("val_size"),
-        )
-        config = TrainConfig(eval_every=eval_every, **settings)
+        config = TrainConfig(**settings)
         try:
             config.validate()
         except ValueError as err:
             raise click.UsageError(str(err)) from None
         callbacks = []
-        if eval_every > 0:
+        if config.eval_every > 0:
             from otcclip.evaluate import EpochEvaluation
 
             callbacks.append(
                 EpochEvaluation(
-                    every=eval_every,
+                    every=config.eval_every,
                     epochs=config.epochs,
-                    eval_size=eval_size,
-                    probe_size=probe_size,
+                    eval_size=config.eval_size,
+                    probe_size=config.probe_size,
                     seed=config.seed,
-                    val_size=val_size,
+                    val_size=config.val_size,
                 )
             )
         try:
@@ -421,6 +453,28 @@ def command(**options: Any) -> None:
         dist.destroy()
 
 
+def _check_out(out: Path, threads: int | None) -> None:
+    """Refuse, before any work, an --out that cannot be a run folder and a thread count
+    the matching engine would refuse at the first round (after epochs of training)."""
+    from otcclip.atomic import file_target_problem
+
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(
+            f"{out} is a file; the run directory is a folder", param_hint="--out"
+        )
+    problem = file_target_problem(out)
+    if problem is not None and not out.is_dir():
+        raise click.BadParameter(problem, param_hint="--out")
+    if threads is not None:
+        from otcclip.otmatch import max_threads
+
+        if threads > max_threads():
+            raise click.BadParameter(
+                f"at most {max_threads()} (4 per core) on this machine, got {threads}",
+                param_hint="--threads",
+            )
+
+
 def _settings(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     """TrainConfig fields from the options; with --resume, unset ones come from the run."""
     rename = {"rho": "ot_rho"}
@@ -429,26 +483,30 @@ def _settings(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
     for key in ("data", "out"):
         if settings[key] is not None:
             settings[key] = str(settings[key])
+    if options["resume_from"] is not None:
+        settings["resume"] = options["resume"] = True
     if not options["resume"]:
         if settings["data"] is None and settings["scenes"] is None:
             raise click.UsageError("give the training data: --data PATH or --scenes N")
         if settings["data"] is not None and settings["scenes"] is not None:
             raise click.UsageError("give --data or --scenes, not both")
         return settings
-    saved = _saved_config(Path(settings["out"]))
+    saved = _saved_config(Path(settings["out"]), options["resume_from"])
     for name in options:
         key = rename.get(name, name)
+        if key == "resume_from":
+            continue  # where this resumption starts, never the run's earlier choice
         if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None) and key in saved:
             settings[key] = saved[key]
     settings["resume"] = True
     return settings
 
 
-def _saved_config(run_dir: Path) -> dict[str, Any]:
+def _saved_config(run_dir: Path, name: str | None = None) -> dict[str, Any]:
     from otcclip.checkpoint import load_checkpoint
 
     try:
-        checkpoint = load_checkpoint(run_dir)
+        checkpoint = load_checkpoint(run_dir, name)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     if checkpoint is None:
@@ -456,7 +514,10 @@ def _saved_config(run_dir: Path) -> dict[str, Any]:
     return dict(checkpoint.state["config"])
 
 
-def command_line(config: Any, eval_size: int = 1000, probe_size: int = 0) -> str:
+_NOT_IN_LINE = ("resume", "resume_from")  # how a run was continued, not what it computes
+
+
+def command_line(config: Any, eval_size: int | None = None, probe_size: int | None = None) -> str:
     """The `otcclip train` command line that runs exactly `config` (a TrainConfig).
 
     Results tables record it so that every row can be rerun by hand. Each setting that
@@ -471,12 +532,16 @@ def command_line(config: Any, eval_size: int = 1000, probe_size: int = 0) -> str
     defaults = {("ot_rho" if k == "rho" else k): v for k, v in parsed.items()}
     defaults["scenes"] = None
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    values = config.to_dict() | {"eval_size": eval_size, "probe_size": probe_size}
+    values = config.to_dict()
+    if eval_size is not None:
+        values["eval_size"] = eval_size
+    if probe_size is not None:
+        values["probe_size"] = probe_size
     always = {"data", "defense", "model", "epochs", "batch_size", "lr", "seed", "out"}
     parts, lost = ["otcclip", "train"], []
     for param in command.params:
         name = "ot_rho" if param.name == "rho" else str(param.name)
-        if not isinstance(param, click.Option) or name not in values or name == "resume":
+        if not isinstance(param, click.Option) or name not in values or name in _NOT_IN_LINE:
             continue
         value, default = values[name], defaults.get(name)
         if param.is_flag:

@@ -205,6 +205,19 @@ def _pick(names: Iterable[str], wanted: str | None, candidates: tuple[str, ...])
     return next((c for c in candidates if c in names), None)
 
 
+def _read_parquet(file: Path, columns: list[str] | None = None) -> pa.Table:
+    """A parquet table; a damaged file (flipped bytes, truncation) is a DataError.
+
+    pyarrow reports damage as OSError ("Corrupt snappy compressed data", "Couldn't
+    deserialize thrift") or any ArrowException, which commands would show as a traceback.
+    """
+    try:
+        return pq.read_table(file, columns=columns)
+    except (OSError, pa.ArrowException) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise DataError(f"{file}: not a readable parquet file ({reason})") from None
+
+
 def _parquet_raws(path, caption_col, image_col, path_col, id_col, image_root):
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files or not files[0].exists():
@@ -214,7 +227,7 @@ def _parquet_raws(path, caption_col, image_col, path_col, id_col, image_root):
     class_parts: list[tuple[np.ndarray, np.ndarray]] = []
     offset = 0
     for file in files:
-        table = pq.read_table(file)
+        table = _read_parquet(file)
         names = table.column_names
         cap = _pick(names, caption_col, _CAPTION_COLUMNS)
         if cap is None:
@@ -487,10 +500,10 @@ def read_pair_columns(path: str | os.PathLike[str], columns: Iterable[str]) -> d
         raise FileNotFoundError(f"no parquet file at {str(path)!r}")
     try:
         names = pq.read_schema(path).names
-    except (OSError, pa.ArrowInvalid) as err:
+    except (OSError, pa.ArrowException) as err:
         raise DataError(f"{path}: not a parquet file ({err})") from err
     wanted = [c for c in columns if c in names]
-    table = pq.read_table(path, columns=wanted)
+    table = _read_parquet(path, wanted)
     out: dict[str, object] = {}
     for name in wanted:
         column = table.column(name)

@@ -328,7 +328,9 @@ def target_scenes(
         members = order[labels[order] == c]
         if len(want) > len(members):
             raise ValueError(
-                f"{len(want)} targets of class {CLASSNAMES[c]!r}; the pool holds {len(members)}"
+                f"{len(classes)} target images asked for, {len(want)} of them of class "
+                f"{CLASSNAMES[c]!r}, but only {len(members)} test images of that class are "
+                "reserved for targets; ask for fewer targets"
             )
         sources[want] = members[: len(want)]
     places = rng.integers(0, 9, len(classes))

@@ -1,0 +1,706 @@
+"""Per-pair doubt from signals the poison cannot rewrite, fused into one score and a budget.
+
+Why this module exists: a matching round that doubts a pair only by how well its
+image and caption agree under the model (a cross-modal score) loses its grip as
+training goes on, because that agreement is exactly the link a poison trains.
+Once the model has learned a target image or a trigger, the poisoned pair looks
+like any other (DESIGN.md, section 8). The signals here look elsewhere:
+
+- **density** (Huang et al., ICLR 2025): how crowded a pair's neighbourhood is in
+  image space, caption space, and in plain pixel space (a thumbnail the model
+  never touches). A targeted attack's copies of one image crowd together;
+  k-distance, SLOF and a DAO-like score weighted by local intrinsic dimension.
+- **neighbourhood consistency** (Deep k-NN, Peri et al. 2020), in both directions:
+  does image i look like the images of the captions nearest its caption, and does
+  caption i read like the captions of the images nearest its image? A backdoor's
+  images share a caption class but not a look, so they disagree with their
+  neighbours. The neighbours exclude identical captions and near-duplicate images,
+  so that a poison's own copies cannot vouch for each other.
+- **cross-modal**: the round's own lead of a candidate over the own caption (or
+  minus the image-caption cosine), kept as one signal among several.
+
+Each signal is put on a common scale without labels (its median maps to 0 and its
+own 99th percentile to 1), and the fused score is the largest of them, so that one strong
+signal speaks for an attack the others miss, where an average would dilute it.
+Each pair shares its verdict with its pixel copies (by a shift-invariant pixel key):
+the median fused score over itself and them. The share of pairs doubted follows the score: a
+two-component Gaussian mixture over the fused scores, fitted without labels, puts
+the cut where the upper component becomes the more likely, inside [min_share,
+max_share].
+
+Neighbours come from exact k-NN self-joins with the engine's `otmatch.topk`; the
+N x N similarity matrix is never built. Nothing here reads a poison manifest or
+any label.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from otcclip import otmatch
+
+__all__ = [
+    "FAMILIES",
+    "SIGNALS",
+    "DoubtConfig",
+    "Doubt",
+    "knn",
+    "local_outlier_scores",
+    "PixelEvidence",
+    "pixel_evidence",
+    "pixel_keys",
+    "pixel_recurrence",
+    "robust_z",
+    "tail_scale",
+    "upper_rank",
+    "fuse",
+    "group_verdict",
+    "mixture_threshold",
+    "compute_signals",
+    "decide",
+    "doubt_scores",
+]
+
+# signal -> family; a family can be switched off as a whole (the table's ablations)
+SIGNALS: dict[str, str] = {
+    "cross": "cross",
+    "density_image": "density",
+    "density_caption": "density",
+    "density_pixel": "pixel",
+    "recurrence_pixel": "pixel",
+    "slof_image": "density",
+    "dao_image": "density",
+    "consistency_caption": "consistency",
+    "consistency_image": "consistency",
+}
+FAMILIES: tuple[str, ...] = ("cross", "density", "pixel", "consistency")
+
+
+@dataclass
+class DoubtConfig:
+    """Knobs of the doubt score.
+
+    k: neighbours per self-join (density's k-th neighbour, consistency's neighbourhood).
+    signals: the signals fused (names of SIGNALS); the others are still computed when
+        `report_all` is set, for measurement.
+    duplicate_sim: pixel-key cosine from which two images count as copies of one
+        another, which may not vouch for each other in the consistency signals
+        (generous: leaving out a lookalike costs little).
+    group_sim: pixel-key cosine from which two images share one verdict (strict:
+        a group is joined transitively, so a loose cut chains unrelated images).
+    caption_duplicate_sim: caption-embedding cosine above which two captions count as
+        identical (excluded from caption neighbourhoods).
+    min_share / max_share: the doubted share stays within these, whatever the mixture says.
+    group: near-duplicate groups share one verdict.
+    fusion: how signals share one scale before the maximum (FUSIONS): "max_tail"
+        maps each signal's own 99th percentile to 1 (`tail_scale`), "max_z" is a
+        robust z, "max_rank" the empirical rank.
+    thumb: low frequencies a side in the pixel key (`pixel_keys`).
+    pixel_k: neighbours of the pixel density (copies of one image are few, so fewer
+        than k).
+    tile / tile_min_std: the block side and least pixel spread of `pixel_recurrence`.
+    reach: how many neighbours past k the consistency signals look through, so that
+        copies of the pair's own image (which may not vouch) cannot fill the
+        neighbourhood.
+    threads: rayon threads for the self-joins (None: the engine's default).
+    seed: seeds the mixture's initialisation.
+    """
+
+    k: int = 16
+    signals: tuple[str, ...] = (
+        "cross",
+        "density_pixel",
+        "recurrence_pixel",
+        "consistency_caption",
+        "consistency_image",
+    )
+    duplicate_sim: float = 0.9
+    group_sim: float = 0.97
+    caption_duplicate_sim: float = 0.999
+    min_share: float = 0.005
+    max_share: float = 0.25
+    group: bool = True
+    fusion: str = "max_tail"
+    thumb: int = 8
+    pixel_k: int = 8
+    reach: int = 48
+    tile: int = 4
+    tile_min_std: float = 40.0
+    report_all: bool = False
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        self.signals = tuple(self.signals)
+        unknown = [s for s in self.signals if s not in SIGNALS]
+        if unknown or not self.signals:
+            raise ValueError(
+                f"signals must be a non-empty subset of {', '.join(SIGNALS)}; got {unknown or '()'}"
+            )
+        for name in ("duplicate_sim", "group_sim", "caption_duplicate_sim"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and -1.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be a cosine in [-1, 1], got {value!r}")
+        if not (0.0 <= self.min_share <= self.max_share <= 1.0):
+            raise ValueError(
+                "need 0 <= min_share <= max_share <= 1, got "
+                f"min_share={self.min_share!r}, max_share={self.max_share!r}"
+            )
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if isinstance(self.thumb, bool) or not isinstance(self.thumb, int) or self.thumb < 2:
+            raise ValueError(f"thumb must be an int >= 2, got {self.thumb!r}")
+
+    def without(self, family: str) -> DoubtConfig:
+        """The same config with one family of signals left out (an ablation)."""
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        kept = tuple(s for s in self.signals if SIGNALS[s] != family)
+        if not kept:
+            raise ValueError(f"leaving out {family!r} leaves no signal")
+        return DoubtConfig(**{**self.__dict__, "signals": kept})
+
+
+@dataclass
+class Doubt:
+    """The verdict on every pair.
+
+    fused: the fused score (larger = more suspicious), after the group verdict;
+    doubted: bool, fused above the threshold (at most max_share of the pairs);
+    threshold: the cut; signals: every computed signal, raw (larger = more suspicious);
+    z: the same on the common scale of the fusion; grouped: the pair has a pixel copy
+    and shares its verdict; report: counts and the mixture's fit.
+    """
+
+    fused: np.ndarray
+    doubted: np.ndarray
+    threshold: float
+    signals: dict[str, np.ndarray]
+    z: dict[str, np.ndarray]
+    grouped: np.ndarray
+    report: dict[str, float | int | str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- neighbours
+
+
+def knn(
+    x: np.ndarray, k: int, *, threads: int | None = None, name: str = "embeddings"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's k nearest other rows by inner product: indices (N, k), similarities (N, k).
+
+    An exact self-join with `otmatch.topk`; the row itself is left out even when an
+    exact duplicate ties with it.
+    """
+    x = _check_embeddings(x, name)
+    n = len(x)
+    if n < 2:
+        raise ValueError(f"{name}: a pool of {n} row(s) has no neighbours; need at least 2")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if k > n - 1:
+        raise ValueError(f"k = {k} neighbours, but {name} has only {n} rows (k <= N - 1)")
+    idx, sim = otmatch.topk(x, x, int(k) + 1, threads)
+    own = idx == np.arange(n)[:, None]
+    # drop the row itself; where a tie pushed it out of the list, drop the last column
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+    keep = np.ones_like(own)
+    keep[np.arange(n), drop] = False
+    return idx[keep].reshape(n, k), sim[keep].reshape(n, k)
+
+
+def local_outlier_scores(
+    embeddings: np.ndarray,
+    k: int = 16,
+    *,
+    threads: int | None = None,
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """k-distance, SLOF and DAO for each row (Huang et al., ICLR 2025), larger = sparser.
+
+    kdist: cosine distance to the k-th nearest row. slof: kdist over the mean kdist
+    of the row's neighbours (density relative to its neighbourhood). dao: the mean
+    over neighbours o of (kdist(row) / kdist(o)) ** LID(o), with LID the
+    maximum-likelihood local intrinsic dimension of o; it corrects SLOF for the
+    local dimension, which differs between clusters of real data.
+    Scores are float64. A poison's many copies sit in a crowded spot: negate these.
+    """
+    idx, sim = neighbours if neighbours is not None else knn(embeddings, k, threads=threads)
+    dist = np.clip(1.0 - sim.astype(np.float64), 1e-9, None)
+    kdist = dist[:, -1]
+    slof = kdist / np.maximum(kdist[idx].mean(axis=1), 1e-12)
+    lid = _lid(dist)
+    ratio = np.log(kdist[:, None]) - np.log(kdist[idx])
+    dao = np.exp(np.clip(lid[idx] * ratio, -50.0, 50.0)).mean(axis=1)
+    return {"kdist": kdist, "slof": slof, "dao": dao}
+
+
+def _lid(dist: np.ndarray) -> np.ndarray:
+    """Maximum-likelihood local intrinsic dimension from sorted neighbour distances."""
+    logs = np.log(dist / dist[:, -1:])[:, :-1]
+    mean = logs.mean(axis=1) if logs.shape[1] else np.zeros(len(dist))
+    return np.clip(-1.0 / np.minimum(mean, -1e-6), 0.0, 100.0)
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def pixel_keys(images: np.ndarray, size: int = 8) -> np.ndarray:
+    """A model-free key per image that a small shift and mild noise do not move.
+
+    The log-magnitude of the image's 2-D Fourier transform, kept at the lowest
+    `size` x `size` frequencies (both vertical signs), without the mean, then
+    centred and L2-normalised. The magnitude ignores where the content sits
+    (a shift only turns the phase), the low frequencies ignore pixel noise, and
+    training cannot move any of it: an attacker's variants of one image keep
+    nearly the same key, while different scenes differ. Images (N, H, W) or
+    (N, H, W, 3) uint8.
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise TypeError("images must be a uint8 numpy array (N, H, W) or (N, H, W, 3)")
+    if images.ndim == 4 and images.shape[3] == 3:
+        gray = images.astype(np.float32).mean(axis=3)
+    elif images.ndim == 3:
+        gray = images.astype(np.float32)
+    else:
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, 3), got {images.shape}")
+    n, h, w = gray.shape
+    if h < 2 * size or w < 2 * size:
+        raise ValueError(f"images of {h}x{w} px are too small for {size} frequencies a side")
+    keys = np.empty((n, (2 * size - 1) * size), np.float32)
+    for start in range(0, n, 4096):  # bounded memory: the spectra of one block at a time
+        spectrum = np.abs(np.fft.rfft2(gray[start : start + 4096]))
+        low = np.concatenate([spectrum[:, :size, :size], spectrum[:, h - size + 1 :, :size]], 1)
+        low = np.log1p(low.reshape(len(low), -1))
+        low[:, 0] = 0.0  # the mean brightness says nothing about which image it is
+        low -= low.mean(axis=1, keepdims=True)
+        keys[start : start + 4096] = low
+    norm = np.linalg.norm(keys, axis=1, keepdims=True)
+    return np.ascontiguousarray(keys / np.maximum(norm, 1e-6), dtype=np.float32)
+
+
+def pixel_recurrence(
+    images: np.ndarray, tile: int = 4, min_std: float = 40.0, block: int = 1024
+) -> np.ndarray:
+    """For each image, how many images share one of its textured tiles exactly, in place.
+
+    A patch trigger (BadNet, and the adaptive attack's patch) is the same pixels at
+    the same spot in every poisoned image; natural images almost never share a
+    textured tile x tile block pixel for pixel. Each image scores the largest
+    number of images holding any of its tiles (with a pixel standard deviation of
+    at least `min_std`, so blank background does not count) at the same position:
+    1 for a unique image, the poison count for a patch trigger. Training cannot
+    move it. A trigger blended over the whole image, or one redrawn per image,
+    leaves it blind; the other signals are there for those. Images (N, H, W) or
+    (N, H, W, 3) uint8.
+    """
+    gray = _gray_u8(images)
+    n, h, w = gray.shape
+    if h < tile or w < tile:
+        raise ValueError(f"images of {h}x{w} px are smaller than the {tile} px tile")
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    width = -(-tile * tile // 8) * 8  # bytes per tile, padded to whole 64-bit words
+    keys: list[np.ndarray] = []
+    owners: list[np.ndarray] = []
+    for start in range(0, n, block):
+        part = gray[start : start + block]
+        win = sliding_window_view(part, (tile, tile), axis=(1, 2))
+        win = win.reshape(len(part), -1, tile * tile)
+        textured = win.astype(np.float32).std(axis=2) >= min_std
+        rows, where = np.nonzero(textured)
+        chosen = np.zeros((len(rows), width), np.uint8)
+        chosen[:, : tile * tile] = win[rows, where]
+        words = chosen.view(np.uint64)
+        key = np.full(len(rows), np.uint64(1469598103934665603))
+        for j in range(words.shape[1]):
+            key = (key ^ words[:, j]) * np.uint64(1099511628211)
+        key ^= where.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # the tile's position
+        keys.append(key)
+        owners.append(rows + start)
+    best = np.ones(n, np.float64)
+    if keys:
+        key = np.concatenate(keys)
+        owner = np.concatenate(owners)
+        _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+        np.maximum.at(best, owner, counts[inverse].astype(np.float64))
+    return best
+
+
+def _gray_u8(images: np.ndarray) -> np.ndarray:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise TypeError("images must be a uint8 numpy array (N, H, W) or (N, H, W, 3)")
+    if images.ndim == 4 and images.shape[3] == 3:
+        return np.rint(images.astype(np.float32).mean(axis=3)).astype(np.uint8)
+    if images.ndim == 3:
+        return images
+    raise ValueError(f"images must be (N, H, W) or (N, H, W, 3), got {images.shape}")
+
+
+@dataclass
+class PixelEvidence:
+    """What the pixels alone say about every pair; computed once per dataset.
+
+    keys: `pixel_keys` (N, d); neighbours: their k-NN (indices, cosines), for
+    the pixel density, the copies that may not vouch for each other, and the
+    shared verdicts; recurrence: `pixel_recurrence`. None of it depends on the
+    model, so a trainer computes it before the first round and reuses it.
+    """
+
+    keys: np.ndarray
+    neighbours: tuple[np.ndarray, np.ndarray]
+    recurrence: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> PixelEvidence:
+    """Pixel keys, their neighbours and the tile recurrence of `images` (uint8)."""
+    config = config or DoubtConfig()
+    keys = pixel_keys(images, config.thumb)
+    if config.pixel_k > len(keys) - 1:
+        raise ValueError(
+            f"pixel_k = {config.pixel_k} neighbours, but only {len(keys)} images (<= N - 1)"
+        )
+    neighbours = knn(keys, config.pixel_k, threads=config.threads, name="pixel keys")
+    recurrence = pixel_recurrence(images, config.tile, config.tile_min_std)
+    return PixelEvidence(keys, neighbours, recurrence)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _consistency(
+    other_space: np.ndarray,
+    idx: np.ndarray,
+    sim: np.ndarray,
+    k: int,
+    exclude_sim: float,
+    exclude: np.ndarray | None,
+) -> np.ndarray:
+    """-(mean cos between row i and the rows of `other_space` of i's first k vouching neighbours).
+
+    The neighbours (idx, sim, sorted, possibly more than k) come from the anchor
+    space; those closer than `exclude_sim` there (identical captions), or flagged by
+    `exclude` (copies of the same image), do not vouch, and the next ones stand in.
+    A row left with no neighbour scores 0.
+    """
+    keep = sim < exclude_sim
+    if exclude is not None:
+        keep &= ~exclude
+    keep &= np.cumsum(keep, axis=1) <= k
+    agree = np.einsum("nd,nkd->nk", other_space, other_space[idx])
+    count = keep.sum(axis=1)
+    mean = np.where(count > 0, (agree * keep).sum(axis=1) / np.maximum(count, 1), 0.0)
+    return -mean.astype(np.float64)
+
+
+def _copies(idx: np.ndarray, keys: np.ndarray | None, threshold: float) -> np.ndarray | None:
+    """Which neighbours (N, k) are pixel copies of the row (thumbnail cosine >= threshold)."""
+    if keys is None:
+        return None
+    return np.einsum("nd,nkd->nk", keys, keys[idx]) >= threshold
+
+
+def compute_signals(
+    image_emb: np.ndarray,
+    caption_emb: np.ndarray,
+    config: DoubtConfig,
+    *,
+    pixels: PixelEvidence | None = None,
+    lead: np.ndarray | None = None,
+    wanted: Sequence[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Every wanted signal, larger = more suspicious.
+
+    image_emb / caption_emb: (N, D) L2-normalised global embeddings of each pair's
+    image and own caption; pixels: `pixel_evidence` of the images (None: no pixel
+    signals, and copies judged by near-identical image embeddings); lead: the
+    round's cross-modal lead of the best candidate over the own caption (None:
+    minus the pair's cosine).
+    """
+    image_emb = _check_embeddings(image_emb, "image embeddings")
+    caption_emb = _check_embeddings(caption_emb, "caption embeddings")
+    n = len(image_emb)
+    if len(caption_emb) != n:
+        raise ValueError(f"{n} image embeddings but {len(caption_emb)} caption embeddings")
+    if lead is not None:
+        lead = np.asarray(lead, dtype=np.float64)
+        if lead.shape != (n,) or not np.isfinite(lead).all():
+            raise ValueError(f"lead must be {n} finite numbers, one per pair")
+    if pixels is not None and len(pixels) != n:
+        raise ValueError(f"pixel evidence for {len(pixels)} images, but {n} pairs")
+    keys = None if pixels is None else pixels.keys
+    wanted = tuple(SIGNALS) if wanted is None else tuple(wanted)
+    if pixels is None:
+        wanted = tuple(s for s in wanted if SIGNALS[s] != "pixel")
+    k = config.k
+    out: dict[str, np.ndarray] = {}
+    if k > n - 1:
+        raise ValueError(f"k = {k} neighbours, but only {n} pairs (k <= N - 1)")
+    reach = min(n - 1, k + config.reach)
+    # one self-join per space, wide enough for the consistency signals; density reads its head
+    img_wide = knn(image_emb, reach, threads=config.threads, name="image embeddings")
+    cap_wide = knn(caption_emb, reach, threads=config.threads, name="caption embeddings")
+    img_nn = (img_wide[0][:, :k], img_wide[1][:, :k])
+    cap_nn = (cap_wide[0][:, :k], cap_wide[1][:, :k])
+    if "cross" in wanted:
+        own = np.einsum("nd,nd->n", image_emb, caption_emb).astype(np.float64)
+        out["cross"] = lead if lead is not None else -own
+    if {"density_image", "slof_image", "dao_image"} & set(wanted):
+        scores = local_outlier_scores(image_emb, k, neighbours=img_nn)
+        out["density_image"] = -scores["kdist"]
+        out["slof_image"] = -np.log(scores["slof"])
+        out["dao_image"] = -np.log(scores["dao"])
+    if "density_caption" in wanted:
+        out["density_caption"] = -local_outlier_scores(caption_emb, k, neighbours=cap_nn)["kdist"]
+    if "density_pixel" in wanted and pixels is not None:
+        kdist = local_outlier_scores(keys, config.pixel_k, neighbours=pixels.neighbours)["kdist"]
+        out["density_pixel"] = -kdist
+    if "recurrence_pixel" in wanted and pixels is not None:
+        out["recurrence_pixel"] = np.log(pixels.recurrence)
+    if "consistency_caption" in wanted:
+        wide = cap_wide
+        copies = _copies(wide[0], keys, config.duplicate_sim)
+        if copies is None:  # no pixels: images near-identical in embedding count as copies
+            copies = np.einsum("nd,nkd->nk", image_emb, image_emb[wide[0]]) >= 0.99
+        out["consistency_caption"] = _consistency(
+            image_emb, *wide, k, config.caption_duplicate_sim, copies
+        )
+    if "consistency_image" in wanted:
+        wide = img_wide
+        copies = _copies(wide[0], keys, config.duplicate_sim)
+        out["consistency_image"] = _consistency(caption_emb, *wide, k, 2.0, copies)
+    return out
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 * MAD): a scale every signal shares, untouched by a few outliers.
+
+    A constant signal (MAD 0) falls back to the standard deviation, then to zeros.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or not len(x):
+        raise ValueError("robust_z needs a non-empty 1-D array")
+    if not np.isfinite(x).all():
+        raise ValueError("robust_z: the signal has NaN or infinite values")
+    med = np.median(x)
+    scale = 1.4826 * np.median(np.abs(x - med))
+    if scale <= 1e-12:
+        scale = x.std()
+    if scale <= 1e-12:
+        return np.zeros_like(x)
+    return (x - med) / scale
+
+
+def tail_scale(values: np.ndarray, tail: float = 0.99) -> np.ndarray:
+    """(x - median) / (q_tail - median): each signal's own upper tail is mapped to 1.
+
+    Signals differ in the shape of their tails, not only in their spread: a robust z
+    lets a heavy-tailed signal's clean pairs outshout a light-tailed signal's poisons.
+    Scaled by its own tail quantile, a signal says "beyond 1" only for pairs beyond
+    the usual top of its own distribution.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or not len(x):
+        raise ValueError("tail_scale needs a non-empty 1-D array")
+    if not np.isfinite(x).all():
+        raise ValueError("tail_scale: the signal has NaN or infinite values")
+    med, top = np.quantile(x, [0.5, tail])
+    scale = top - med
+    if scale <= 1e-12:
+        scale = x.std()
+    if scale <= 1e-12:
+        return np.zeros_like(x)
+    return (x - med) / scale
+
+
+def upper_rank(values: np.ndarray) -> np.ndarray:
+    """The share of pairs scoring at most this one (ties share the upper rank), in (0, 1]."""
+    x = np.asarray(values, dtype=np.float64)
+    order = np.sort(x)
+    return np.searchsorted(order, x, side="right") / len(x)
+
+
+FUSIONS: tuple[str, ...] = ("max_tail", "max_z", "max_rank")
+_SCALES = {"max_tail": tail_scale, "max_z": robust_z, "max_rank": upper_rank}
+
+
+def fuse(z: Mapping[str, np.ndarray], signals: Sequence[str]) -> np.ndarray:
+    """The largest scaled signal over the chosen signals: one strong signal is enough.
+
+    A mean of ranks dilutes the one signal that sees a given attack (DESIGN.md,
+    section 8: 22-28% of the poisons caught per round); the maximum lets it speak.
+    """
+    missing = [s for s in signals if s not in z]
+    if missing:
+        raise ValueError(f"fuse: signals {missing} were not computed")
+    if not signals:
+        raise ValueError("fuse: no signal to fuse")
+    return np.max(np.stack([z[s] for s in signals]), axis=0)
+
+
+def group_verdict(
+    scores: np.ndarray, idx: np.ndarray, sim: np.ndarray, threshold: float
+) -> np.ndarray:
+    """Each pair gets the median score of itself and its pixel copies (key cosine >= threshold).
+
+    A poison's copies then rise or fall together: a verdict cannot keep some copies
+    of a target and leave out the rest. Only direct neighbours count, not chains of
+    them: transitive groups would join unrelated lookalikes into groups of hundreds.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if idx.shape != sim.shape or len(idx) != len(scores):
+        raise ValueError("group_verdict: one row of neighbours per score")
+    values = np.where(sim >= threshold, scores[idx], np.nan)
+    stacked = np.concatenate([scores[:, None], values], axis=1)
+    return np.nanmedian(stacked, axis=1)
+
+
+def mixture_threshold(
+    scores: np.ndarray, min_share: float = 0.0, max_share: float = 1.0, seed: int = 0
+) -> float:
+    """The cut above which pairs are doubted, fitted without labels.
+
+    A two-component Gaussian mixture over the scores; the cut is the lowest score
+    from which the upper component (the larger mean) is the more likely one. The
+    doubted share is then held within [min_share, max_share] by moving the cut to
+    the matching quantile. A sample too small or too uniform for a mixture falls
+    back to the max_share quantile.
+    """
+    x = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not len(x):
+        raise ValueError("mixture_threshold needs at least one score")
+    if not np.isfinite(x).all():
+        raise ValueError("mixture_threshold: scores have NaN or infinite values")
+    if not (0.0 <= min_share <= max_share <= 1.0):
+        raise ValueError(f"need 0 <= min_share <= max_share <= 1, got {min_share}, {max_share}")
+    cut = _mixture_cut(x, seed)
+    if cut is None:
+        cut = _quantile_cut(x, max_share)
+    share = float((x > cut).mean())
+    if share > max_share:
+        cut = _quantile_cut(x, max_share)
+    elif share < min_share:
+        count = int(math.ceil(min_share * len(x)))
+        cut = float(np.nextafter(np.sort(x)[len(x) - count], -np.inf))  # ties: all above
+    return float(cut)
+
+
+def _quantile_cut(x: np.ndarray, share: float) -> float:
+    """A cut with at most `share` of x strictly above it (ties stay below)."""
+    n = len(x)
+    count = int(math.floor(share * n))
+    if count <= 0:
+        return float(x.max())
+    ordered = np.sort(x)
+    return float(ordered[n - count - 1]) if count < n else float(ordered[0] - 1.0)
+
+
+def _mixture_cut(x: np.ndarray, seed: int) -> float | None:
+    from sklearn.mixture import GaussianMixture
+
+    if len(x) < 10 or x.std() <= 1e-12:
+        return None
+    gm = GaussianMixture(2, random_state=seed, n_init=1, reg_covar=1e-6)
+    gm.fit(x[:, None])
+    upper = int(np.argmax(gm.means_.ravel()))
+    ordered = np.sort(x)
+    post = gm.predict_proba(ordered[:, None])[:, upper]
+    above_median = ordered >= np.median(x)
+    likely = np.flatnonzero((post > 0.5) & above_median)
+    if not len(likely):
+        return None
+    first = likely[0]
+    return float(ordered[first - 1]) if first > 0 else float(ordered[0] - 1.0)
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+def doubt_scores(
+    image_emb: np.ndarray,
+    caption_emb: np.ndarray,
+    config: DoubtConfig | None = None,
+    *,
+    images: np.ndarray | None = None,
+    pixels: PixelEvidence | None = None,
+    lead: np.ndarray | None = None,
+) -> Doubt:
+    """Score every pair, fuse, share verdicts within near-duplicate groups, and cut.
+
+    image_emb / caption_emb: (N, D) float32 L2-normalised embeddings of each pair's
+    image and its own caption; images: the pixels (uint8), for the pixel signals
+    and shared verdicts, or `pixels` already computed from them (`pixel_evidence`;
+    neither: no pixel signals, no shared verdicts); lead: the round's cross-modal
+    lead (see `compute_signals`).
+    """
+    config = config or DoubtConfig()
+    if pixels is None and images is not None:
+        pixels = pixel_evidence(images, config)
+    if pixels is not None and len(pixels) != len(image_emb):
+        raise ValueError(f"{len(pixels)} images for {len(image_emb)} image embeddings")
+    wanted = tuple(SIGNALS) if config.report_all else config.signals
+    signals = compute_signals(
+        image_emb, caption_emb, config, pixels=pixels, lead=lead, wanted=wanted
+    )
+    return decide(signals, None if pixels is None else pixels.neighbours, config)
+
+
+def decide(
+    signals: Mapping[str, np.ndarray],
+    copies: tuple[np.ndarray, np.ndarray] | None,
+    config: DoubtConfig,
+) -> Doubt:
+    """Scale, fuse, share verdicts among pixel copies, and cut: the cheap half of the verdict.
+
+    Apart from `compute_signals` so that a benchmark can try fusions on one set of signals.
+    """
+    scale = _SCALES[config.fusion]
+    z = {name: scale(values) for name, values in signals.items()}
+    used = [s for s in config.signals if s in z]
+    if not used:
+        raise ValueError(
+            f"none of the signals {config.signals} can be computed without images; "
+            "pass images= or choose other signals"
+        )
+    fused = fuse(z, used)
+    if config.group and copies is not None:
+        fused = group_verdict(fused, *copies, config.group_sim)
+    cut = mixture_threshold(fused, config.min_share, config.max_share, config.seed)
+    doubted = fused > cut
+    grouped = np.zeros(len(fused), bool) if copies is None else copies[1][:, 0] >= config.group_sim
+    report: dict[str, float | int | str] = {
+        "doubted": int(doubted.sum()),
+        "doubted_share": float(doubted.mean()),
+        "threshold": float(cut),
+        "grouped_pairs": int(grouped.sum()),
+        "signals": ",".join(used),
+    }
+    return Doubt(fused, doubted, cut, dict(signals), z, grouped, report)
+
+
+def _check_embeddings(x: np.ndarray, name: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise ValueError(
+            f"{name} hold NaN or infinite values (rows {bad[:5].tolist()}); "
+            "check the model's outputs"
+        )
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,0 +1,255 @@
+"""otcclip.doubt: neighbours, outlier scores, consistency, fusion, groups and the budget rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from otcclip import doubt
+from otcclip.doubt import DoubtConfig
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _clusters(n_per: int, centres: int, dim: int, spread: float, seed: int) -> np.ndarray:
+    """Rows scattered around `centres` random unit centres; row r belongs to centre r % centres."""
+    rng = np.random.default_rng(seed)
+    c = _unit(rng.normal(size=(centres, dim)))
+    labels = np.arange(n_per * centres) % centres
+    return _unit(c[labels] + spread * rng.normal(size=(len(labels), dim))), labels
+
+
+# --------------------------------------------------------------------------- knn
+
+
+def test_knn_leaves_out_the_row_itself_even_among_exact_duplicates():
+    x = _unit(np.array([[1, 0], [1, 0], [1, 0], [0, 1], [0.1, 1]], dtype=np.float32))
+    idx, sim = doubt.knn(x, 2)
+    assert idx.shape == (5, 2)
+    for r in range(5):
+        assert r not in idx[r]
+    assert set(idx[0]) == {1, 2}
+    assert idx[3, 0] == 4
+    assert np.all(np.diff(sim, axis=1) <= 1e-6)  # sorted, most similar first
+
+
+@pytest.mark.parametrize(
+    "x, k, message",
+    [
+        (np.ones((1, 4), np.float32), 1, "pool of 1"),
+        (np.ones((5, 4), np.float32), 5, "k <= N - 1"),
+        (np.ones((5, 4), np.float32), 0, "k must be an int"),
+        (np.array([[np.nan, 1.0], [1.0, 0.0]], np.float32), 1, "NaN or infinite"),
+        (np.ones(4, np.float32), 1, "2-D"),
+        (np.ones((4, 2), np.int64), 1, "floating point"),
+    ],
+)
+def test_knn_refuses_bad_input_with_a_clear_error(x, k, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        doubt.knn(x, k)
+
+
+# --------------------------------------------------------------------------- density
+
+
+def test_a_tight_group_of_copies_is_the_densest_spot():
+    x, _ = _clusters(200, 5, 16, 0.15, seed=1)
+    rng = np.random.default_rng(2)
+    copies = _unit(np.repeat(x[:1], 20, axis=0) + 0.001 * rng.normal(size=(20, 16)))
+    data = np.vstack([x, copies])
+    s = doubt.local_outlier_scores(data, k=8)
+    dense = -s["kdist"]
+    # row 0 and its 20 copies are the 21 densest rows
+    assert set(np.argsort(-dense)[:21].tolist()) == {0, *range(1000, 1020)}
+    for name in ("kdist", "slof", "dao"):
+        assert s[name].shape == (1020,) and np.isfinite(s[name]).all()
+    # relative scores: the copies are denser than their own neighbourhood says
+    assert np.median(s["slof"][1000:]) < np.median(s["slof"][:1000])
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _poisoned_pairs(seed: int = 0):
+    """Images and captions of 6 classes; 30 pairs get a caption of class 0 over a class-3 image."""
+    img, labels = _clusters(150, 6, 24, 0.12, seed)
+    rng = np.random.default_rng(seed + 7)
+    text_centres = _unit(rng.normal(size=(6, 24)))
+    # captions live in their own space: class centre plus noise
+    cap = _unit(text_centres[labels] + 0.12 * rng.normal(size=(len(labels), 24)))
+    victims = np.flatnonzero(labels == 3)[:30]
+    cap[victims] = _unit(text_centres[0] + 0.12 * rng.normal(size=(30, 24)))
+    poisoned = np.zeros(len(labels), bool)
+    poisoned[victims] = True
+    return img, cap, poisoned
+
+
+def _auroc(score: np.ndarray, positive: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(positive, score))
+
+
+def test_neighbourhood_consistency_finds_pairs_whose_caption_belongs_elsewhere():
+    img, cap, poisoned = _poisoned_pairs()
+    signals = doubt.compute_signals(img, cap, DoubtConfig(k=10))
+    assert _auroc(signals["consistency_caption"], poisoned) > 0.95
+    assert _auroc(signals["consistency_image"], poisoned) > 0.95
+
+
+def test_the_fused_score_flags_the_poisons_within_a_budget_that_follows_the_score():
+    img, cap, poisoned = _poisoned_pairs(seed=3)
+    cfg = DoubtConfig(k=10, signals=("consistency_caption", "consistency_image"), max_share=0.5)
+    d = doubt.doubt_scores(img, cap, cfg)
+    assert _auroc(d.fused, poisoned) > 0.95
+    # 30 of 900 pairs are poisoned: the mixture cut doubts far fewer than the cap allows
+    assert d.doubted[poisoned].mean() >= 0.9
+    assert d.doubted.mean() < 0.15
+    assert d.report["doubted"] == int(d.doubted.sum())
+
+
+def test_a_missing_pixel_signal_is_said_when_nothing_else_is_fused():
+    img, cap, _ = _poisoned_pairs()
+    with pytest.raises(ValueError, match="without images"):
+        doubt.doubt_scores(img, cap, DoubtConfig(k=5, signals=("density_pixel",)))
+    with pytest.raises(ValueError, match="without images"):
+        doubt.doubt_scores(img, cap, DoubtConfig(k=5, signals=("recurrence_pixel",)))
+
+
+def test_mismatched_embeddings_are_refused():
+    img, cap, _ = _poisoned_pairs()
+    with pytest.raises(ValueError, match="caption embeddings"):
+        doubt.doubt_scores(img, cap[:-1], DoubtConfig(k=5))
+    bad = cap.copy()
+    bad[4, 0] = np.nan
+    with pytest.raises(ValueError, match="rows \\[4\\]"):
+        doubt.doubt_scores(img, bad, DoubtConfig(k=5))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"signals": ("nope",)}, "subset of"),
+        ({"signals": ()}, "non-empty"),
+        ({"k": 0}, "k must be"),
+        ({"min_share": 0.5, "max_share": 0.2}, "min_share"),
+        ({"duplicate_sim": 2.0}, "cosine"),
+        ({"fusion": "mean"}, "fusion must be"),
+    ],
+)
+def test_config_refuses_bad_knobs(options, message):
+    with pytest.raises(ValueError, match=message):
+        DoubtConfig(**options)
+
+
+def test_leaving_out_a_family_drops_exactly_its_signals():
+    cfg = DoubtConfig()
+    without = cfg.without("consistency")
+    assert all(doubt.SIGNALS[s] != "consistency" for s in without.signals)
+    assert set(without.signals) == {s for s in cfg.signals if doubt.SIGNALS[s] != "consistency"}
+    with pytest.raises(ValueError, match="family"):
+        cfg.without("colour")
+
+
+# --------------------------------------------------------------------------- fusion and budget
+
+
+def test_robust_z_is_median_and_mad_based():
+    x = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    z = doubt.robust_z(x)
+    # median 3, MAD 1 -> scale 1.4826
+    np.testing.assert_allclose(z, (x - 3.0) / 1.4826)
+    assert np.all(doubt.robust_z(np.full(4, 2.0)) == 0)
+    with pytest.raises(ValueError, match="NaN"):
+        doubt.robust_z(np.array([1.0, np.nan]))
+
+
+def test_fuse_takes_the_strongest_signal_per_pair():
+    z = {"a": np.array([0.0, 5.0, 1.0]), "b": np.array([4.0, 0.0, 1.0])}
+    np.testing.assert_array_equal(doubt.fuse(z, ["a", "b"]), [4.0, 5.0, 1.0])
+    np.testing.assert_array_equal(doubt.fuse(z, ["a"]), [0.0, 5.0, 1.0])
+    with pytest.raises(ValueError, match="not computed"):
+        doubt.fuse(z, ["c"])
+
+
+def test_group_verdict_gives_each_pair_the_median_of_itself_and_its_copies():
+    scores = np.array([1.0, 9.0, 8.0, 0.0])
+    idx = np.array([[1, 2], [2, 0], [1, 3], [0, 1]])
+    sim = np.array([[0.5, 0.5], [0.99, 0.5], [0.99, 0.2], [0.1, 0.1]])
+    out = doubt.group_verdict(scores, idx, sim, 0.95)
+    # row 0: no copy; rows 1 and 2: each other's copy (no chain to row 0); row 3: none
+    np.testing.assert_array_equal(out, [1.0, 8.5, 8.5, 0.0])
+
+
+def test_tail_scale_maps_median_to_zero_and_the_tail_quantile_to_one():
+    x = np.arange(101, dtype=np.float64)
+    t = doubt.tail_scale(x, tail=0.9)
+    assert t[50] == pytest.approx(0.0) and t[90] == pytest.approx(1.0)
+    ranks = doubt.upper_rank(np.array([3.0, 1.0, 3.0, 2.0]))
+    np.testing.assert_array_equal(ranks, [1, 0.25, 1, 0.5])
+
+
+def test_mixture_threshold_cuts_between_two_clear_modes():
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(0, 1, 970), rng.normal(10, 1, 30)]
+    cut = doubt.mixture_threshold(x, 0.0, 0.5)
+    above = x > cut
+    assert above[970:].all()
+    assert above[:970].sum() <= 2
+
+
+def test_mixture_threshold_holds_the_share_within_its_bounds():
+    rng = np.random.default_rng(1)
+    x = np.r_[rng.normal(0, 1, 500), rng.normal(10, 1, 500)]  # half the pairs in the upper mode
+    assert (x > doubt.mixture_threshold(x, 0.0, 0.25)).mean() == pytest.approx(0.25, abs=0.002)
+    flat = rng.normal(0, 1, 1000)
+    assert (flat > doubt.mixture_threshold(flat, 0.05, 0.25)).mean() >= 0.05
+    with pytest.raises(ValueError, match="NaN"):
+        doubt.mixture_threshold(np.array([1.0, np.inf]))
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def test_pixel_keys_see_through_small_shifts_and_noise():
+    from otcclip.attacks import vary_copies
+
+    rng = np.random.default_rng(0)
+    base = np.zeros((1, 56, 56), np.uint8)
+    base[0, 10:40, 12:30] = 200
+    base[0, 20:30, 30:50] = 120
+    copies = vary_copies(np.repeat(base, 10, axis=0), 2, 8.0, rng)
+    assert not (copies == base).all(axis=(1, 2)).all()
+    other = np.zeros((1, 56, 56), np.uint8)
+    other[0, 30:50, 5:25] = 200
+    keys = doubt.pixel_keys(np.vstack([base, copies, other]))
+    sims = keys[1:11] @ keys[0]
+    assert sims.min() > 0.8
+    assert keys[11] @ keys[0] < sims.min()
+    with pytest.raises(TypeError, match="uint8"):
+        doubt.pixel_keys(np.zeros((2, 56, 56), np.float32))
+
+
+def test_pixel_recurrence_counts_images_sharing_a_textured_tile_in_place():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 20, 20), dtype=np.uint8)  # noise: tiles are unique
+    patch = (np.indices((4, 4)).sum(axis=0) % 2 * 255).astype(np.uint8)  # a checker
+    images[:6, 14:18, 14:18] = patch
+    images[6, 2:6, 2:6] = patch  # the same patch elsewhere does not count
+    flat = np.zeros((4, 20, 20), np.uint8)  # blank images share blank tiles: not textured
+    r = doubt.pixel_recurrence(np.vstack([images, flat]))
+    np.testing.assert_array_equal(r[:6], 6)
+    assert r[6] == 1 and np.all(r[7:30] == 1)
+    np.testing.assert_array_equal(r[30:], 1)
+
+
+def test_pixel_evidence_is_reused_and_checked_against_the_pairs():
+    img, cap, _ = _poisoned_pairs()
+    images = np.random.default_rng(0).integers(0, 256, (len(img), 20, 20), dtype=np.uint8)
+    ev = doubt.pixel_evidence(images, DoubtConfig(pixel_k=4))
+    d = doubt.doubt_scores(img, cap, DoubtConfig(k=5, pixel_k=4), pixels=ev)
+    assert {"density_pixel", "recurrence_pixel"} <= set(d.signals)
+    with pytest.raises(ValueError, match="pixel evidence for"):
+        doubt.compute_signals(img[:-1], cap[:-1], DoubtConfig(k=5), pixels=ev)
