@@ -1,4 +1,4 @@
-"""The four training strategies behind one small interface: none, roclip, safeclip, otcclip.
+"""The training strategies behind one small interface: none, roclip, safeclip, otcclip, filter.
 
 The loop (`otcclip.train`) asks a defense two things:
 - `before_epoch(ctx, epoch) -> EpochPlan`: which rows to train on this epoch,
