@@ -26,6 +26,10 @@ RUN_DONE = "table_done.json"  # written by the parent when a run finished: its w
 RUN_ATTEMPTS = "table_attempts.json"  # every attempt's wall time (a resumed run has several)
 RUN_LOG = "log.txt"
 SCRIPT = Path(__file__).resolve().parents[1] / "defense_table.py"  # the worker's entry
+# Defenses whose behaviour changed at unchanged settings (issue 14: RoCLIP and SafeCLIP no
+# longer augment the images their CLIP loss sees; SafeCLIP's passes are separate): their
+# runs recorded before carry no revision, so they compare unequal and rerun.
+REVISIONS = {"roclip": 2, "safeclip": 2}
 
 
 @dataclass
@@ -89,6 +93,8 @@ def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> li
                 "command": command_line(tc, config.eval_size, config.probe_size),
                 "eval_command": None if asr_from is None else eval_command(tc, config, asr_from),
             }
+            if row.defense in REVISIONS:
+                spec["revision"] = REVISIONS[row.defense]
             runs.append(Run(row, seed, directory, spec))
     return runs
 

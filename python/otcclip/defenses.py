@@ -650,10 +650,11 @@ class SafeCLIPDefense(Defense):
          epochs the top (that share + `safe_growth` * m) by posterior then cosine,
          capped at `safe_max` (the reference: 1% per epoch up to 85%).
        CLIP loss on safe pairs, the unimodal losses on risky ones. With
-       `safeclip_passes="separate"` (the reference) a batch holds safe rows only or
-       risky rows only, so the CLIP loss has a full batch of negatives; with
-       "mixed" (default) both share each batch and the CLIP loss only has the
-       batch's safe rows as negatives.
+       `safeclip_passes="separate"` (default, the reference's) a batch holds safe
+       rows only or risky rows only, so the CLIP loss has a full batch of
+       negatives (each group's last partial batch is left out of the epoch); with
+       "mixed" both share each batch and the CLIP loss only has the batch's safe
+       rows as negatives (4.5 points lower val zero-shot, TUNING.md session 6).
     Deviations that remain: the paper's slow update of similarities and its
     nearest-neighbour text pool are omitted; augmentations are those of
     `otcclip.augment`, and the first view (the one the CLIP loss sees) is not

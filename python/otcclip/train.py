@@ -221,7 +221,7 @@ class TrainConfig:
     safe_max: float = 1.0
     safe_threshold: float = 0.5
     safe_schedule: str = "share"
-    safeclip_passes: str = "mixed"
+    safeclip_passes: str = "separate"
     # filter-then-train
     filter_score: str = "dao"
     filter_k: int = 16

@@ -379,7 +379,7 @@ _SCHEDULE_HELP = (
 @click.option(
     "--safeclip-passes",
     type=click.Choice(["mixed", "separate"]),
-    default="mixed",
+    default="separate",
     show_default=True,
     help="SafeCLIP: safe and risky rows share batches (mixed) or get batches of their own "
     "(separate, the reference: the CLIP loss sees a full batch of negatives).",
