@@ -303,8 +303,10 @@ _KILL_CONFIGS = {
 _KILL_CONFIG = _KILL_CONFIGS["otcclip"]
 # 6 steps an epoch; step checkpoints every 2 steps: the last one before global step 9
 # (epoch 2, step 3, just after the first matching round) is at global step 8. SafeCLIP's
-# first split is at the start of epoch 2 too (its mixed epoch has >= 4 whole batches).
+# first split is at the start of epoch 3: it is killed at epoch 3, step 3 (its mixed epoch
+# has >= 5 whole batches of one group each).
 _KILL_AT_STEP = 9
+_KILL_AT = {"otcclip": _KILL_AT_STEP, "roclip": _KILL_AT_STEP, "safeclip": 15}
 
 
 @pytest.mark.slow
@@ -338,8 +340,8 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(defense, t
     saved = load_checkpoint(killed)
     assert saved is not None
     step, epoch = saved.state["global_step"], saved.state["epoch"]
-    assert saved.state["step"] > 0 and step < _KILL_AT_STEP, "killed at an epoch end"
-    assert epoch == 1 and saved.state["plan"] is not None  # mid-epoch, after a matching round
+    assert saved.state["step"] > 0 and step < _KILL_AT[defense], "killed at an epoch end"
+    assert epoch == _KILL_AT[defense] // 6 and saved.state["plan"] is not None  # mid-epoch
     if defense == "roclip":
         assert saved.state["defense"]["count"] > 0 and saved.state["plan"]["phase"] == "nearest"
     if defense == "safeclip":
@@ -449,7 +451,7 @@ class _DefenseState(Callback):
 def _kill_worker(run: str, marker: str, defense: str) -> None:
     torch.set_num_threads(THREADS)
     config = _KILL_CONFIGS[defense]
-    train(_tiny(out=run, **config), [_PauseAt(_KILL_AT_STEP, Path(marker))])
+    train(_tiny(out=run, **config), [_PauseAt(_KILL_AT[defense], Path(marker))])
 
 
 def _ddp_worker(out: str) -> None:
