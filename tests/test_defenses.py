@@ -86,7 +86,7 @@ def test_unknown_defense_is_refused():
         ("otcclip", None, None, [2, 3, 4, 5, 6, 7]),
         ("otcclip", 2, 3, [2, 5]),
         ("otcclip", 2, 0, []),
-        ("roclip", None, None, [1, 3, 5, 7]),
+        ("roclip", None, None, [3, 5, 7]),
         ("none", None, None, []),
     ],
 )
@@ -372,7 +372,7 @@ def test_otcclip_inter_ramp_grows_the_weight_by_step():
 
 
 def test_roclip_pairs_each_image_with_its_nearest_bank_caption():
-    config = _config("roclip", bank_size=6)
+    config = _config("roclip", bank_size=6, warmup_epochs=1)
     d = make_defense(config)
     ctx = _ctx(config)
     assert d.before_epoch(ctx, 0).phase == "clip"
@@ -401,7 +401,7 @@ def test_roclip_pairs_each_image_with_its_nearest_bank_caption():
 
 
 def test_roclip_collapse_onto_one_bank_caption_is_not_free():
-    config = _config("roclip", bank_size=4)
+    config = _config("roclip", bank_size=4, warmup_epochs=1)
     d = make_defense(config)
     ctx = _ctx(config)
     plan = d.before_epoch(ctx, 1)
