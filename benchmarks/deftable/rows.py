@@ -26,6 +26,7 @@ ROW_KEYS = (
     "intra",
     "rho",
     "assign",
+    "doubt",
     "none-adaptive",
     "otcclip-adaptive",
     "none-aug",

@@ -894,6 +894,7 @@ class FilterDefense(Defense):
         kept, cut = dist.broadcast_object((kept, cut))
         self.kept = kept
         info: dict[str, Any] = {
+            "round": 1,  # the table reads its last round's figures
             "filter_cut": cut,
             "dropped": int((~kept).sum()),
             "dropped_share": share,
@@ -903,6 +904,7 @@ class FilterDefense(Defense):
         if ctx.poisoned is not None:
             poisoned = ctx.poisoned
             info["dropped_precision"] = _share(int((~kept & poisoned).sum()), int((~kept).sum()))
+            info["changed_precision"] = info["dropped_precision"]  # the table's column
             info["poison_dropped_share"] = _share(
                 int((~kept & poisoned).sum()), int(poisoned.sum())
             )
