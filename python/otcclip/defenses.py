@@ -658,8 +658,15 @@ class SafeCLIPDefense(Defense):
        negatives (each group's last partial batch is left out of the epoch); with
        "mixed" both share each batch and the CLIP loss only has the batch's safe
        rows as negatives (4.5 points lower val zero-shot, TUNING.md session 6).
-    Deviations that remain: the paper's slow update of similarities and its
-    nearest-neighbour text pool are omitted; augmentations are those of
+    Defaults chosen by validation zero-shot over the reference's schedule scaled to 8
+    epochs (TUNING.md, session 6), so they deviate from it: a warm-up of 1 epoch of 8
+    (the reference: 5 of 32, `--warmup-steps 99` here); the low-lr phase at 0.1x the
+    schedule's rate (the reference: a fixed 1% of the base rate,
+    `--safeclip-lr-fixed --safeclip-lr-scale 0.01`); the "share" schedule from 30%,
+    +10% per epoch, among pairs of posterior >= 0.5 (the reference's: `--safe-schedule
+    reference --safe-threshold 0.9 --safe-growth 0.04 --safe-max 0.85`, whose first
+    split trusts 14% of our pairs). Other deviations that remain: the paper's slow
+    update of similarities and its nearest-neighbour text pool are omitted; augmentations are those of
     `otcclip.augment`, and the first view (the one the CLIP loss sees) is not
     augmented unless `--augment images` (the reference augments it: at our budget
     that stalls CLIP, TUNING.md session 6); the second view of the unimodal
