@@ -666,8 +666,8 @@ class SafeCLIPDefense(Defense):
     +10% per epoch, among pairs of posterior >= 0.5 (the reference's: `--safe-schedule
     reference --safe-threshold 0.9 --safe-growth 0.04 --safe-max 0.85`, whose first
     split trusts 14% of our pairs). Other deviations that remain: the paper's slow
-    update of similarities and its nearest-neighbour text pool are omitted; augmentations are those of
-    `otcclip.augment`, and the first view (the one the CLIP loss sees) is not
+    update of similarities and its nearest-neighbour text pool are omitted;
+    augmentations are those of `otcclip.augment`, and the first view (the one the CLIP loss sees) is not
     augmented unless `--augment images` (the reference augments it: at our budget
     that stalls CLIP, TUNING.md session 6); the second view of the unimodal
     losses is always augmented; the schedules are scaled
