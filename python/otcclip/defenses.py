@@ -668,11 +668,9 @@ class SafeCLIPDefense(Defense):
     split trusts 14% of our pairs). Other deviations that remain: the paper's slow
     update of similarities and its nearest-neighbour text pool are omitted;
     augmentations are those of `otcclip.augment`, and the first view (the one the
-    CLIP loss sees) is not augmented unless `--augment images` (the reference augments it: at our budget
-    that stalls CLIP, TUNING.md session 6); the second view of the unimodal
-    losses is always augmented; the schedules are scaled
-    from the reference's 32 epochs to our 8 (its 5 warm-up epochs of 32 would be
-    1.25 of 8).
+    CLIP loss sees) is not augmented unless `--augment images` (the reference
+    augments it: at our budget that stalls CLIP, TUNING.md session 6); the second
+    view of the unimodal losses is always augmented.
     """
 
     name = "safeclip"
