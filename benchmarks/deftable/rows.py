@@ -32,6 +32,18 @@ ROW_KEYS = (
     "none-aug",
     "filter",
 )
+# SafeCLIP at its reference's schedule scaled to 8 epochs: the best validation zero-shot of
+# the probes after 4 epochs (42.2% against 36.3% for the CLI's "share" defaults; TUNING.md,
+# session 6). Separate safe and risky passes are the CLI default already.
+SAFECLIP_TUNED: dict[str, Any] = {
+    "warmup_steps": 99,
+    "safe_schedule": "reference",
+    "safe_threshold": 0.9,
+    "safe_max": 0.85,
+    "safe_growth": 0.04,
+    "safeclip_lr_fixed": True,
+    "safeclip_lr_scale": 0.01,
+}
 # The references' augmentation (RoCLIP's: images and captions of every pair, every epoch),
 # for the control row: what it costs plain CLIP at this budget. RoCLIP and SafeCLIP no
 # longer augment the images of the view their CLIP loss sees (TUNING.md, session 6).
@@ -175,7 +187,7 @@ def table_rows(base: Any) -> list[Row]:
         Row("clean", "clean", "clean", "none"),
         Row("none", "none", "poisoned", "none"),
         Row("roclip", "roclip", "poisoned", "roclip"),
-        Row("safeclip", "safeclip", "poisoned", "safeclip"),
+        Row("safeclip", "safeclip", "poisoned", "safeclip", SAFECLIP_TUNED),
         Row("otcclip", "otcclip", "poisoned", "otcclip"),
         _ablation("alpha", {"alpha": 1.0}),
         _ablation("inter", {"lambda_inter": 0.0}),

@@ -658,8 +658,9 @@ class SafeCLIPDefense(Defense):
        negatives (each group's last partial batch is left out of the epoch); with
        "mixed" both share each batch and the CLIP loss only has the batch's safe
        rows as negatives (4.5 points lower val zero-shot, TUNING.md session 6).
-    Defaults chosen by validation zero-shot over the reference's schedule scaled to 8
-    epochs (TUNING.md, session 6), so they deviate from it: a warm-up of 1 epoch of 8
+    The CLI's defaults deviate from the reference's schedule, which the results table
+    runs scaled to 8 epochs (it had the better validation zero-shot after 4 epochs,
+    42.2% against 36.3%; TUNING.md, session 6): a warm-up of 1 epoch of 8
     (the reference: 5 of 32, `--warmup-steps 99` here); the low-lr phase at 0.1x the
     schedule's rate (the reference: a fixed 1% of the base rate,
     `--safeclip-lr-fixed --safeclip-lr-scale 0.01`); the "share" schedule from 30%,
