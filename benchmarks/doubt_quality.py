@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=512, help="Embedding batch size.")
     p.add_argument("--fusions", default=None,
                    help="Comma-separated fusions to compare (default: DoubtConfig's only).")
+    p.add_argument("--budgets", default=None,
+                   help="Comma-separated budget rules to compare (cut, mixture; default: "
+                   "DoubtConfig's only).")
+    p.add_argument("--cut", type=float, default=None, help="The fused cut of budget 'cut'.")
     p.add_argument("--cache", type=Path, default=None,
                    help="Keep each checkpoint's embeddings here (npz), to rerun fusions fast.")
     p.add_argument("--seed", type=int, default=0)
@@ -148,10 +152,13 @@ def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> lis
     rows = attack_rows(table, manifests)
     poisoned_any = np.logical_or.reduce(list(rows.values()))
     clean = ~poisoned_any
+    if args.cut is not None:
+        options["cut"] = args.cut
     fusions = [f.strip() for f in args.fusions.split(",")] if args.fusions else [base.fusion]
+    budgets = [b.strip() for b in args.budgets.split(",")] if args.budgets else [base.budget]
     results = []
-    for fusion in fusions:
-        config = DoubtConfig(**{**options, "fusion": fusion})
+    for fusion, budget in [(f, b) for f in fusions for b in budgets]:
+        config = DoubtConfig(**{**options, "fusion": fusion, "budget": budget})
         t0 = time.perf_counter()
         d = decide(signals, pixels.neighbours, config)
         t_decide = time.perf_counter() - t0
@@ -165,7 +172,7 @@ def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> lis
         results.append({
             "poison_dir": str(poison_dir),
             "checkpoint": str(checkpoint),
-            "fusion": fusion,
+            "fusion": f"{fusion}, budget {budget}",
             "pairs": len(table),
             "poisoned": int(poisoned_any.sum()),
             "budget_share": float(doubted.mean()),

@@ -60,6 +60,7 @@ __all__ = [
     "fuse",
     "group_verdict",
     "mixture_threshold",
+    "fixed_threshold",
     "compute_signals",
     "decide",
     "doubt_scores",
@@ -78,6 +79,7 @@ SIGNALS: dict[str, str] = {
     "consistency_image": "consistency",
 }
 FAMILIES: tuple[str, ...] = ("cross", "density", "pixel", "consistency")
+BUDGETS: tuple[str, ...] = ("cut", "mixture")
 
 
 @dataclass
@@ -96,6 +98,10 @@ class DoubtConfig:
         identical (excluded from caption neighbourhoods).
     min_share / max_share: the doubted share stays within these, whatever the mixture says.
     group: near-duplicate groups share one verdict.
+    budget: how the doubted share is set: "cut" doubts the pairs whose fused score
+        passes `cut` (on the max_tail scale: that many times as far out as the
+        signal's own top 5%); "mixture" fits a two-component Gaussian mixture
+        (`mixture_threshold`). Either way the share stays in [min_share, max_share].
     fusion: how signals share one scale before the maximum (FUSIONS): "max_tail"
         maps each signal's own 99th percentile to 1 (`tail_scale`), "max_z" is a
         robust z, "max_rank" the empirical rank.
@@ -125,6 +131,8 @@ class DoubtConfig:
     max_share: float = 0.25
     group: bool = True
     fusion: str = "max_tail"
+    budget: str = "cut"
+    cut: float = 3.0
     thumb: int = 8
     pixel_k: int = 8
     reach: int = 48
@@ -152,6 +160,10 @@ class DoubtConfig:
                 "need 0 <= min_share <= max_share <= 1, got "
                 f"min_share={self.min_share!r}, max_share={self.max_share!r}"
             )
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if not (isinstance(self.cut, (int, float)) and math.isfinite(self.cut)):
+            raise ValueError(f"cut must be a finite number, got {self.cut!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         if isinstance(self.thumb, bool) or not isinstance(self.thumb, int) or self.thumb < 2:
@@ -503,13 +515,16 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (x - med) / scale
 
 
-def tail_scale(values: np.ndarray, tail: float = 0.99) -> np.ndarray:
+def tail_scale(values: np.ndarray, tail: float = 0.95) -> np.ndarray:
     """(x - median) / (q_tail - median): each signal's own upper tail is mapped to 1.
 
     Signals differ in the shape of their tails, not only in their spread: a robust z
     lets a heavy-tailed signal's clean pairs outshout a light-tailed signal's poisons.
-    Scaled by its own tail quantile, a signal says "beyond 1" only for pairs beyond
-    the usual top of its own distribution.
+    Scaled by its own tail quantile, a signal says "3" only for pairs three times as
+    far out as the usual top 5% of its own distribution. The quantile must lie below
+    the poisons: at 0.99 a poison share over 1% set the scale itself and mapped the
+    poisons to 1 (measured, TUNING.md); 0.95 holds while poisons are under 5%.
+    A constant-ish signal (quantile at the median) falls back to the standard deviation.
     """
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or not len(x):
@@ -597,6 +612,22 @@ def mixture_threshold(
     return float(cut)
 
 
+def fixed_threshold(
+    scores: np.ndarray, cut: float, min_share: float = 0.0, max_share: float = 1.0
+) -> float:
+    """`cut`, moved only as far as needed to doubt a share within [min_share, max_share]."""
+    x = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not len(x) or not np.isfinite(x).all():
+        raise ValueError("fixed_threshold needs finite scores")
+    share = float((x > cut).mean())
+    if share > max_share:
+        return _quantile_cut(x, max_share)
+    if share < min_share:
+        count = int(math.ceil(min_share * len(x)))
+        return float(np.nextafter(np.sort(x)[len(x) - count], -np.inf))
+    return float(cut)
+
+
 def _quantile_cut(x: np.ndarray, share: float) -> float:
     """A cut with at most `share` of x strictly above it (ties stay below)."""
     n = len(x)
@@ -677,7 +708,10 @@ def decide(
     fused = fuse(z, used)
     if config.group and copies is not None:
         fused = group_verdict(fused, *copies, config.group_sim)
-    cut = mixture_threshold(fused, config.min_share, config.max_share, config.seed)
+    if config.budget == "mixture":
+        cut = mixture_threshold(fused, config.min_share, config.max_share, config.seed)
+    else:
+        cut = fixed_threshold(fused, config.cut, config.min_share, config.max_share)
     doubted = fused > cut
     grouped = np.zeros(len(fused), bool) if copies is None else copies[1][:, 0] >= config.group_sim
     report: dict[str, float | int | str] = {
