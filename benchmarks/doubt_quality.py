@@ -160,7 +160,7 @@ def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> lis
     for fusion, budget in [(f, b) for f in fusions for b in budgets]:
         config = DoubtConfig(**{**options, "fusion": fusion, "budget": budget})
         t0 = time.perf_counter()
-        d = decide(signals, pixels.neighbours, config)
+        d = decide(signals, pixels, config)
         t_decide = time.perf_counter() - t0
         columns = {**d.signals, "fused": d.fused}
         per_attack: dict[str, dict] = {}

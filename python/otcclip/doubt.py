@@ -52,6 +52,7 @@ __all__ = [
     "local_outlier_scores",
     "PixelEvidence",
     "pixel_evidence",
+    "aligned_similarity",
     "pixel_keys",
     "pixel_recurrence",
     "robust_z",
@@ -72,6 +73,7 @@ SIGNALS: dict[str, str] = {
     "density_image": "density",
     "density_caption": "density",
     "density_pixel": "pixel",
+    "copies_pixel": "pixel",
     "recurrence_pixel": "pixel",
     "slof_image": "density",
     "dao_image": "density",
@@ -92,12 +94,10 @@ class DoubtConfig:
     duplicate_sim: pixel-key cosine from which two images count as copies of one
         another, which may not vouch for each other in the consistency signals
         (generous: leaving out a lookalike costs little).
-    group_sim: pixel-key cosine from which two images share one verdict (strict:
-        a group is joined transitively, so a loose cut chains unrelated images).
     caption_duplicate_sim: caption-embedding cosine above which two captions count as
         identical (excluded from caption neighbourhoods).
     min_share / max_share: the doubted share stays within these, whatever the mixture says.
-    group: near-duplicate groups share one verdict.
+    group: each pair shares its verdict with its variants (`group_verdict`).
     budget: how the doubted share is set: "cut" doubts the pairs whose fused score
         passes `cut` (on the max_tail scale: that many times as far out as the
         signal's own top 5%); "mixture" fits a two-component Gaussian mixture
@@ -108,6 +108,9 @@ class DoubtConfig:
     thumb: low frequencies a side in the pixel key (`pixel_keys`).
     pixel_k: neighbours of the pixel density (copies of one image are few, so fewer
         than k).
+    max_shift / copy_ncc: two images are variants of one another when their
+        `aligned_similarity` (best over shifts up to max_shift px) reaches copy_ncc;
+        they then share a verdict, and a pair's count of such copies is a signal.
     tile / tile_min_std: the block side and least pixel spread of `pixel_recurrence`.
     reach: how many neighbours past k the consistency signals look through, so that
         copies of the pair's own image (which may not vouch) cannot fill the
@@ -119,13 +122,12 @@ class DoubtConfig:
     k: int = 16
     signals: tuple[str, ...] = (
         "cross",
-        "density_pixel",
+        "copies_pixel",
         "recurrence_pixel",
         "consistency_caption",
         "consistency_image",
     )
     duplicate_sim: float = 0.9
-    group_sim: float = 0.97
     caption_duplicate_sim: float = 0.999
     min_share: float = 0.005
     max_share: float = 0.25
@@ -137,6 +139,8 @@ class DoubtConfig:
     pixel_k: int = 8
     reach: int = 48
     tile: int = 4
+    max_shift: int = 3
+    copy_ncc: float = 0.95
     tile_min_std: float = 40.0
     report_all: bool = False
     threads: int | None = None
@@ -151,7 +155,7 @@ class DoubtConfig:
             raise ValueError(
                 f"signals must be a non-empty subset of {', '.join(SIGNALS)}; got {unknown or '()'}"
             )
-        for name in ("duplicate_sim", "group_sim", "caption_duplicate_sim"):
+        for name in ("duplicate_sim", "copy_ncc", "caption_duplicate_sim"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and -1.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a cosine in [-1, 1], got {value!r}")
@@ -355,18 +359,55 @@ def _gray_u8(images: np.ndarray) -> np.ndarray:
     raise ValueError(f"images must be (N, H, W) or (N, H, W, 3), got {images.shape}")
 
 
+def aligned_similarity(
+    images: np.ndarray, idx: np.ndarray, max_shift: int = 3, block: int = 1024
+) -> np.ndarray:
+    """Normalised cross-correlation of each image with each of its candidates, best over shifts.
+
+    idx (N, k): candidate rows (the pixel-key neighbours). Images are blurred 3x3,
+    mean-centred and normalised, then correlated through the FFT; the best value
+    over shifts of up to `max_shift` pixels is kept. Variants of one image (shifted,
+    noisy) score close to 1; a lookalike scene of other items does not. Returns
+    float32 (N, k).
+    """
+    gray = _gray_u8(images).astype(np.float32)
+    n, h, w = gray.shape
+    if idx.ndim != 2 or len(idx) != n:
+        raise ValueError(f"idx must be (N={n}, k) candidate rows")
+    padded = np.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    blurred = sum(padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+    blurred -= blurred.mean(axis=(1, 2), keepdims=True)
+    norms = np.linalg.norm(blurred.reshape(n, -1), axis=1)
+    blurred /= np.maximum(norms, 1e-6)[:, None, None]
+    size = (h + max_shift, w + max_shift)  # zero padding: no wrap-around within the shifts
+    spectra = np.fft.rfft2(blurred, s=size)
+    r = max_shift
+    out = np.empty(idx.shape, np.float32)
+    for start in range(0, n, block):
+        a = spectra[start : start + block, None]
+        b = spectra[idx[start : start + block]]
+        cc = np.fft.irfft2(a * np.conj(b), s=size)
+        rows = np.concatenate([cc[..., : r + 1, :], cc[..., -r:, :]], axis=-2)
+        win = np.concatenate([rows[..., : r + 1], rows[..., -r:]], axis=-1)
+        out[start : start + block] = win.reshape(win.shape[0], idx.shape[1], -1).max(axis=-1)
+    return out
+
+
 @dataclass
 class PixelEvidence:
     """What the pixels alone say about every pair; computed once per dataset.
 
     keys: `pixel_keys` (N, d); neighbours: their k-NN (indices, cosines), for
-    the pixel density, the copies that may not vouch for each other, and the
-    shared verdicts; recurrence: `pixel_recurrence`. None of it depends on the
-    model, so a trainer computes it before the first round and reuses it.
+    the pixel density and the copies that may not vouch for each other; aligned:
+    `aligned_similarity` with each of those neighbours (N, k), which says which are
+    variants of the same image (the copy count and the shared verdicts);
+    recurrence: `pixel_recurrence`. None of it depends on the model, so a trainer
+    computes it before the first round and reuses it.
     """
 
     keys: np.ndarray
     neighbours: tuple[np.ndarray, np.ndarray]
+    aligned: np.ndarray
     recurrence: np.ndarray
 
     def __len__(self) -> int:
@@ -382,8 +423,9 @@ def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> Pix
             f"pixel_k = {config.pixel_k} neighbours, but only {len(keys)} images (<= N - 1)"
         )
     neighbours = knn(keys, config.pixel_k, threads=config.threads, name="pixel keys")
+    aligned = aligned_similarity(images, neighbours[0], config.max_shift)
     recurrence = pixel_recurrence(images, config.tile, config.tile_min_std)
-    return PixelEvidence(keys, neighbours, recurrence)
+    return PixelEvidence(keys, neighbours, aligned, recurrence)
 
 
 # --------------------------------------------------------------------------- signals
@@ -476,6 +518,8 @@ def compute_signals(
     if "density_pixel" in wanted and pixels is not None:
         kdist = local_outlier_scores(keys, config.pixel_k, neighbours=pixels.neighbours)["kdist"]
         out["density_pixel"] = -kdist
+    if "copies_pixel" in wanted and pixels is not None:
+        out["copies_pixel"] = (pixels.aligned >= config.copy_ncc).sum(axis=1).astype(np.float64)
     if "recurrence_pixel" in wanted and pixels is not None:
         out["recurrence_pixel"] = np.log(pixels.recurrence)
     if "consistency_caption" in wanted:
@@ -568,7 +612,7 @@ def fuse(z: Mapping[str, np.ndarray], signals: Sequence[str]) -> np.ndarray:
 def group_verdict(
     scores: np.ndarray, idx: np.ndarray, sim: np.ndarray, threshold: float
 ) -> np.ndarray:
-    """Each pair gets the median score of itself and its pixel copies (key cosine >= threshold).
+    """Each pair gets the median score of itself and its variants (similarity >= threshold).
 
     A poison's copies then rise or fall together: a verdict cannot keep some copies
     of a target and leave out the rest. Only direct neighbours count, not chains of
@@ -685,12 +729,12 @@ def doubt_scores(
     signals = compute_signals(
         image_emb, caption_emb, config, pixels=pixels, lead=lead, wanted=wanted
     )
-    return decide(signals, None if pixels is None else pixels.neighbours, config)
+    return decide(signals, pixels, config)
 
 
 def decide(
     signals: Mapping[str, np.ndarray],
-    copies: tuple[np.ndarray, np.ndarray] | None,
+    pixels: PixelEvidence | None,
     config: DoubtConfig,
 ) -> Doubt:
     """Scale, fuse, share verdicts among pixel copies, and cut: the cheap half of the verdict.
@@ -706,14 +750,18 @@ def decide(
             "pass images= or choose other signals"
         )
     fused = fuse(z, used)
-    if config.group and copies is not None:
-        fused = group_verdict(fused, *copies, config.group_sim)
+    if config.group and pixels is not None:
+        fused = group_verdict(fused, pixels.neighbours[0], pixels.aligned, config.copy_ncc)
     if config.budget == "mixture":
         cut = mixture_threshold(fused, config.min_share, config.max_share, config.seed)
     else:
         cut = fixed_threshold(fused, config.cut, config.min_share, config.max_share)
     doubted = fused > cut
-    grouped = np.zeros(len(fused), bool) if copies is None else copies[1][:, 0] >= config.group_sim
+    grouped = (
+        np.zeros(len(fused), bool)
+        if pixels is None
+        else (pixels.aligned >= config.copy_ncc).any(axis=1)
+    )
     report: dict[str, float | int | str] = {
         "doubted": int(doubted.sum()),
         "doubted_share": float(doubted.mean()),
