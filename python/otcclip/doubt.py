@@ -320,24 +320,22 @@ def pixel_recurrence(
     n, h, w = gray.shape
     if h < tile or w < tile:
         raise ValueError(f"images of {h}x{w} px are smaller than the {tile} px tile")
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    width = -(-tile * tile // 8) * 8  # bytes per tile, padded to whole 64-bit words
     keys: list[np.ndarray] = []
     owners: list[np.ndarray] = []
+    offsets = [(dy, dx) for dy in range(tile) for dx in range(tile)]
+    width = -(-len(offsets) // 8) * 8  # bytes per tile, padded to whole 64-bit words
     for start in range(0, n, block):
         part = gray[start : start + block]
-        win = sliding_window_view(part, (tile, tile), axis=(1, 2))
-        win = win.reshape(len(part), -1, tile * tile)
-        textured = win.astype(np.float32).std(axis=2) >= min_std
-        rows, where = np.nonzero(textured)
-        chosen = np.zeros((len(rows), width), np.uint8)
-        chosen[:, : tile * tile] = win[rows, where]
-        words = chosen.view(np.uint64)
+        rows, ys, xs = np.nonzero(_tile_std(part, tile) >= min_std)
+        tiles = np.zeros((len(rows), width), np.uint8)
+        for j, (dy, dx) in enumerate(offsets):
+            tiles[:, j] = part[rows, ys + dy, xs + dx]
+        words = tiles.view(np.uint64)
         key = np.full(len(rows), np.uint64(1469598103934665603))
         for j in range(words.shape[1]):
             key = (key ^ words[:, j]) * np.uint64(1099511628211)
-        key ^= where.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # the tile's position
+        where = (ys * w + xs).astype(np.uint64)  # the tile's position
+        key ^= where * np.uint64(0x9E3779B97F4A7C15)
         keys.append(key)
         owners.append(rows + start)
     best = np.ones(n, np.float64)
@@ -347,6 +345,17 @@ def pixel_recurrence(
         _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
         np.maximum.at(best, owner, counts[inverse].astype(np.float64))
     return best
+
+
+def _tile_std(gray: np.ndarray, tile: int) -> np.ndarray:
+    """Pixel standard deviation of every tile x tile window (torch's pooling: fast)."""
+    import torch
+
+    x = torch.from_numpy(gray).float()[:, None]
+    with torch.no_grad():
+        mean = torch.nn.functional.avg_pool2d(x, tile, stride=1)
+        mean_sq = torch.nn.functional.avg_pool2d(x * x, tile, stride=1)
+    return (mean_sq - mean * mean).clamp_min(0.0).sqrt()[:, 0].numpy()
 
 
 def _gray_u8(images: np.ndarray) -> np.ndarray:
@@ -370,26 +379,33 @@ def aligned_similarity(
     noisy) score close to 1; a lookalike scene of other items does not. Returns
     float32 (N, k).
     """
-    gray = _gray_u8(images).astype(np.float32)
+    import torch
+
+    gray = torch.from_numpy(_gray_u8(images).astype(np.float32))
     n, h, w = gray.shape
     if idx.ndim != 2 or len(idx) != n:
         raise ValueError(f"idx must be (N={n}, k) candidate rows")
-    padded = np.pad(gray, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    blurred = sum(padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
-    blurred -= blurred.mean(axis=(1, 2), keepdims=True)
-    norms = np.linalg.norm(blurred.reshape(n, -1), axis=1)
-    blurred /= np.maximum(norms, 1e-6)[:, None, None]
+    # a 3 x 3 blur averages pixel noise away and keeps shapes (at half resolution a
+    # 1 px shift became a half-pixel one, and variants were missed: TUNING.md)
+    blurred = torch.nn.functional.avg_pool2d(
+        torch.nn.functional.pad(gray[:, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1
+    )[:, 0]
+    blurred -= blurred.mean(dim=(1, 2), keepdim=True)
+    blurred /= blurred.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None]
     size = (h + max_shift, w + max_shift)  # zero padding: no wrap-around within the shifts
-    spectra = np.fft.rfft2(blurred, s=size)
+    spectra = torch.fft.rfft2(blurred, s=size)
     r = max_shift
+    rows_kept = list(range(r + 1)) + list(range(size[0] - r, size[0]))
+    cols_kept = list(range(r + 1)) + list(range(size[1] - r, size[1]))
     out = np.empty(idx.shape, np.float32)
-    for start in range(0, n, block):
-        a = spectra[start : start + block, None]
-        b = spectra[idx[start : start + block]]
-        cc = np.fft.irfft2(a * np.conj(b), s=size)
-        rows = np.concatenate([cc[..., : r + 1, :], cc[..., -r:, :]], axis=-2)
-        win = np.concatenate([rows[..., : r + 1], rows[..., -r:]], axis=-1)
-        out[start : start + block] = win.reshape(win.shape[0], idx.shape[1], -1).max(axis=-1)
+    cand = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+    with torch.no_grad():
+        for start in range(0, n, block):
+            a = spectra[start : start + block, None]
+            b = spectra[cand[start : start + block]]
+            cc = torch.fft.irfft2(a * b.conj(), s=size)
+            win = cc[..., rows_kept, :][..., cols_kept]
+            out[start : start + block] = win.flatten(2).amax(dim=2).numpy()
     return out
 
 
