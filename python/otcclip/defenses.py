@@ -371,6 +371,7 @@ class OTCCLIPDefense(Defense):
         report["doubted_ever"] = int(self.doubted.sum())
         report.update(_off_original_by_attack(ctx, self.assignment != original))
         report.update({k: v for k, v in doubt_report.items() if _is_number(v)})
+        report.update(_applied(ctx, doubted_now, self.assignment))
         report["seconds_by_stage"] = result.report.get("seconds", {})
         return report
 
@@ -692,6 +693,33 @@ DEFENSES: dict[str, type[Defense]] = {
     "safeclip": SafeCLIPDefense,
     "otcclip": OTCCLIPDefense,
 }
+
+
+def _applied(ctx: TrainContext, doubted: np.ndarray, caption: np.ndarray) -> dict[str, float]:
+    """What a round did, as trained on: doubted pairs and the captions the epoch uses.
+
+    The match's own report describes its re-pairing, which under the fused doubt or
+    `on_doubt="drop"` is not what the epoch trains on. These override it: `changed`
+    counts doubted pairs; precision, poison broken and clean kept come from the poison
+    mask (reporting only; no decision reads it); clean true content counts a left-out
+    pair as not holding a caption of its true content.
+    """
+    out: dict[str, float] = {"changed": int(doubted.sum())}
+    poisoned = ctx.poisoned
+    if poisoned is not None:
+        clean = ~poisoned
+        out["changed_precision"] = _share(int((doubted & poisoned).sum()), int(doubted.sum()))
+        out["poison_broken"] = _share(int((doubted & poisoned).sum()), int(poisoned.sum()))
+        out["clean_kept"] = _share(int((~doubted & clean).sum()), int(clean.sum()))
+    table = ctx.table
+    if table.image_classes is not None and table.caption_classes is not None:
+        clean = np.ones(len(caption), bool) if poisoned is None else ~poisoned
+        held = caption >= 0
+        true = np.zeros(len(caption), bool)
+        rows = np.flatnonzero(held)
+        true[rows] = (table.caption_classes[caption[rows]] == table.image_classes[rows]).all(1)
+        out["clean_true_content"] = _share(int(true[clean].sum()), int(clean.sum()))
+    return out
 
 
 def _off_original_by_attack(ctx: TrainContext, off: np.ndarray) -> dict[str, float]:
