@@ -131,6 +131,39 @@ def main() -> None:
         f"pairing (untrained model, not a quality figure): changed {rep['changed']} of {n}, "
         f"distinct captions {rep['distinct']}"
     )
+    _doubt_stage(res, table, total, args.threads, args.seed)
+
+
+def _doubt_stage(res, table, round_s: float, threads: int, seed: int) -> None:
+    """The fused doubt of an OTCCLIP round on the round's own embeddings (otcclip.doubt).
+
+    The pixel evidence depends on the data only, so a trainer computes it once per
+    run; the model-dependent signals run every round. Both are printed against the
+    round they join.
+    """
+    import numpy as np
+
+    from otcclip.doubt import DoubtConfig, doubt_scores, pixel_evidence
+
+    config = DoubtConfig(threads=threads, seed=seed)
+    t0 = time.perf_counter()
+    pixels = pixel_evidence(table.images, config)
+    pixel_s = time.perf_counter() - t0
+    lead = np.nan_to_num(res.best_score.astype(np.float64) - res.own_score.astype(np.float64))
+    t0 = time.perf_counter()
+    doubt_scores(
+        res.image_embeddings,
+        np.ascontiguousarray(res.pool_embeddings),
+        config,
+        pixels=pixels,
+        lead=lead,
+    )
+    doubt_s = time.perf_counter() - t0
+    print(
+        f"doubt: signals + fusion + budget {doubt_s:.1f} s per round = {doubt_s / round_s:.1%} "
+        f"of the round (bar: <= 10%); pixel evidence {pixel_s:.1f} s once per run "
+        f"= {pixel_s / round_s:.0%} of one round"
+    )
 
 
 if __name__ == "__main__":

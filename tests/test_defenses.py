@@ -619,7 +619,7 @@ def small_runs() -> dict[str, dict]:
 
 # What this run measured where a defense misses a bar (strict: a fix turns these into
 # failures to be removed). RoCLIP: its nearest-caption epochs cost accuracy (TUNING.md,
-# session 6): 21.3% zero-shot. OTCCLIP: the trigger is learned in the warm-up at this size
+# session 7): 21.3% zero-shot. OTCCLIP: the trigger is learned in the warm-up at this size
 # (ASR 71.2% against 60.3% without a defense). Filter: DAO on the warm-up model's image
 # embeddings drops few of the triggered images (ASR 50.2%).
 _MISSES = {

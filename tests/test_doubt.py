@@ -101,7 +101,9 @@ def test_neighbourhood_consistency_finds_pairs_whose_caption_belongs_elsewhere()
 
 def test_the_fused_score_flags_the_poisons_within_a_budget_that_follows_the_score():
     img, cap, poisoned = _poisoned_pairs(seed=3)
-    cfg = DoubtConfig(k=10, signals=("consistency_caption", "consistency_image"), max_share=0.5)
+    cfg = DoubtConfig(
+        k=10, signals=("consistency_caption", "consistency_image"), max_share=0.5, budget="mixture"
+    )
     d = doubt.doubt_scores(img, cap, cfg)
     assert _auroc(d.fused, poisoned) > 0.95
     # 30 of 900 pairs are poisoned: the mixture cut doubts far fewer than the cap allows
@@ -200,6 +202,13 @@ def test_mixture_threshold_cuts_between_two_clear_modes():
     assert above[:970].sum() <= 2
 
 
+def test_fixed_threshold_is_the_cut_unless_the_share_leaves_its_bounds():
+    x = np.arange(100, dtype=np.float64)
+    assert doubt.fixed_threshold(x, 89.5, 0.0, 1.0) == 89.5  # 10 above
+    assert (x > doubt.fixed_threshold(x, 49.5, 0.0, 0.2)).sum() == 20  # capped
+    assert (x > doubt.fixed_threshold(x, 200.0, 0.05, 1.0)).sum() == 5  # at least 5%
+
+
 def test_mixture_threshold_holds_the_share_within_its_bounds():
     rng = np.random.default_rng(1)
     x = np.r_[rng.normal(0, 1, 500), rng.normal(10, 1, 500)]  # half the pairs in the upper mode
@@ -250,6 +259,44 @@ def test_pixel_evidence_is_reused_and_checked_against_the_pairs():
     images = np.random.default_rng(0).integers(0, 256, (len(img), 20, 20), dtype=np.uint8)
     ev = doubt.pixel_evidence(images, DoubtConfig(pixel_k=4))
     d = doubt.doubt_scores(img, cap, DoubtConfig(k=5, pixel_k=4), pixels=ev)
-    assert {"density_pixel", "recurrence_pixel"} <= set(d.signals)
+    assert {"copies_pixel", "recurrence_pixel"} <= set(d.signals)
+    assert ev.aligned.shape == (len(img), 4)
     with pytest.raises(ValueError, match="pixel evidence for"):
         doubt.compute_signals(img[:-1], cap[:-1], DoubtConfig(k=5), pixels=ev)
+
+
+def _blocky(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A texture of 4 px blocks: smooth at the scale of pixel noise, like a real item."""
+    return np.kron(rng.integers(0, 256, (h // 4, w // 4)), np.ones((4, 4))).astype(np.uint8)
+
+
+def test_aligned_similarity_sees_variants_and_not_lookalikes():
+    from otcclip.attacks import vary_copies
+
+    rng = np.random.default_rng(3)
+    base = np.full((56, 56), 128, np.uint8)
+    base[12:40, 16:32] = _blocky(rng, 28, 16)  # a textured item
+    other = np.full((56, 56), 128, np.uint8)
+    other[12:40, 16:32] = _blocky(rng, 28, 16)  # same place and size, other texture
+    variants = vary_copies(np.repeat(base[None], 4, axis=0), 2, 8.0, rng)
+    images = np.stack([base, *variants, other])
+    idx = np.tile(np.arange(1, 6), (6, 1))
+    sims = doubt.aligned_similarity(images, idx, max_shift=3)
+    assert sims.shape == (6, 5)
+    assert sims[0, :4].min() > 0.95  # the variants, found through their shifts
+    assert sims[0, 4] < 0.8  # the lookalike
+
+
+def test_variants_of_one_image_share_a_verdict_and_count_as_copies():
+    from otcclip.attacks import vary_copies
+
+    rng = np.random.default_rng(5)
+    scenes = np.full((60, 56, 56), 128, np.uint8)
+    for i in range(60):  # every scene a different textured item somewhere
+        y, x = rng.integers(0, 30, 2)
+        scenes[i, y : y + 20, x : x + 16] = _blocky(rng, 20, 16)
+    variants = vary_copies(np.repeat(scenes[:1], 12, axis=0), 2, 8.0, rng)
+    images = np.vstack([scenes, variants])
+    ev = doubt.pixel_evidence(images, DoubtConfig(pixel_k=8))
+    copies = (ev.aligned >= 0.95).sum(axis=1)
+    assert np.all(copies[60:] >= 4) and np.all(copies[1:60] == 0)

@@ -34,7 +34,7 @@ ROW_KEYS = (
 )
 # SafeCLIP at its reference's schedule scaled to 8 epochs: the best validation zero-shot of
 # the probes after 4 epochs (42.2% against 36.3% for the CLI's "share" defaults; TUNING.md,
-# session 6). Separate safe and risky passes are the CLI default already.
+# session 7). Separate safe and risky passes are the CLI default already.
 SAFECLIP_TUNED: dict[str, Any] = {
     "warmup_steps": 99,
     "safe_schedule": "reference",
@@ -46,7 +46,7 @@ SAFECLIP_TUNED: dict[str, Any] = {
 }
 # The references' augmentation (RoCLIP's: images and captions of every pair, every epoch),
 # for the control row: what it costs plain CLIP at this budget. RoCLIP and SafeCLIP no
-# longer augment the images of the view their CLIP loss sees (TUNING.md, session 6).
+# longer augment the images of the view their CLIP loss sees (TUNING.md, session 7).
 BASELINE_AUGMENT = {"augment": "both"}
 ATTACKS = {"clean": [], "poisoned": ["targeted", "badnet"], "adaptive": ["targeted", "adaptive"]}
 # TrainConfig fields that do not change what a run computes, or that are paths under OUT:

@@ -64,7 +64,7 @@ DOUBT = ("fused", "match")
 DEFAULTS: dict[str, dict[str, int]] = {
     "none": {"warmup_epochs": 0, "match_every": 0},
     # RoCLIP: a 3-epoch warm-up had the best validation zero-shot of the probes (TUNING.md,
-    # session 6; 1 epoch was the earlier default)
+    # session 7; 1 epoch was the earlier default)
     "roclip": {"warmup_epochs": 3, "match_every": 2},
     "safeclip": {"warmup_epochs": 1, "match_every": 1},
     "otcclip": {"warmup_epochs": 2, "match_every": 1},
@@ -384,6 +384,7 @@ class OTCCLIPDefense(Defense):
         report["doubted_ever"] = int(self.doubted.sum())
         report.update(_off_original_by_attack(ctx, self.assignment != original))
         report.update({k: v for k, v in doubt_report.items() if _is_number(v)})
+        report.update(_applied(ctx, doubted_now, self.assignment))
         report["seconds_by_stage"] = result.report.get("seconds", {})
         return report
 
@@ -550,7 +551,7 @@ class RoCLIPDefense(Defense):
     (`cross_aug`); here `augment="auto"` augments the captions only (`--augment
     both` is the reference's): at our 8-epoch budget the image augmentation alone
     holds plain CLIP near 20% zero-shot for two epochs and at 33% after three,
-    against 66% without it, and a lighter one did no better (TUNING.md, session 6).
+    against 66% without it, and a lighter one did no better (TUNING.md, session 7).
     Deviations: the bank is refreshed at every step of every epoch (the reference
     refreshes it only in matching epochs, so its first matching steps search stale
     or random entries); augmentations are the position-preserving ones of
@@ -657,10 +658,10 @@ class SafeCLIPDefense(Defense):
        rows only or risky rows only, so the CLIP loss has a full batch of
        negatives (each group's last partial batch is left out of the epoch); with
        "mixed" both share each batch and the CLIP loss only has the batch's safe
-       rows as negatives (4.5 points lower val zero-shot, TUNING.md session 6).
+       rows as negatives (4.5 points lower val zero-shot, TUNING.md session 7).
     The CLI's defaults deviate from the reference's schedule, which the results table
     runs scaled to 8 epochs (it had the better validation zero-shot after 4 epochs,
-    42.2% against 36.3%; TUNING.md, session 6): a warm-up of 1 epoch of 8
+    42.2% against 36.3%; TUNING.md, session 7): a warm-up of 1 epoch of 8
     (the reference: 5 of 32, `--warmup-steps 99` here); the low-lr phase at 0.1x the
     schedule's rate (the reference: a fixed 1% of the base rate,
     `--safeclip-lr-fixed --safeclip-lr-scale 0.01`); the "share" schedule from 30%,
@@ -670,7 +671,7 @@ class SafeCLIPDefense(Defense):
     update of similarities and its nearest-neighbour text pool are omitted;
     augmentations are those of `otcclip.augment`, and the first view (the one the
     CLIP loss sees) is not augmented unless `--augment images` (the reference
-    augments it: at our budget that stalls CLIP, TUNING.md session 6); the second
+    augments it: at our budget that stalls CLIP, TUNING.md session 7); the second
     view of the unimodal losses is always augmented.
     """
 
@@ -935,6 +936,33 @@ DEFENSES: dict[str, type[Defense]] = {
     "otcclip": OTCCLIPDefense,
     "filter": FilterDefense,
 }
+
+
+def _applied(ctx: TrainContext, doubted: np.ndarray, caption: np.ndarray) -> dict[str, float]:
+    """What a round did, as trained on: doubted pairs and the captions the epoch uses.
+
+    The match's own report describes its re-pairing, which under the fused doubt or
+    `on_doubt="drop"` is not what the epoch trains on. These override it: `changed`
+    counts doubted pairs; precision, poison broken and clean kept come from the poison
+    mask (reporting only; no decision reads it); clean true content counts a left-out
+    pair as not holding a caption of its true content.
+    """
+    out: dict[str, float] = {"changed": int(doubted.sum())}
+    poisoned = ctx.poisoned
+    if poisoned is not None:
+        clean = ~poisoned
+        out["changed_precision"] = _share(int((doubted & poisoned).sum()), int(doubted.sum()))
+        out["poison_broken"] = _share(int((doubted & poisoned).sum()), int(poisoned.sum()))
+        out["clean_kept"] = _share(int((~doubted & clean).sum()), int(clean.sum()))
+    table = ctx.table
+    if table.image_classes is not None and table.caption_classes is not None:
+        clean = np.ones(len(caption), bool) if poisoned is None else ~poisoned
+        held = caption >= 0
+        true = np.zeros(len(caption), bool)
+        rows = np.flatnonzero(held)
+        true[rows] = (table.caption_classes[caption[rows]] == table.image_classes[rows]).all(1)
+        out["clean_true_content"] = _share(int(true[clean].sum()), int(clean.sum()))
+    return out
 
 
 def _off_original_by_attack(ctx: TrainContext, off: np.ndarray) -> dict[str, float]:

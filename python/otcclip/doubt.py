@@ -52,6 +52,7 @@ __all__ = [
     "local_outlier_scores",
     "PixelEvidence",
     "pixel_evidence",
+    "aligned_similarity",
     "pixel_keys",
     "pixel_recurrence",
     "robust_z",
@@ -60,6 +61,7 @@ __all__ = [
     "fuse",
     "group_verdict",
     "mixture_threshold",
+    "fixed_threshold",
     "compute_signals",
     "decide",
     "doubt_scores",
@@ -71,6 +73,7 @@ SIGNALS: dict[str, str] = {
     "density_image": "density",
     "density_caption": "density",
     "density_pixel": "pixel",
+    "copies_pixel": "pixel",
     "recurrence_pixel": "pixel",
     "slof_image": "density",
     "dao_image": "density",
@@ -78,6 +81,7 @@ SIGNALS: dict[str, str] = {
     "consistency_image": "consistency",
 }
 FAMILIES: tuple[str, ...] = ("cross", "density", "pixel", "consistency")
+BUDGETS: tuple[str, ...] = ("cut", "mixture")
 
 
 @dataclass
@@ -90,18 +94,23 @@ class DoubtConfig:
     duplicate_sim: pixel-key cosine from which two images count as copies of one
         another, which may not vouch for each other in the consistency signals
         (generous: leaving out a lookalike costs little).
-    group_sim: pixel-key cosine from which two images share one verdict (strict:
-        a group is joined transitively, so a loose cut chains unrelated images).
     caption_duplicate_sim: caption-embedding cosine above which two captions count as
         identical (excluded from caption neighbourhoods).
     min_share / max_share: the doubted share stays within these, whatever the mixture says.
-    group: near-duplicate groups share one verdict.
+    group: each pair shares its verdict with its variants (`group_verdict`).
+    budget: how the doubted share is set: "cut" doubts the pairs whose fused score
+        passes `cut` (on the max_tail scale: that many times as far out as the
+        signal's own top 5%); "mixture" fits a two-component Gaussian mixture
+        (`mixture_threshold`). Either way the share stays in [min_share, max_share].
     fusion: how signals share one scale before the maximum (FUSIONS): "max_tail"
         maps each signal's own 99th percentile to 1 (`tail_scale`), "max_z" is a
         robust z, "max_rank" the empirical rank.
     thumb: low frequencies a side in the pixel key (`pixel_keys`).
     pixel_k: neighbours of the pixel density (copies of one image are few, so fewer
         than k).
+    max_shift / copy_ncc: two images are variants of one another when their
+        `aligned_similarity` (best over shifts up to max_shift px) reaches copy_ncc;
+        they then share a verdict, and a pair's count of such copies is a signal.
     tile / tile_min_std: the block side and least pixel spread of `pixel_recurrence`.
     reach: how many neighbours past k the consistency signals look through, so that
         copies of the pair's own image (which may not vouch) cannot fill the
@@ -113,22 +122,25 @@ class DoubtConfig:
     k: int = 16
     signals: tuple[str, ...] = (
         "cross",
-        "density_pixel",
+        "copies_pixel",
         "recurrence_pixel",
         "consistency_caption",
         "consistency_image",
     )
     duplicate_sim: float = 0.9
-    group_sim: float = 0.97
     caption_duplicate_sim: float = 0.999
     min_share: float = 0.005
     max_share: float = 0.25
     group: bool = True
     fusion: str = "max_tail"
+    budget: str = "cut"
+    cut: float = 3.0
     thumb: int = 8
     pixel_k: int = 8
     reach: int = 48
     tile: int = 4
+    max_shift: int = 3
+    copy_ncc: float = 0.95
     tile_min_std: float = 40.0
     report_all: bool = False
     threads: int | None = None
@@ -143,7 +155,7 @@ class DoubtConfig:
             raise ValueError(
                 f"signals must be a non-empty subset of {', '.join(SIGNALS)}; got {unknown or '()'}"
             )
-        for name in ("duplicate_sim", "group_sim", "caption_duplicate_sim"):
+        for name in ("duplicate_sim", "copy_ncc", "caption_duplicate_sim"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and -1.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be a cosine in [-1, 1], got {value!r}")
@@ -152,6 +164,10 @@ class DoubtConfig:
                 "need 0 <= min_share <= max_share <= 1, got "
                 f"min_share={self.min_share!r}, max_share={self.max_share!r}"
             )
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
+        if not (isinstance(self.cut, (int, float)) and math.isfinite(self.cut)):
+            raise ValueError(f"cut must be a finite number, got {self.cut!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         if isinstance(self.thumb, bool) or not isinstance(self.thumb, int) or self.thumb < 2:
@@ -304,24 +320,22 @@ def pixel_recurrence(
     n, h, w = gray.shape
     if h < tile or w < tile:
         raise ValueError(f"images of {h}x{w} px are smaller than the {tile} px tile")
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    width = -(-tile * tile // 8) * 8  # bytes per tile, padded to whole 64-bit words
     keys: list[np.ndarray] = []
     owners: list[np.ndarray] = []
+    offsets = [(dy, dx) for dy in range(tile) for dx in range(tile)]
+    width = -(-len(offsets) // 8) * 8  # bytes per tile, padded to whole 64-bit words
     for start in range(0, n, block):
         part = gray[start : start + block]
-        win = sliding_window_view(part, (tile, tile), axis=(1, 2))
-        win = win.reshape(len(part), -1, tile * tile)
-        textured = win.astype(np.float32).std(axis=2) >= min_std
-        rows, where = np.nonzero(textured)
-        chosen = np.zeros((len(rows), width), np.uint8)
-        chosen[:, : tile * tile] = win[rows, where]
-        words = chosen.view(np.uint64)
+        rows, ys, xs = np.nonzero(_tile_std(part, tile) >= min_std)
+        tiles = np.zeros((len(rows), width), np.uint8)
+        for j, (dy, dx) in enumerate(offsets):
+            tiles[:, j] = part[rows, ys + dy, xs + dx]
+        words = tiles.view(np.uint64)
         key = np.full(len(rows), np.uint64(1469598103934665603))
         for j in range(words.shape[1]):
             key = (key ^ words[:, j]) * np.uint64(1099511628211)
-        key ^= where.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # the tile's position
+        where = (ys * w + xs).astype(np.uint64)  # the tile's position
+        key ^= where * np.uint64(0x9E3779B97F4A7C15)
         keys.append(key)
         owners.append(rows + start)
     best = np.ones(n, np.float64)
@@ -331,6 +345,17 @@ def pixel_recurrence(
         _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
         np.maximum.at(best, owner, counts[inverse].astype(np.float64))
     return best
+
+
+def _tile_std(gray: np.ndarray, tile: int) -> np.ndarray:
+    """Pixel standard deviation of every tile x tile window (torch's pooling: fast)."""
+    import torch
+
+    x = torch.from_numpy(gray).float()[:, None]
+    with torch.no_grad():
+        mean = torch.nn.functional.avg_pool2d(x, tile, stride=1)
+        mean_sq = torch.nn.functional.avg_pool2d(x * x, tile, stride=1)
+    return (mean_sq - mean * mean).clamp_min(0.0).sqrt()[:, 0].numpy()
 
 
 def _gray_u8(images: np.ndarray) -> np.ndarray:
@@ -343,18 +368,62 @@ def _gray_u8(images: np.ndarray) -> np.ndarray:
     raise ValueError(f"images must be (N, H, W) or (N, H, W, 3), got {images.shape}")
 
 
+def aligned_similarity(
+    images: np.ndarray, idx: np.ndarray, max_shift: int = 3, block: int = 1024
+) -> np.ndarray:
+    """Normalised cross-correlation of each image with each of its candidates, best over shifts.
+
+    idx (N, k): candidate rows (the pixel-key neighbours). Images are blurred 3x3,
+    mean-centred and normalised, then correlated through the FFT; the best value
+    over shifts of up to `max_shift` pixels is kept. Variants of one image (shifted,
+    noisy) score close to 1; a lookalike scene of other items does not. Returns
+    float32 (N, k).
+    """
+    import torch
+
+    gray = torch.from_numpy(_gray_u8(images).astype(np.float32))
+    n, h, w = gray.shape
+    if idx.ndim != 2 or len(idx) != n:
+        raise ValueError(f"idx must be (N={n}, k) candidate rows")
+    # a 3 x 3 blur averages pixel noise away and keeps shapes (at half resolution a
+    # 1 px shift became a half-pixel one, and variants were missed: TUNING.md)
+    blurred = torch.nn.functional.avg_pool2d(
+        torch.nn.functional.pad(gray[:, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1
+    )[:, 0]
+    blurred -= blurred.mean(dim=(1, 2), keepdim=True)
+    blurred /= blurred.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None]
+    size = (h + max_shift, w + max_shift)  # zero padding: no wrap-around within the shifts
+    spectra = torch.fft.rfft2(blurred, s=size)
+    r = max_shift
+    rows_kept = list(range(r + 1)) + list(range(size[0] - r, size[0]))
+    cols_kept = list(range(r + 1)) + list(range(size[1] - r, size[1]))
+    out = np.empty(idx.shape, np.float32)
+    cand = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+    with torch.no_grad():
+        for start in range(0, n, block):
+            a = spectra[start : start + block, None]
+            b = spectra[cand[start : start + block]]
+            cc = torch.fft.irfft2(a * b.conj(), s=size)
+            win = cc[..., rows_kept, :][..., cols_kept]
+            out[start : start + block] = win.flatten(2).amax(dim=2).numpy()
+    return out
+
+
 @dataclass
 class PixelEvidence:
     """What the pixels alone say about every pair; computed once per dataset.
 
     keys: `pixel_keys` (N, d); neighbours: their k-NN (indices, cosines), for
-    the pixel density, the copies that may not vouch for each other, and the
-    shared verdicts; recurrence: `pixel_recurrence`. None of it depends on the
-    model, so a trainer computes it before the first round and reuses it.
+    the pixel density and the copies that may not vouch for each other; aligned:
+    `aligned_similarity` with each of those neighbours (N, k), which says which are
+    variants of the same image (the copy count and the shared verdicts);
+    recurrence: `pixel_recurrence`. None of it depends on the model, so a trainer
+    computes it before the first round and reuses it.
     """
 
     keys: np.ndarray
     neighbours: tuple[np.ndarray, np.ndarray]
+    aligned: np.ndarray
     recurrence: np.ndarray
 
     def __len__(self) -> int:
@@ -370,8 +439,9 @@ def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> Pix
             f"pixel_k = {config.pixel_k} neighbours, but only {len(keys)} images (<= N - 1)"
         )
     neighbours = knn(keys, config.pixel_k, threads=config.threads, name="pixel keys")
+    aligned = aligned_similarity(images, neighbours[0], config.max_shift)
     recurrence = pixel_recurrence(images, config.tile, config.tile_min_std)
-    return PixelEvidence(keys, neighbours, recurrence)
+    return PixelEvidence(keys, neighbours, aligned, recurrence)
 
 
 # --------------------------------------------------------------------------- signals
@@ -464,6 +534,8 @@ def compute_signals(
     if "density_pixel" in wanted and pixels is not None:
         kdist = local_outlier_scores(keys, config.pixel_k, neighbours=pixels.neighbours)["kdist"]
         out["density_pixel"] = -kdist
+    if "copies_pixel" in wanted and pixels is not None:
+        out["copies_pixel"] = (pixels.aligned >= config.copy_ncc).sum(axis=1).astype(np.float64)
     if "recurrence_pixel" in wanted and pixels is not None:
         out["recurrence_pixel"] = np.log(pixels.recurrence)
     if "consistency_caption" in wanted:
@@ -503,13 +575,16 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (x - med) / scale
 
 
-def tail_scale(values: np.ndarray, tail: float = 0.99) -> np.ndarray:
+def tail_scale(values: np.ndarray, tail: float = 0.95) -> np.ndarray:
     """(x - median) / (q_tail - median): each signal's own upper tail is mapped to 1.
 
     Signals differ in the shape of their tails, not only in their spread: a robust z
     lets a heavy-tailed signal's clean pairs outshout a light-tailed signal's poisons.
-    Scaled by its own tail quantile, a signal says "beyond 1" only for pairs beyond
-    the usual top of its own distribution.
+    Scaled by its own tail quantile, a signal says "3" only for pairs three times as
+    far out as the usual top 5% of its own distribution. The quantile must lie below
+    the poisons: at 0.99 a poison share over 1% set the scale itself and mapped the
+    poisons to 1 (measured, TUNING.md); 0.95 holds while poisons are under 5%.
+    A constant-ish signal (quantile at the median) falls back to the standard deviation.
     """
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or not len(x):
@@ -553,7 +628,7 @@ def fuse(z: Mapping[str, np.ndarray], signals: Sequence[str]) -> np.ndarray:
 def group_verdict(
     scores: np.ndarray, idx: np.ndarray, sim: np.ndarray, threshold: float
 ) -> np.ndarray:
-    """Each pair gets the median score of itself and its pixel copies (key cosine >= threshold).
+    """Each pair gets the median score of itself and its variants (similarity >= threshold).
 
     A poison's copies then rise or fall together: a verdict cannot keep some copies
     of a target and leave out the rest. Only direct neighbours count, not chains of
@@ -594,6 +669,22 @@ def mixture_threshold(
     elif share < min_share:
         count = int(math.ceil(min_share * len(x)))
         cut = float(np.nextafter(np.sort(x)[len(x) - count], -np.inf))  # ties: all above
+    return float(cut)
+
+
+def fixed_threshold(
+    scores: np.ndarray, cut: float, min_share: float = 0.0, max_share: float = 1.0
+) -> float:
+    """`cut`, moved only as far as needed to doubt a share within [min_share, max_share]."""
+    x = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if not len(x) or not np.isfinite(x).all():
+        raise ValueError("fixed_threshold needs finite scores")
+    share = float((x > cut).mean())
+    if share > max_share:
+        return _quantile_cut(x, max_share)
+    if share < min_share:
+        count = int(math.ceil(min_share * len(x)))
+        return float(np.nextafter(np.sort(x)[len(x) - count], -np.inf))
     return float(cut)
 
 
@@ -654,12 +745,12 @@ def doubt_scores(
     signals = compute_signals(
         image_emb, caption_emb, config, pixels=pixels, lead=lead, wanted=wanted
     )
-    return decide(signals, None if pixels is None else pixels.neighbours, config)
+    return decide(signals, pixels, config)
 
 
 def decide(
     signals: Mapping[str, np.ndarray],
-    copies: tuple[np.ndarray, np.ndarray] | None,
+    pixels: PixelEvidence | None,
     config: DoubtConfig,
 ) -> Doubt:
     """Scale, fuse, share verdicts among pixel copies, and cut: the cheap half of the verdict.
@@ -675,11 +766,18 @@ def decide(
             "pass images= or choose other signals"
         )
     fused = fuse(z, used)
-    if config.group and copies is not None:
-        fused = group_verdict(fused, *copies, config.group_sim)
-    cut = mixture_threshold(fused, config.min_share, config.max_share, config.seed)
+    if config.group and pixels is not None:
+        fused = group_verdict(fused, pixels.neighbours[0], pixels.aligned, config.copy_ncc)
+    if config.budget == "mixture":
+        cut = mixture_threshold(fused, config.min_share, config.max_share, config.seed)
+    else:
+        cut = fixed_threshold(fused, config.cut, config.min_share, config.max_share)
     doubted = fused > cut
-    grouped = np.zeros(len(fused), bool) if copies is None else copies[1][:, 0] >= config.group_sim
+    grouped = (
+        np.zeros(len(fused), bool)
+        if pixels is None
+        else (pixels.aligned >= config.copy_ncc).any(axis=1)
+    )
     report: dict[str, float | int | str] = {
         "doubted": int(doubted.sum()),
         "doubted_share": float(doubted.mean()),
