@@ -86,7 +86,7 @@ def test_unknown_defense_is_refused():
         ("otcclip", None, None, [2, 3, 4, 5, 6, 7]),
         ("otcclip", 2, 3, [2, 5]),
         ("otcclip", 2, 0, []),
-        ("roclip", None, None, [3, 5, 7]),
+        ("roclip", None, None, [4, 6]),
         ("none", None, None, []),
     ],
 )

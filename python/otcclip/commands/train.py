@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 _SCHEDULE_HELP = (
-    "[default per defense: otcclip W=2 R=1; roclip W=3 R=2; safeclip W=1 (its unimodal "
+    "[default per defense: otcclip W=2 R=1; roclip W=4 R=2; safeclip W=1 (its unimodal "
     "warm-up epochs); filter W=2]"
 )
 
