@@ -235,3 +235,34 @@ def test_the_table_aggregates_the_seeds_as_computed_by_hand(tmp_path):
     bars = "\n".join(table.bar_checks(runs, jobs=1))
     assert "attacks work without a defense (>= 80%): targeted 90.0%, backdoor 95.0%: met" in bars
     assert "OTCCLIP ASR <= 2%: targeted 2.5%, backdoor 2.0%: NOT met" in bars
+
+
+def test_the_doubt_rows_leave_out_one_family_each_and_the_rule_row_is_the_papers():
+    from otcclip.doubt import SIGNALS, DoubtConfig
+    from otcclip.train import TrainConfig
+
+    table = _load_script()
+    rows = {r.key: r for r in table.table_rows(TrainConfig())}
+    assert rows["rule"].overrides == {"doubt": "match"}
+    default = set(DoubtConfig().signals)
+    for key, family in (("no-pixel", "pixel"), ("no-consistency", "consistency")):
+        kept = set(rows[key].overrides["doubt_signals"].split(","))
+        assert kept == {s for s in default if SIGNALS[s] != family}
+        assert kept < default
+    assert rows["none-varied"].variant == rows["otcclip-varied"].variant == "varied"
+    # with the paper's rule as the default, the rule row flips to the fused doubt
+    flipped = {r.key: r for r in table.table_rows(TrainConfig(doubt="match"))}
+    assert flipped["rule"].overrides == {"doubt": "fused"} and "no-pixel" not in flipped
+
+
+def test_the_varied_copies_data_records_its_variation_in_spec_and_command(tmp_path):
+    from deftable.data import data_spec, poison_command
+
+    from otcclip.demo import DemoConfig
+
+    config = DemoConfig(out=str(tmp_path), scenes=600)
+    spec = data_spec(config, "varied")
+    assert spec["copy_shift"] == 2 and spec["copy_noise"] == 8.0
+    assert "copy_shift" not in data_spec(config, "poisoned")
+    command = poison_command(config, "varied", tmp_path / "varied")
+    assert "--copy-shift 2 --copy-noise 8" in command and "--attack badnet" in command

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deftable.rows import ATTACKS
+from deftable.rows import ATTACKS, COPY_VARIATION
 
 DATA_SPEC = "table_data.json"
 
@@ -40,6 +40,8 @@ def data_spec(config: Any, variant: str) -> dict[str, Any]:
     }
     if variant == "adaptive":  # its backdoor has a count of its own
         spec["n_backdoor"] = adaptive_count(config)
+    if variant == "varied":
+        spec.update(COPY_VARIATION)
     return spec
 
 
@@ -55,6 +57,11 @@ def poison_command(config: Any, variant: str, directory: Path) -> str:
             f"--target-label {config.target_label} --n-targets {config.n_targets} "
             f"--n-captions {config.n_captions} "
             f"--n-poison {data_spec(config, variant)['n_backdoor']}"
+        )
+    if variant == "varied":
+        parts.append(
+            f"--copy-shift {COPY_VARIATION['copy_shift']} "
+            f"--copy-noise {COPY_VARIATION['copy_noise']:g}"
         )
     parts.append(f"--seed {config.seed}")
     return " ".join(parts)
@@ -79,7 +86,13 @@ def ensure_data(out: Path, config: Any, variants: set[str], echo: Callable[[str]
     )
     if not stale:
         return
-    from otcclip.attacks import adaptive_backdoor, poisoned_ids, save_manifests, targeted_poison
+    from otcclip.attacks import (
+        adaptive_backdoor,
+        backdoor,
+        poisoned_ids,
+        save_manifests,
+        targeted_poison,
+    )
     from otcclip.data import fashion_scenes, write_pairs
     from otcclip.demo import build_poisoned_data
 
@@ -117,6 +130,36 @@ def ensure_data(out: Path, config: Any, variants: set[str], echo: Callable[[str]
             save_manifests(
                 tmp / "adaptive",
                 [targeted, adaptive],
+                {"n_rows": len(table), "scenes": config.scenes},
+            )
+        if "varied" in stale:
+            if clean is None:
+                clean = fashion_scenes(
+                    config.scenes,
+                    seed=config.seed,
+                    image_size=config.image_size,
+                    max_items=config.max_items,
+                )
+            table, targeted = targeted_poison(
+                clean,
+                config.n_targets,
+                config.n_captions,
+                config.target_label,
+                config.seed + 1,
+                **COPY_VARIATION,
+            )
+            table, badnet = backdoor(
+                table,
+                "badnet",
+                config.n_backdoor,
+                config.target_label,
+                config.seed + 2,
+                exclude_ids=poisoned_ids([targeted]),
+            )
+            write_pairs(table, tmp / "varied" / "train.parquet")
+            save_manifests(
+                tmp / "varied",
+                [targeted, badnet],
                 {"n_rows": len(table), "scenes": config.scenes},
             )
         for variant in stale:

@@ -31,6 +31,12 @@ ROW_KEYS = (
     "otcclip-adaptive",
     "none-aug",
     "filter",
+    "rule",
+    "no-pixel",
+    "no-consistency",
+    "no-cross",
+    "none-varied",
+    "otcclip-varied",
 )
 # SafeCLIP at its reference's schedule scaled to 8 epochs: the best validation zero-shot of
 # the probes after 4 epochs (42.2% against 36.3% for the CLI's "share" defaults; TUNING.md,
@@ -48,7 +54,16 @@ SAFECLIP_TUNED: dict[str, Any] = {
 # for the control row: what it costs plain CLIP at this budget. RoCLIP and SafeCLIP no
 # longer augment the images of the view their CLIP loss sees (TUNING.md, session 7).
 BASELINE_AUGMENT = {"augment": "both"}
-ATTACKS = {"clean": [], "poisoned": ["targeted", "badnet"], "adaptive": ["targeted", "adaptive"]}
+ATTACKS = {
+    "clean": [],
+    "poisoned": ["targeted", "badnet"],
+    "adaptive": ["targeted", "adaptive"],
+    "varied": ["targeted", "badnet"],
+}
+# The varied-copies variant: each copy of a target shifted by up to 2 px and given
+# sigma-8 pixel noise, as an attacker posting variants would (issue 13), so that no
+# defense wins by exact-duplicate detection alone.
+COPY_VARIATION = {"copy_shift": 2, "copy_noise": 8.0}
 # TrainConfig fields that do not change what a run computes, or that are paths under OUT:
 # a difference in these alone does not rerun a finished run.
 NOT_COMPARED = frozenset(
@@ -94,13 +109,17 @@ OTCCLIP_ONLY = frozenset(
         "rematch_from",
         "on_doubt",
         "max_repair",
+        "doubt",
+        "doubt_signals",
+        "doubt_k",
+        "doubt_min_share",
     }
 )
 
 
 # Settings added after runs were recorded, with the value those runs trained with: a
 # recorded config without the key is compared as if it held this value.
-BEFORE_THE_SETTING: dict[str, Any] = {"on_doubt": "repair"}
+BEFORE_THE_SETTING: dict[str, Any] = {"on_doubt": "repair", "doubt": "match"}
 
 
 def _with_older_settings(train: dict[str, Any]) -> dict[str, Any]:
@@ -203,7 +222,38 @@ def table_rows(base: Any) -> list[Row]:
         # the defense a user would try first
         Row("none-aug", "none, the references' augmentation", "poisoned", "none", BASELINE_AUGMENT),
         Row("filter", "filter-then-train", "poisoned", "filter"),
+        # the doubt (issue 13): the paper's rule instead of the fused score, each family of
+        # signals left out, and targeted copies an attacker varied
+        *_doubt_rows(base),
+        Row("none-varied", "none (varied copies)", "varied", "none"),
+        Row("otcclip-varied", "otcclip (varied copies)", "varied", "otcclip"),
     ]
+
+
+def _doubt_rows(base: Any) -> list[Row]:
+    from otcclip.doubt import SIGNALS, DoubtConfig
+
+    if base.doubt != "fused":  # the default is the paper's rule: flip to the fused doubt
+        return [_ablation("rule", {"doubt": "fused"})]
+    signals = base.doubt_signals.split(",") if base.doubt_signals else DoubtConfig().signals
+    rows = [_ablation("rule", {"doubt": "match"}, "the paper's rule")]
+    for key, family in (
+        ("no-pixel", "pixel"),
+        ("no-consistency", "consistency"),
+        ("no-cross", "cross"),
+    ):
+        kept = [s for s in signals if SIGNALS[s] != family]
+        if kept and len(kept) < len(signals):
+            rows.append(
+                Row(
+                    key,
+                    f"otcclip, doubt without {family} signals",
+                    "poisoned",
+                    "otcclip",
+                    {"doubt_signals": ",".join(kept)},
+                )
+            )
+    return rows
 
 
 def select_rows(rows: list[Row], wanted: Sequence[str] | None) -> list[Row]:
