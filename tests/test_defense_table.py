@@ -257,7 +257,6 @@ def test_the_doubt_rows_leave_out_one_family_each_and_the_rule_row_is_the_papers
 
 def test_the_varied_copies_data_records_its_variation_in_spec_and_command(tmp_path):
     from deftable.data import data_spec, poison_command
-
     from otcclip.demo import DemoConfig
 
     config = DemoConfig(out=str(tmp_path), scenes=600)
