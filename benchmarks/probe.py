@@ -93,23 +93,12 @@ def epoch_line(metrics: dict[str, Any], ev: dict[str, Any]) -> str:
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
+    from deftable.rows import parse_value
+
     out: dict[str, Any] = {}
     for item in items:
         key, _, raw = item.partition("=")
-        text = raw.strip()
-        value: Any = text
-        if text.lower() in ("none", "null"):
-            value = None
-        elif text.lower() in ("true", "false"):
-            value = text.lower() == "true"
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(text)
-                    break
-                except ValueError:
-                    continue
-        out[key.strip().replace("-", "_")] = value
+        out[key.strip().replace("-", "_")] = parse_value(raw)
     return out
 
 

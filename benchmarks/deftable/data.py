@@ -25,6 +25,14 @@ def adaptive_count(config: Any) -> int:
     return config.n_backdoor if config.n_adaptive is None else config.n_adaptive
 
 
+def _clean_scenes(config: Any) -> Any:
+    from otcclip.data import fashion_scenes
+
+    return fashion_scenes(
+        config.scenes, seed=config.seed, image_size=config.image_size, max_items=config.max_items
+    )
+
+
 def data_spec(config: Any, variant: str) -> dict[str, Any]:
     spec = {
         "variant": variant,
@@ -93,7 +101,7 @@ def ensure_data(out: Path, config: Any, variants: set[str], echo: Callable[[str]
         save_manifests,
         targeted_poison,
     )
-    from otcclip.data import fashion_scenes, write_pairs
+    from otcclip.data import write_pairs
     from otcclip.demo import build_poisoned_data
 
     start = time.perf_counter()
@@ -109,13 +117,7 @@ def ensure_data(out: Path, config: Any, variants: set[str], echo: Callable[[str]
             write_pairs(clean, tmp / "clean" / "train.parquet")
             save_manifests(tmp / "clean", [], {"n_rows": len(clean), "scenes": config.scenes})
         if "adaptive" in stale:
-            if clean is None:
-                clean = fashion_scenes(
-                    config.scenes,
-                    seed=config.seed,
-                    image_size=config.image_size,
-                    max_items=config.max_items,
-                )
+            clean = clean if clean is not None else _clean_scenes(config)
             table, targeted = targeted_poison(
                 clean, config.n_targets, config.n_captions, config.target_label, config.seed + 1
             )
@@ -133,13 +135,7 @@ def ensure_data(out: Path, config: Any, variants: set[str], echo: Callable[[str]
                 {"n_rows": len(table), "scenes": config.scenes},
             )
         if "varied" in stale:
-            if clean is None:
-                clean = fashion_scenes(
-                    config.scenes,
-                    seed=config.seed,
-                    image_size=config.image_size,
-                    max_items=config.max_items,
-                )
+            clean = clean if clean is not None else _clean_scenes(config)
             table, targeted = targeted_poison(
                 clean,
                 config.n_targets,

@@ -277,6 +277,21 @@ def select_rows(rows: list[Row], wanted: Sequence[str] | None) -> list[Row]:
 # ---------------------------------------------------------------------------- settings
 
 
+def parse_value(text: str) -> Any:
+    """A --set value: none/null, true/false, an int, a float, else the text itself."""
+    text = text.strip()
+    if text.lower() in ("none", "null"):
+        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            continue
+    return text
+
+
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     """KEY=VALUE TrainConfig overrides: numbers, true/false and none are parsed."""
     from otcclip.train import TrainConfig
@@ -292,20 +307,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"--set {key}: not a TrainConfig setting")
         if key in MANAGED:
             raise ValueError(f"--set {key}: set by the table itself ({MANAGED[key]})")
-        text = raw.strip()
-        value: Any = text
-        if text.lower() in ("none", "null"):
-            value = None
-        elif text.lower() in ("true", "false"):
-            value = text.lower() == "true"
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(text)
-                    break
-                except ValueError:
-                    continue
-        out[key] = value
+        out[key] = parse_value(raw)
     return out
 
 
