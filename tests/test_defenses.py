@@ -619,12 +619,16 @@ def small_runs() -> dict[str, dict]:
 
 # What this run measured where a defense misses a bar (strict: a fix turns these into
 # failures to be removed). RoCLIP: its nearest-caption epochs cost accuracy (TUNING.md,
-# session 7): 21.3% zero-shot. OTCCLIP: the trigger is learned in the warm-up at this size
-# (ASR 71.2% against 60.3% without a defense). Filter: DAO on the warm-up model's image
+# session 7): 21.3% zero-shot. OTCCLIP with the fused doubt: 100% ASR against 60.3% without
+# a defense (71.2% with the match rule, learned in the warm-up); see its reason. Filter: DAO on the warm-up model's image
 # embeddings drops few of the triggered images (ASR 50.2%).
 _MISSES = {
     ("learns", "roclip"): "RoCLIP reaches 21.3% zero-shot here (its nearest-caption epochs)",
-    ("asr", "otcclip"): "OTCCLIP: 71.2% ASR against 60.3% (learned within the warm-up)",
+    ("asr", "otcclip"): (
+        "OTCCLIP: 100% ASR against 60.3%. 9% of the pairs are poisoned here, over the fused "
+        "doubt's assumption (under 5%: each signal is scaled by its own 95th percentile, "
+        "which the poisons then set), so the round leaves out almost none of them"
+    ),
     ("asr", "filter"): "filter-then-train: 50.2% ASR against 60.3% (10 points, not 15)",
 }
 

@@ -98,6 +98,9 @@ class DoubtConfig:
         identical (excluded from caption neighbourhoods).
     min_share / max_share: the doubted share stays within these, whatever the mixture says.
     group: each pair shares its verdict with its variants (`group_verdict`).
+    tail: the quantile each signal's scale is read at (`tail_scale`). The poisons must
+        be fewer than 1 - tail of the pairs, or they set the scale themselves and fall
+        under the cut (measured: at 9% poisons the round left almost none out).
     budget: how the doubted share is set: "cut" doubts the pairs whose fused score
         passes `cut` (on the max_tail scale: that many times as far out as the
         signal's own top 5%); "mixture" fits a two-component Gaussian mixture
@@ -135,6 +138,7 @@ class DoubtConfig:
     fusion: str = "max_tail"
     budget: str = "cut"
     cut: float = 3.0
+    tail: float = 0.95
     thumb: int = 8
     pixel_k: int = 8
     reach: int = 48
@@ -168,6 +172,8 @@ class DoubtConfig:
             raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         if not (isinstance(self.cut, (int, float)) and math.isfinite(self.cut)):
             raise ValueError(f"cut must be a finite number, got {self.cut!r}")
+        if not (isinstance(self.tail, (int, float)) and 0.5 < self.tail < 1.0):
+            raise ValueError(f"tail must be a quantile in (0.5, 1), got {self.tail!r}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         if isinstance(self.thumb, bool) or not isinstance(self.thumb, int) or self.thumb < 2:
@@ -757,8 +763,10 @@ def decide(
 
     Apart from `compute_signals` so that a benchmark can try fusions on one set of signals.
     """
-    scale = _SCALES[config.fusion]
-    z = {name: scale(values) for name, values in signals.items()}
+    if config.fusion == "max_tail":
+        z = {name: tail_scale(values, config.tail) for name, values in signals.items()}
+    else:
+        z = {name: _SCALES[config.fusion](values) for name, values in signals.items()}
     used = [s for s in config.signals if s in z]
     if not used:
         raise ValueError(
