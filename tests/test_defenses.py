@@ -620,8 +620,8 @@ def small_runs() -> dict[str, dict]:
 # What this run measured where a defense misses a bar (strict: a fix turns these into
 # failures to be removed). RoCLIP: its nearest-caption epochs cost accuracy (TUNING.md,
 # session 7): 21.3% zero-shot. OTCCLIP with the fused doubt: 100% ASR against 60.3% without
-# a defense (71.2% with the match rule, learned in the warm-up); see its reason. Filter: DAO on the warm-up model's image
-# embeddings drops few of the triggered images (ASR 50.2%).
+# a defense (71.2% with the match rule, learned in the warm-up); see its reason. Filter:
+# DAO on the warm-up model's image embeddings drops few of the triggered images (50.2%).
 _MISSES = {
     ("learns", "roclip"): "RoCLIP reaches 21.3% zero-shot here (its nearest-caption epochs)",
     ("asr", "otcclip"): (
