@@ -33,6 +33,41 @@ def _clean_scenes(config: Any) -> Any:
     )
 
 
+def _poison_variant(clean: Any, config: Any, variant: str) -> tuple[Any, list[Any]]:
+    """The adaptive or varied-copies data: targeted poisoning (seed + 1), then its backdoor
+    (seed + 2) on pairs the targets did not touch, as `poison_command` records."""
+    from otcclip.attacks import adaptive_backdoor, backdoor, poisoned_ids, targeted_poison
+
+    variation = COPY_VARIATION if variant == "varied" else {}
+    table, targeted = targeted_poison(
+        clean,
+        config.n_targets,
+        config.n_captions,
+        config.target_label,
+        config.seed + 1,
+        **variation,
+    )
+    touched = poisoned_ids([targeted])
+    if variant == "adaptive":
+        table, second = adaptive_backdoor(
+            table,
+            adaptive_count(config),
+            config.target_label,
+            config.seed + 2,
+            exclude_ids=touched,
+        )
+    else:
+        table, second = backdoor(
+            table,
+            "badnet",
+            config.n_backdoor,
+            config.target_label,
+            config.seed + 2,
+            exclude_ids=touched,
+        )
+    return table, [targeted, second]
+
+
 def data_spec(config: Any, variant: str) -> dict[str, Any]:
     spec = {
         "variant": variant,
@@ -94,13 +129,7 @@ def ensure_data(out: Path, config: Any, variants: set[str], echo: Callable[[str]
     )
     if not stale:
         return
-    from otcclip.attacks import (
-        adaptive_backdoor,
-        backdoor,
-        poisoned_ids,
-        save_manifests,
-        targeted_poison,
-    )
+    from otcclip.attacks import save_manifests
     from otcclip.data import write_pairs
     from otcclip.demo import build_poisoned_data
 
@@ -116,48 +145,14 @@ def ensure_data(out: Path, config: Any, variants: set[str], echo: Callable[[str]
         if "clean" in stale:
             write_pairs(clean, tmp / "clean" / "train.parquet")
             save_manifests(tmp / "clean", [], {"n_rows": len(clean), "scenes": config.scenes})
-        if "adaptive" in stale:
-            clean = clean if clean is not None else _clean_scenes(config)
-            table, targeted = targeted_poison(
-                clean, config.n_targets, config.n_captions, config.target_label, config.seed + 1
-            )
-            table, adaptive = adaptive_backdoor(
-                table,
-                adaptive_count(config),
-                config.target_label,
-                config.seed + 2,
-                exclude_ids=poisoned_ids([targeted]),
-            )
-            write_pairs(table, tmp / "adaptive" / "train.parquet")
-            save_manifests(
-                tmp / "adaptive",
-                [targeted, adaptive],
-                {"n_rows": len(table), "scenes": config.scenes},
-            )
-        if "varied" in stale:
-            clean = clean if clean is not None else _clean_scenes(config)
-            table, targeted = targeted_poison(
-                clean,
-                config.n_targets,
-                config.n_captions,
-                config.target_label,
-                config.seed + 1,
-                **COPY_VARIATION,
-            )
-            table, badnet = backdoor(
-                table,
-                "badnet",
-                config.n_backdoor,
-                config.target_label,
-                config.seed + 2,
-                exclude_ids=poisoned_ids([targeted]),
-            )
-            write_pairs(table, tmp / "varied" / "train.parquet")
-            save_manifests(
-                tmp / "varied",
-                [targeted, badnet],
-                {"n_rows": len(table), "scenes": config.scenes},
-            )
+        for variant in ("adaptive", "varied"):
+            if variant in stale:
+                clean = clean if clean is not None else _clean_scenes(config)
+                table, manifests = _poison_variant(clean, config, variant)
+                write_pairs(table, tmp / variant / "train.parquet")
+                save_manifests(
+                    tmp / variant, manifests, {"n_rows": len(table), "scenes": config.scenes}
+                )
         for variant in stale:
             built = tmp / variant
             write_text(built / DATA_SPEC, json.dumps(data_spec(config, variant), indent=2) + "\n")

@@ -284,20 +284,13 @@ def pixel_keys(images: np.ndarray, size: int = 8) -> np.ndarray:
     nearly the same key, while different scenes differ. Images (N, H, W) or
     (N, H, W, 3) uint8.
     """
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise TypeError("images must be a uint8 numpy array (N, H, W) or (N, H, W, 3)")
-    if images.ndim == 4 and images.shape[3] == 3:
-        gray = images.astype(np.float32).mean(axis=3)
-    elif images.ndim == 3:
-        gray = images.astype(np.float32)
-    else:
-        raise ValueError(f"images must be (N, H, W) or (N, H, W, 3), got {images.shape}")
+    gray = _gray_u8(images)
     n, h, w = gray.shape
     if h < 2 * size or w < 2 * size:
         raise ValueError(f"images of {h}x{w} px are too small for {size} frequencies a side")
     keys = np.empty((n, (2 * size - 1) * size), np.float32)
     for start in range(0, n, 4096):  # bounded memory: the spectra of one block at a time
-        spectrum = np.abs(np.fft.rfft2(gray[start : start + 4096]))
+        spectrum = np.abs(np.fft.rfft2(gray[start : start + 4096].astype(np.float32)))
         low = np.concatenate([spectrum[:, :size, :size], spectrum[:, h - size + 1 :, :size]], 1)
         low = np.log1p(low.reshape(len(low), -1))
         low[:, 0] = 0.0  # the mean brightness says nothing about which image it is

@@ -220,7 +220,7 @@ def model_name_of(path: str | Path) -> str | None:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types on corrupt files
-        raise ValueError(f"{path} is not a readable safetensors weights file ({err})") from err
+        raise ValueError(f"{path} is not a safetensors weights file ({err})") from err
     return next((meta[k] for k in _NAME_KEYS if meta.get(k)), None)
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import click
 
-_NAME_KEYS = ("model_name", "model", "name", "otcclip.model")
-
 
 def _weights_file(path: Path) -> Path:
     """A weights file, or a checkpoint directory holding model.safetensors."""
@@ -29,16 +27,12 @@ def _weights_file(path: Path) -> Path:
 
 def _model_name(path: Path) -> str | None:
     """The model name recorded in the weights' safetensors metadata (save_weights puts it there)."""
-    from safetensors import safe_open
+    from otcclip.models import model_name_of
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types
-        raise click.BadParameter(
-            f"{path} is not a safetensors weights file ({err})", param_hint="--checkpoint"
-        ) from None
-    return next((metadata[k] for k in _NAME_KEYS if metadata.get(k)), None)
+        return model_name_of(path)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--checkpoint") from None
 
 
 @click.command(name="eval")

@@ -25,7 +25,6 @@ _POOL_ID_COLUMNS = ("id", "caption_id")
 _IMAGE_ID_COLUMNS = ("id", "image_id")
 _IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes")
 _PATH_COLUMNS = ("image_path", "path", "filepath")
-_MODEL_NAME_KEYS = ("model_name", "model", "name", "otcclip.model")
 _SHOWN = 10
 
 
@@ -624,19 +623,14 @@ def _load_model(checkpoint: Path, model_name: str | None, seed: int, device: str
 
 def _recorded_model_name(weights: Path) -> str | None:
     """The model name that `save_weights` records (None for other weight files: pass --model)."""
-    from safetensors import safe_open
+    from otcclip.models import model_name_of
 
     if weights.suffix != ".safetensors":
         return None
-
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types
-        raise click.BadParameter(
-            f"{weights} is not a safetensors weights file ({err})", param_hint="--checkpoint"
-        ) from None
-    return next((metadata[key] for key in _MODEL_NAME_KEYS if metadata.get(key)), None)
+        return model_name_of(weights)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--checkpoint") from None
 
 
 def _class_columns(images: _Images, pool: _Pool) -> dict[str, np.ndarray]:
