@@ -36,24 +36,44 @@ RECALL_BAR = 0.95
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--poison-dir", required=True, type=Path, action="append",
-                   help="A directory from `otcclip poison` (repeatable, paired with --checkpoint).")
-    p.add_argument("--checkpoint", required=True, type=Path, action="append",
-                   help="Weights (or a checkpoint directory); repeatable.")
+    p.add_argument(
+        "--poison-dir",
+        required=True,
+        type=Path,
+        action="append",
+        help="A directory from `otcclip poison` (repeatable, paired with --checkpoint).",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        action="append",
+        help="Weights (or a checkpoint directory); repeatable.",
+    )
     p.add_argument("--k", type=int, default=None, help="Neighbours (default: DoubtConfig's).")
-    p.add_argument("--signals", default=None,
-                   help="Comma-separated signals to fuse (default: DoubtConfig's).")
+    p.add_argument(
+        "--signals", default=None, help="Comma-separated signals to fuse (default: DoubtConfig's)."
+    )
     p.add_argument("--max-share", type=float, default=None, help="Budget cap.")
     p.add_argument("--threads", type=int, default=2, help="torch and rayon threads.")
     p.add_argument("--batch", type=int, default=512, help="Embedding batch size.")
-    p.add_argument("--fusions", default=None,
-                   help="Comma-separated fusions to compare (default: DoubtConfig's only).")
-    p.add_argument("--budgets", default=None,
-                   help="Comma-separated budget rules to compare (cut, mixture; default: "
-                   "DoubtConfig's only).")
+    p.add_argument(
+        "--fusions",
+        default=None,
+        help="Comma-separated fusions to compare (default: DoubtConfig's only).",
+    )
+    p.add_argument(
+        "--budgets",
+        default=None,
+        help="Comma-separated budget rules to compare (cut, mixture; default: DoubtConfig's only).",
+    )
     p.add_argument("--cut", type=float, default=None, help="The fused cut of budget 'cut'.")
-    p.add_argument("--cache", type=Path, default=None,
-                   help="Keep each checkpoint's embeddings here (npz), to rerun fusions fast.")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="Keep each checkpoint's embeddings here (npz), to rerun fusions fast.",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="Write every figure here too.")
     return p.parse_args(argv)
@@ -169,23 +189,25 @@ def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> lis
             entry["recall"] = float(d.doubted[r].mean())
             per_attack[label] = entry
         doubted = d.doubted
-        results.append({
-            "poison_dir": str(poison_dir),
-            "checkpoint": str(checkpoint),
-            "fusion": f"{fusion}, budget {budget}",
-            "pairs": len(table),
-            "poisoned": int(poisoned_any.sum()),
-            "budget_share": float(doubted.mean()),
-            "precision": float(poisoned_any[doubted].mean()) if doubted.any() else float("nan"),
-            "recall_all": float(doubted[poisoned_any].mean()),
-            "clean_doubted": float(doubted[clean].mean()),
-            "seconds_embed": t_embed,
-            "seconds_pixels": t_pixels,
-            "seconds_doubt": t_signals + t_decide,
-            "fused_signals": list(config.signals),
-            "per_attack": per_attack,
-            "report": d.report,
-        })
+        results.append(
+            {
+                "poison_dir": str(poison_dir),
+                "checkpoint": str(checkpoint),
+                "fusion": f"{fusion}, budget {budget}",
+                "pairs": len(table),
+                "poisoned": int(poisoned_any.sum()),
+                "budget_share": float(doubted.mean()),
+                "precision": float(poisoned_any[doubted].mean()) if doubted.any() else float("nan"),
+                "recall_all": float(doubted[poisoned_any].mean()),
+                "clean_doubted": float(doubted[clean].mean()),
+                "seconds_embed": t_embed,
+                "seconds_pixels": t_pixels,
+                "seconds_doubt": t_signals + t_decide,
+                "fused_signals": list(config.signals),
+                "per_attack": per_attack,
+                "report": d.report,
+            }
+        )
     return results
 
 
@@ -237,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
         dirs = dirs * len(ckpts)
     if len(dirs) != len(ckpts):
         raise SystemExit("give one --poison-dir, or one per --checkpoint")
-    print(f"doubt_quality: torch threads {args.threads}, rayon threads {args.threads}, "
-          "release extension")
+    print(
+        f"doubt_quality: torch threads {args.threads}, rayon threads {args.threads}, "
+        "release extension"
+    )
     results = []
     for d, c in zip(dirs, ckpts, strict=True):
         for r in measure(d, c, args):

@@ -32,11 +32,13 @@ def _table(n: int = N) -> PairTable:
     )
 
 
-def _ctx(config: TrainConfig, poisoned: np.ndarray | None = None) -> TrainContext:
+def _ctx(
+    config: TrainConfig, poisoned: np.ndarray | None = None, table: PairTable | None = None
+) -> TrainContext:
     return TrainContext(
         config=config,
         bundle=None,
-        table=_table(),
+        table=_table() if table is None else table,
         device=torch.device("cpu"),
         poisoned=poisoned,
         log=lambda _: None,
@@ -292,6 +294,52 @@ def test_the_fused_doubt_leaves_out_pairs_whose_neighbours_disagree(monkeypatch)
     plan = d.before_epoch(ctx, 0)
     for r in bad:
         assert plan.caption[r] == (r + 2) % n
+
+
+def _copies_and_patches(n: int = 400) -> tuple[PairTable, np.ndarray]:
+    """Noise images; 8 copies of one image (a target's) and 8 with one 4x4 patch in place."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 255, (n, 16, 16), dtype=np.uint8)
+    copies, patched = np.arange(10, 18), np.arange(200, 208)
+    images[copies] = images[copies[0]]
+    images[patched, 2:6, 2:6] = (np.indices((4, 4)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    table = PairTable(
+        ids=np.arange(n, dtype=np.int64),
+        images=images,
+        captions=[f"caption {i}" for i in range(n)],
+    )
+    return table, np.isin(np.arange(n), np.concatenate([copies, patched]))
+
+
+def test_the_pixel_screen_leaves_copies_and_patches_out_of_the_warm_up():
+    table, poisoned = _copies_and_patches()
+    config = TrainConfig(
+        scenes=len(table), defense="otcclip", batch_size=4, k=4, warmup_epochs=2, doubt="fused"
+    )
+    ctx = _ctx(config, poisoned, table)
+    d = make_defense(config)
+    d.setup(ctx)
+    plan = d.before_epoch(ctx, 0)
+    trained = np.zeros(len(table), bool)
+    trained[plan.positions] = True
+    assert not trained[poisoned].any()
+    assert trained[~poisoned].mean() > 0.98
+    assert plan.info["screen_recall"] == 1.0 and plan.phase == "warmup"
+    # the second warm-up epoch keeps the screen without judging again
+    again = d.before_epoch(ctx, 1)
+    assert np.array_equal(again.positions, plan.positions) and "screened" not in again.info
+    # a restart restores the screen and the pixel evidence instead of recomputing them
+    restarted = make_defense(config)
+    restarted.setup(ctx)
+    restarted.load_state_dict(d.state_dict())
+    assert np.array_equal(restarted.screened, d.screened)
+    assert np.array_equal(restarted.pixels.aligned, d.pixels.aligned)
+    assert np.array_equal(restarted.before_epoch(ctx, 1).positions, plan.positions)
+    # off by flag, and with no pixel signal to screen by
+    for kw in ({"pixel_screen": False}, {"doubt_signals": "cross,consistency_caption"}):
+        off = make_defense(dataclasses.replace(config, **kw))
+        off.setup(ctx)
+        assert len(off.before_epoch(ctx, 0).positions) == len(table)
 
 
 @pytest.mark.parametrize(

@@ -38,8 +38,14 @@ def trained():
     table, targeted = targeted_poison(table, 4, 25, "bag", 12, copy_shift=2, copy_noise=8.0)
     table, blended = backdoor(table, "blended", 90, "bag", 13)
     config = TrainConfig(
-        scenes=len(table), epochs=3, batch_size=128, lr=2e-3, seed=11, progress=False,
-        threads=2, eval_every=0,
+        scenes=len(table),
+        epochs=3,
+        batch_size=128,
+        lr=2e-3,
+        seed=11,
+        progress=False,
+        threads=2,
+        eval_every=0,
     )
     result = train(config, table=table, manifests=[targeted, blended])
     encoder = BundleEncoder(result.bundle, batch_size=512)
@@ -48,9 +54,7 @@ def trained():
         h = encoder.texts(table.captions)
     g = (g / np.linalg.norm(g, axis=1, keepdims=True)).astype(np.float32)
     h = (h / np.linalg.norm(h, axis=1, keepdims=True)).astype(np.float32)
-    rows = {
-        m.attack: np.isin(table.ids, np.asarray(m.poisoned_ids)) for m in (targeted, blended)
-    }
+    rows = {m.attack: np.isin(table.ids, np.asarray(m.poisoned_ids)) for m in (targeted, blended)}
     return table, g, h, rows
 
 

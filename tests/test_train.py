@@ -153,6 +153,18 @@ def test_tensorboard_is_optional_and_clear_when_missing(tmp_path):
 # --------------------------------------------------------------------------- every defense
 
 
+def _assert_same_state(a: dict, b: dict, where: str = "") -> None:
+    """The bank, the split state, the assignment, the pixel evidence ... equal, leaf by leaf."""
+    assert a.keys() == b.keys(), where
+    for key, value in a.items():
+        if isinstance(value, np.ndarray):
+            np.testing.assert_array_equal(value, b[key], err_msg=where + key)
+        elif isinstance(value, dict):
+            _assert_same_state(value, b[key], f"{where}{key}.")
+        elif not isinstance(value, bytes):
+            assert value == b[key], where + key
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("defense", ["none", "roclip", "safeclip", "otcclip"])
 def test_every_defense_trains_and_records_its_work(defense, tmp_path):
@@ -361,12 +373,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(defense, t
         assert untimed[0] == untimed[1]
     np.testing.assert_array_equal(resumed.assignment, reference.assignment)
     final = seen["resumed"][-1], seen["reference"][-1]
-    assert final[0].keys() == final[1].keys()
-    for key, value in final[0].items():  # the bank, the split state, the assignment ...
-        if isinstance(value, np.ndarray):
-            np.testing.assert_array_equal(value, final[1][key], err_msg=key)
-        elif not isinstance(value, bytes):
-            assert value == final[1][key], key
+    _assert_same_state(*final)
     ref_state = reference.bundle.model.state_dict()
     for name, value in resumed.bundle.model.state_dict().items():
         torch.testing.assert_close(value, ref_state[name], rtol=0, atol=1e-6, msg=name)

@@ -113,13 +113,18 @@ OTCCLIP_ONLY = frozenset(
         "doubt_signals",
         "doubt_k",
         "doubt_min_share",
+        "pixel_screen",
     }
 )
 
 
 # Settings added after runs were recorded, with the value those runs trained with: a
 # recorded config without the key is compared as if it held this value.
-BEFORE_THE_SETTING: dict[str, Any] = {"on_doubt": "repair", "doubt": "match"}
+BEFORE_THE_SETTING: dict[str, Any] = {
+    "on_doubt": "repair",
+    "doubt": "match",
+    "pixel_screen": False,
+}
 
 
 def _with_older_settings(train: dict[str, Any]) -> dict[str, Any]:

@@ -247,6 +247,10 @@ class OTCCLIPDefense(Defense):
       images, those whose own caption trails most (without the budget each
       round doubts more clean pairs as the model learns the previous rounds'
       choices; TUNING.md).
+    With the fused doubt, the warm-up is screened too (`pixel_screen`): the
+    pairs the pixel signals alone doubt (a target's copies, a patch trigger)
+    sit it out, since those signals need no model and what the warm-up learns
+    the later cross-modal scores stop doubting.
     A doubted pair sits the epoch out (`on_doubt="drop"`, default) or is
     re-paired with its best candidate (`"repair"`, the paper's re-assignment):
     at our scale a re-paired clean pair almost never gets a caption of its true
@@ -283,7 +287,8 @@ class OTCCLIPDefense(Defense):
         self.doubted: np.ndarray | None = None  # re-paired or dropped by some round
         self.history: Any = None
         self.rounds = 0
-        self.pixels: Any = None  # doubt.PixelEvidence, computed at the first fused round
+        self.pixels: Any = None  # doubt.PixelEvidence, computed once, kept in the state
+        self.screened: np.ndarray | None = None  # left out of the warm-up by the pixels
 
     def setup(self, ctx: TrainContext) -> None:
         from otcclip.otmatch import History
@@ -296,6 +301,7 @@ class OTCCLIPDefense(Defense):
         self.history = History()
         self.history.record(0, ctx.table.ids, ctx.table.ids)
         self.rounds = 0
+        self.screened = None
 
     def match_config(self) -> Any:
         from otcclip.matching import MatchConfig
@@ -324,6 +330,8 @@ class OTCCLIPDefense(Defense):
         info: dict[str, Any] = {}
         if self.intervenes(epoch):
             info = self._round(ctx)
+        elif self.rounds == 0 and self.screened is None and self.screens():
+            info = self._screen(ctx)
         positions = np.flatnonzero(self.assignment >= 0).astype(np.int64)
         intra = self.config.lambda_intra > 0
         return EpochPlan(
@@ -403,6 +411,61 @@ class OTCCLIPDefense(Defense):
             options["signals"] = tuple(s.strip() for s in c.doubt_signals.split(",") if s.strip())
         return DoubtConfig(**options)
 
+    def screens(self) -> bool:
+        """Whether the warm-up is screened: fused doubt with a pixel signal, `pixel_screen` on."""
+        from otcclip.doubt import SIGNALS
+
+        c = self.config
+        if c.doubt != "fused" or not c.pixel_screen:
+            return False
+        return any(SIGNALS[s] == "pixel" for s in self.doubt_config().signals)
+
+    def pixel_evidence(self, ctx: TrainContext) -> Any:
+        """The pixels' evidence (`doubt.pixel_evidence`): computed once per run, then kept."""
+        if self.pixels is None:
+            from otcclip.doubt import pixel_evidence
+
+            self.pixels = pixel_evidence(ctx.table.images, self.doubt_config())
+        return self.pixels
+
+    def _screen(self, ctx: TrainContext) -> dict[str, Any]:
+        """Leave out of the warm-up the pairs the pixel signals alone doubt.
+
+        The pixel signals need no model, so there is no reason to let the warm-up
+        learn a target's copies or a patch trigger first and unlearn them later:
+        what the warm-up learns, the later rounds' cross-modal scores stop doubting
+        (DESIGN.md, section 8). The first round judges every pair afresh with every
+        signal. The fusion, cut and cap are the round's, over the pixel signals, with
+        no least share: data without copies or patches loses nothing to the screen.
+        """
+        import dataclasses
+        import time
+
+        from otcclip.doubt import SIGNALS, decide, pixel_signals
+
+        assert self.assignment is not None and self.doubted is not None, "setup() first"
+        start = time.perf_counter()
+        config = self.doubt_config()
+        wanted = tuple(s for s in config.signals if SIGNALS[s] == "pixel")
+        pixels = self.pixel_evidence(ctx)
+        verdict = decide(
+            pixel_signals(pixels, config, wanted),
+            pixels,
+            dataclasses.replace(config, signals=wanted, min_share=0.0),
+        )
+        self.screened = verdict.doubted.copy()
+        self.doubted |= self.screened
+        self.assignment = np.where(self.screened, -1, self.assignment)
+        report: dict[str, Any] = {
+            "screened": int(self.screened.sum()),
+            "screen_seconds": time.perf_counter() - start,
+        }
+        if ctx.poisoned is not None:
+            hit = int((self.screened & ctx.poisoned).sum())
+            report["screen_precision"] = _share(hit, int(self.screened.sum()))
+            report["screen_recall"] = _share(hit, int(ctx.poisoned.sum()))
+        return report
+
     def _fused_doubt(
         self, ctx: TrainContext, result: Any, own: np.ndarray
     ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -425,15 +488,11 @@ class OTCCLIPDefense(Defense):
             neginf=0.0,
         )
         config = self.doubt_config()
-        if self.pixels is None:  # the pixels do not change: once per run
-            from otcclip.doubt import pixel_evidence
-
-            self.pixels = pixel_evidence(ctx.table.images, config)
         verdict = doubt_scores(
             result.image_embeddings,
             np.ascontiguousarray(result.pool_embeddings[own]),
             config,
-            pixels=self.pixels,
+            pixels=self.pixel_evidence(ctx),
             lead=lead,
         )
         report: dict[str, Any] = {f"doubt_{k}": v for k, v in verdict.report.items()}
@@ -501,6 +560,8 @@ class OTCCLIPDefense(Defense):
             "doubted": self.doubted,
             "history": self.history.to_bytes() if self.history is not None else b"",
             "rounds": self.rounds,
+            "screened": self.screened,
+            "pixels": None if self.pixels is None else self.pixels.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -517,6 +578,13 @@ class OTCCLIPDefense(Defense):
         )
         self.history = History.from_bytes(bytes(state["history"]))
         self.rounds = int(state["rounds"])
+        screened = state.get("screened")
+        self.screened = None if screened is None else np.asarray(screened, dtype=bool).copy()
+        pixels = state.get("pixels")
+        if pixels is not None:
+            from otcclip.doubt import PixelEvidence
+
+            self.pixels = PixelEvidence.from_state(pixels)
 
 
 def steps_per_epoch(ctx: TrainContext) -> int:

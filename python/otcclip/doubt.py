@@ -20,13 +20,15 @@ like any other (DESIGN.md, section 8). The signals here look elsewhere:
   minus the image-caption cosine), kept as one signal among several.
 
 Each signal is put on a common scale without labels (its median maps to 0 and its
-own 99th percentile to 1), and the fused score is the largest of them, so that one strong
-signal speaks for an attack the others miss, where an average would dilute it.
-Each pair shares its verdict with its pixel copies (by a shift-invariant pixel key):
-the median fused score over itself and them. The share of pairs doubted follows the score: a
-two-component Gaussian mixture over the fused scores, fitted without labels, puts
-the cut where the upper component becomes the more likely, inside [min_share,
-max_share].
+own 95th percentile to 1, `tail_scale`), and the fused score is the largest of them, so
+that one strong signal speaks for an attack the others miss, where an average would
+dilute it. Each pair shares its verdict with its pixel copies (aligned pixel
+correlation): the median fused score over itself and them. The share of pairs doubted
+follows the score: the pairs above a fixed cut on that common scale (3: three times as
+far out as a signal's usual top 5%), held within [min_share, max_share]; a
+two-component Gaussian mixture fitted without labels is the alternative
+(`budget="mixture"`). The pixel signals need no model, so a trainer can apply them
+before its first round too (`pixel_signals`).
 
 Neighbours come from exact k-NN self-joins with the engine's `otmatch.topk`; the
 N x N similarity matrix is never built. Nothing here reads a poison manifest or
@@ -55,8 +57,10 @@ __all__ = [
     "aligned_similarity",
     "pixel_keys",
     "pixel_recurrence",
+    "pixel_signals",
     "robust_z",
     "tail_scale",
+    "SCALE_FLOOR",
     "upper_rank",
     "fuse",
     "group_verdict",
@@ -428,6 +432,31 @@ class PixelEvidence:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Plain arrays, so a trainer's checkpoint restores the evidence instead of
+        recomputing it (a fifth of a round at 20k pairs)."""
+        return {
+            "keys": self.keys,
+            "neighbour_index": self.neighbours[0],
+            "neighbour_sim": self.neighbours[1],
+            "aligned": self.aligned,
+            "recurrence": self.recurrence,
+        }
+
+    @staticmethod
+    def from_state(state: Mapping[str, np.ndarray]) -> PixelEvidence:
+        keys = np.asarray(state["keys"], dtype=np.float32)
+        index = np.asarray(state["neighbour_index"], dtype=np.int64)
+        sim = np.asarray(state["neighbour_sim"], dtype=np.float32)
+        aligned = np.asarray(state["aligned"], dtype=np.float32)
+        recurrence = np.asarray(state["recurrence"], dtype=np.float64)
+        n = len(keys)
+        if index.shape != sim.shape or aligned.shape != index.shape or len(index) != n:
+            raise ValueError("pixel evidence state: keys, neighbours and aligned disagree in shape")
+        if recurrence.shape != (n,):
+            raise ValueError("pixel evidence state: one recurrence count per image expected")
+        return PixelEvidence(keys, (index, sim), aligned, recurrence)
+
 
 def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> PixelEvidence:
     """Pixel keys, their neighbours and the tile recurrence of `images` (uint8)."""
@@ -530,13 +559,8 @@ def compute_signals(
         out["dao_image"] = -np.log(scores["dao"])
     if "density_caption" in wanted:
         out["density_caption"] = -local_outlier_scores(caption_emb, k, neighbours=cap_nn)["kdist"]
-    if "density_pixel" in wanted and pixels is not None:
-        kdist = local_outlier_scores(keys, config.pixel_k, neighbours=pixels.neighbours)["kdist"]
-        out["density_pixel"] = -kdist
-    if "copies_pixel" in wanted and pixels is not None:
-        out["copies_pixel"] = (pixels.aligned >= config.copy_ncc).sum(axis=1).astype(np.float64)
-    if "recurrence_pixel" in wanted and pixels is not None:
-        out["recurrence_pixel"] = np.log(pixels.recurrence)
+    if pixels is not None:
+        out.update(pixel_signals(pixels, config, wanted))
     if "consistency_caption" in wanted:
         wide = cap_wide
         copies = _copies(wide[0], keys, config.duplicate_sim)
@@ -549,6 +573,23 @@ def compute_signals(
         wide = img_wide
         copies = _copies(wide[0], keys, config.duplicate_sim)
         out["consistency_image"] = _consistency(caption_emb, *wide, k, 2.0, copies)
+    return out
+
+
+def pixel_signals(
+    pixels: PixelEvidence, config: DoubtConfig, wanted: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The wanted signals of the pixel family: they need no model, so they can speak
+    before training starts (the trainer's screen of the warm-up)."""
+    wanted = tuple(SIGNALS) if wanted is None else tuple(wanted)
+    out: dict[str, np.ndarray] = {}
+    if "density_pixel" in wanted:
+        scores = local_outlier_scores(pixels.keys, config.pixel_k, neighbours=pixels.neighbours)
+        out["density_pixel"] = -scores["kdist"]
+    if "copies_pixel" in wanted:
+        out["copies_pixel"] = (pixels.aligned >= config.copy_ncc).sum(axis=1).astype(np.float64)
+    if "recurrence_pixel" in wanted:
+        out["recurrence_pixel"] = np.log(pixels.recurrence)
     return out
 
 
@@ -574,7 +615,15 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (x - med) / scale
 
 
-def tail_scale(values: np.ndarray, tail: float = 0.95) -> np.ndarray:
+# The least scale of a count signal: one copy for the copy count, half a unit of the log
+# count for the tile recurrence (a cut of 3 then needs 4.5 images sharing a tile in
+# place). Where the usual top 5% sit at zero, falling back to the spread made a single
+# clean pixel copy "three times unusual" (9 of 192 clean scenes screened); at 20k pairs
+# the floors change no verdict of the development data (TUNING.md, session 8).
+SCALE_FLOOR: dict[str, float] = {"copies_pixel": 1.0, "recurrence_pixel": 0.5}
+
+
+def tail_scale(values: np.ndarray, tail: float = 0.95, floor: float = 0.0) -> np.ndarray:
     """(x - median) / (q_tail - median): each signal's own upper tail is mapped to 1.
 
     Signals differ in the shape of their tails, not only in their spread: a robust z
@@ -583,7 +632,8 @@ def tail_scale(values: np.ndarray, tail: float = 0.95) -> np.ndarray:
     far out as the usual top 5% of its own distribution. The quantile must lie below
     the poisons: at 0.99 a poison share over 1% set the scale itself and mapped the
     poisons to 1 (measured, TUNING.md); 0.95 holds while poisons are under 5%.
-    A constant-ish signal (quantile at the median) falls back to the standard deviation.
+    A constant-ish signal (quantile at the median) falls back to the standard deviation,
+    unless `floor` (a count's unit) is set: the scale is then never below it.
     """
     x = np.asarray(values, dtype=np.float64)
     if x.ndim != 1 or not len(x):
@@ -591,7 +641,7 @@ def tail_scale(values: np.ndarray, tail: float = 0.95) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError("tail_scale: the signal has NaN or infinite values")
     med, top = np.quantile(x, [0.5, tail])
-    scale = top - med
+    scale = max(top - med, floor)
     if scale <= 1e-12:
         scale = x.std()
     if scale <= 1e-12:
@@ -757,7 +807,10 @@ def decide(
     Apart from `compute_signals` so that a benchmark can try fusions on one set of signals.
     """
     if config.fusion == "max_tail":
-        z = {name: tail_scale(values, config.tail) for name, values in signals.items()}
+        z = {
+            name: tail_scale(values, config.tail, SCALE_FLOOR.get(name, 0.0))
+            for name, values in signals.items()
+        }
     else:
         z = {name: _SCALES[config.fusion](values) for name, values in signals.items()}
     used = [s for s in config.signals if s in z]

@@ -210,6 +210,7 @@ class TrainConfig:
     doubt_signals: str | None = None
     doubt_k: int = 16
     doubt_min_share: float = 0.005
+    pixel_screen: bool = True
     match_batch: int = 256
     # RoCLIP
     bank_size: int = 4096

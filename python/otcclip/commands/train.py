@@ -262,6 +262,13 @@ _SCHEDULE_HELP = (
     help="The fused doubt leaves out at least this share of the pairs each round.",
 )
 @click.option(
+    "--pixel-screen/--no-pixel-screen",
+    default=True,
+    show_default=True,
+    help="With --doubt fused: leave out of the warm-up the pairs the pixel signals alone "
+    "doubt (copies of one image, a patch trigger); they need no model.",
+)
+@click.option(
     "--lambda-inter",
     type=click.FloatRange(min=0),
     default=0.5,
