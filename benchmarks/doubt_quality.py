@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--signals", default=None, help="Comma-separated signals to fuse (default: DoubtConfig's)."
     )
     p.add_argument("--max-share", type=float, default=None, help="Budget cap.")
+    p.add_argument(
+        "--tail",
+        type=float,
+        default=None,
+        help="The quantile each signal is scaled by (default: DoubtConfig's).",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch and rayon threads.")
     p.add_argument("--batch", type=int, default=512, help="Embedding batch size.")
     p.add_argument(
@@ -162,6 +168,8 @@ def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> lis
         options["signals"] = tuple(s.strip() for s in args.signals.split(",") if s.strip())
     if args.max_share is not None:
         options["max_share"] = args.max_share
+    if args.tail is not None:
+        options["tail"] = args.tail
     base = DoubtConfig(**options)
     t0 = time.perf_counter()
     pixels = pixel_evidence(table.images, base)
