@@ -23,10 +23,10 @@ Each signal is put on a common scale without labels (its median maps to 0 and it
 own 95th percentile to 1, `tail_scale`), and the fused score is the largest of them, so
 that one strong signal speaks for an attack the others miss, where an average would
 dilute it. Each pair shares its verdict with its pixel copies (aligned pixel
-correlation): the median fused score over itself and them, or its own if higher. The share of pairs doubted
-follows the score: the pairs above a fixed cut on that common scale (3: three times as
-far out as a signal's usual top 5%), held within [min_share, max_share]; a
-two-component Gaussian mixture fitted without labels is the alternative
+correlation): the median fused score over itself and them, or its own if higher. The
+share of pairs doubted follows the score: the pairs above a fixed cut on that common
+scale (3: three times as far out as a signal's usual top 5%), held within [min_share,
+max_share]; a two-component Gaussian mixture fitted without labels is the alternative
 (`budget="mixture"`). The pixel signals need no model, so a trainer can apply them
 before its first round too (`pixel_signals`).
 
