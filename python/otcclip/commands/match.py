@@ -10,7 +10,6 @@ input stops with a message and leaves no file behind.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -356,6 +355,13 @@ def _read_table(path: Path, what: str, wanted: tuple[str, ...] | None) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if path.is_dir() or path.suffix.lower() == ".tar":
+        raise click.BadParameter(
+            f"{path} is a {'folder' if path.is_dir() else 'webdataset shard'}; match reads one "
+            "parquet file (it does not stream shards yet): turn shards or a poison folder into "
+            f"one with `otcclip poison --data {path} --out DIR` and pass DIR/train.parquet",
+            param_hint=f"--{what}",
+        )
     if not path.is_file():
         raise click.BadParameter(f"no such file: {path}", param_hint=f"--{what}")
     try:
@@ -479,6 +485,9 @@ def _read_images(path: Path, image_size: int) -> _Images:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from otcclip.data import DataError
+    from otcclip.data.images import read_images
+
     table, names = _read_table(path, "images", None)  # all: other columns are carried through
     id_col = _pick(names, _IMAGE_ID_COLUMNS)
     image_col = _pick(names, _IMAGE_COLUMNS)
@@ -529,55 +538,15 @@ def _read_images(path: Path, image_size: int) -> _Images:
         ]
         values = pa.array([None if s is None else str(s.resolve()) for s in sources], pa.string())
         out_col = "image_path"
-    pixels = _decode_all(sources, ids, image_size, path)
+    try:
+        pixels = read_images(sources, ids, image_size, str(path))
+    except DataError as err:
+        raise click.ClickException(f"{err}; nothing was written") from None
     used = {id_col, image_col, path_col, own_col, *_TEXT_COLUMNS, "caption_classes"}
     extras = {c: table.column(c) for c in names if c not in used}
     return _Images(
         ids, own_ids, pixels, out_col, values, pairs, _classes(table, "image_classes"), extras
     )
-
-
-def _decode_all(sources: list[Any], ids: np.ndarray, size: int, path: Path) -> np.ndarray:
-    """Decode every image to size x size (shorter side, then centre crop); all or nothing."""
-    from PIL import Image
-
-    decoded: list[Image.Image | None] = []
-    for src in sources:
-        try:
-            if src is None:
-                raise OSError("empty")
-            img = Image.open(src if isinstance(src, Path) else io.BytesIO(src))
-            img.load()
-            decoded.append(img)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            decoded.append(None)
-    bad = [int(i) for i, img in zip(ids, decoded, strict=True) if img is None]
-    if bad:
-        raise click.ClickException(
-            f"{path}: {len(bad)} of {len(ids)} images cannot be read (ids {bad[:_SHOWN]}"
-            f"{', ...' if len(bad) > _SHOWN else ''}); nothing was written"
-        )
-    gray = all(img.mode in ("L", "1", "LA", "I", "I;16") for img in decoded if img is not None)
-    out = np.empty((len(decoded), size, size) if gray else (len(decoded), size, size, 3), np.uint8)
-    for i, img in enumerate(decoded):
-        assert img is not None
-        img = img.convert("L" if gray else "RGB")
-        if img.size != (size, size):
-            img = _fit(img, size)
-        out[i] = np.asarray(img, dtype=np.uint8)
-    return out
-
-
-def _fit(image: Any, size: int) -> Any:
-    """Shorter side to `size`, then a centre crop (as the data readers and CLIP do)."""
-    from PIL import Image
-
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def _own_indices(images: _Images, pool: _Pool, path: Path) -> np.ndarray:
