@@ -84,6 +84,7 @@ def test_pairs_in_finds_parquet_or_shards(tmp_path, scenes):
     write_shards(scenes, tmp_path / "q" / "train")
     assert pairs_in(tmp_path / "q") == tmp_path / "q" / "train"
     assert pairs_in(tmp_path / "q" / "train") == tmp_path / "q" / "train"
+    _assert_same(scenes, read_pairs(tmp_path / "q"))  # a poison directory reads as its pairs
     (tmp_path / "e").mkdir()
     with pytest.raises(FileNotFoundError, match=r"train.parquet or train/ \(.tar shards\)"):
         pairs_in(tmp_path / "e")

@@ -83,6 +83,16 @@ def test_seed_and_epoch_fix_the_order(shards):
     assert sorted(order(0, 0)) == sorted(order(0, 1))
 
 
+def test_set_epoch_reaches_persistent_workers(shards):
+    stream = PairStream(shards, seed=5)
+    loader = DataLoader(stream, batch_size=None, num_workers=1, persistent_workers=True)
+    first = [int(p.id) for p in loader]
+    stream.set_epoch(1)
+    second = [int(p.id) for p in loader]
+    assert first == _collect(PairStream(shards, seed=5))[0]
+    assert second == _collect(PairStream(shards, seed=5, epoch=1))[0] != first
+
+
 def test_batches_collate(shards):
     loader = DataLoader(PairStream(shards, image_size=28), batch_size=16)
     batch = next(iter(loader))

@@ -95,7 +95,8 @@ def _params_for(kind: str, params: dict[str, object]) -> dict[str, object]:
     "--data",
     "data_path",
     type=click.Path(path_type=Path),
-    help="User data: .parquet, .csv/.tsv (open_clip layout) or webdataset .tar shards.",
+    help="User data: .parquet, .csv/.tsv (open_clip layout), webdataset .tar shards, or "
+    "a poison directory (its train.parquet or train/ shards).",
 )
 @click.option(
     "--scenes",
@@ -287,7 +288,6 @@ def command(
 
     try:
         if data_path is not None:
-            data_path = _pairs_of(data_path)
             csv = data_path.suffix.lower() in (".csv", ".tsv")
             table, report = read_pairs_report(
                 data_path,
@@ -408,15 +408,6 @@ def _data_writer(out_format: str, shard_size: int | None):
         return f"{SHARDS_FOLDER}/ ({index['n_shards']} shards)"
 
     return shards if out_format == "shards" else parquet
-
-
-def _pairs_of(data_path: Path) -> Path:
-    """--data as given, or the pairs inside a poison directory (train.parquet or train/)."""
-    from otcclip.data import pairs_in
-
-    if not data_path.is_dir() or any(data_path.glob("*.tar")) or any(data_path.glob("*.parquet")):
-        return data_path
-    return pairs_in(data_path)
 
 
 def _write_dir(out_dir: Path, table, manifests, data_info, write_data, save_manifests) -> str:

@@ -25,6 +25,7 @@ from otcclip.atomic import atomic_path
 from otcclip.data.errors import DataError
 from otcclip.data.fmnist import CLASSNAMES
 from otcclip.data.images import array_mode, check_options, open_image, to_array
+from otcclip.data.shards import pairs_in
 from otcclip.data.sources import (
     CLASS_COLUMNS,
     RawPair,
@@ -137,6 +138,7 @@ def read_pairs_report(
     relative image paths are taken from image_root, else the data file's folder.
     """
     check_options(image_size, mode)
+    path = _pairs_of_folder(path) if fmt is None else path
     kind = fmt or guess_format(path)
     source = str(path)
     if kind == "parquet":
@@ -154,6 +156,17 @@ def read_pairs_report(
     else:
         raise ValueError(f"fmt must be 'parquet', 'csv' or 'webdataset', got {kind!r}")
     return _assemble(raws, classes, source, image_size, mode, strict)
+
+
+def _pairs_of_folder(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """A poison directory's pairs (train.parquet or train/ shards); other paths as given.
+
+    A folder holding .tar or .parquet files directly is read whole, as before.
+    """
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.tar")) or any(p.glob("*.parquet")):
+        return path
+    return pairs_in(p)
 
 
 def _parquet_raws(path, caption_col, image_col, path_col, id_col, image_root):

@@ -15,6 +15,7 @@ what it skipped, and dropping pairs silently would change what is trained on.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -109,7 +110,9 @@ class PairStream(IterableDataset):
         self.image_size = image_size
         self.shuffle = shuffle
         self.seed = int(seed)
-        self.epoch = int(epoch)
+        # Shared with DataLoader workers (as open_clip's SharedEpoch), so that set_epoch
+        # reaches persistent workers too, not only the main process's copy.
+        self._epoch = multiprocessing.Value("q", int(epoch))
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self._columns = (caption_col, image_col, path_col, id_col)
         path = Path(self.source)
@@ -126,32 +129,38 @@ class PairStream(IterableDataset):
         sizes = [u.n for u in self.units]
         return None if any(n is None for n in sizes) else sum(sizes)  # type: ignore[misc]
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
     def set_epoch(self, epoch: int) -> None:
         """Call before each epoch (as with DistributedSampler): it reshuffles the order."""
-        self.epoch = int(epoch)
+        self._epoch.value = int(epoch)
 
-    def epoch_order(self) -> list[int]:
-        """Positions in `units` in this epoch's order (the same on every rank and worker)."""
+    def epoch_order(self, epoch: int | None = None) -> list[int]:
+        """Positions in `units` in an epoch's order (the same on every rank and worker)."""
         order = np.arange(len(self.units))
         if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+            seed = [self.seed, self.epoch if epoch is None else epoch]
+            order = np.random.default_rng(seed).permutation(order)
         return order.tolist()
 
-    def units_for(self, worker: int = 0, n_workers: int = 1) -> list[int]:
-        """The units (positions) this rank's `worker` reads this epoch: every total-th one."""
+    def units_for(self, worker: int = 0, n_workers: int = 1, epoch: int | None = None) -> list[int]:
+        """The units (positions) this rank's `worker` reads in an epoch: every total-th one."""
         total = self.world_size * n_workers
         slot = self.rank * n_workers + worker
-        return self.epoch_order()[slot::total]
+        return self.epoch_order(epoch)[slot::total]
 
     def __iter__(self) -> Iterator[StreamedPair]:
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for position in self.units_for(worker, n_workers):
+        epoch = self.epoch  # once: a set_epoch during the pass changes the next one
+        for position in self.units_for(worker, n_workers, epoch):
             unit = self.units[position]
             raws: Sequence[RawPair] | Iterator[RawPair] = self._raws(unit)
             if self.shuffle:  # within the unit too; only its encoded bytes are held
                 raws = list(raws)
-                rng = np.random.default_rng([self.seed, self.epoch, position])
+                rng = np.random.default_rng([self.seed, epoch, position])
                 raws = [raws[i] for i in rng.permutation(len(raws))]
             for raw in raws:
                 yield self._decode(raw, unit)
