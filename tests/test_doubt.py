@@ -176,13 +176,17 @@ def test_fuse_takes_the_strongest_signal_per_pair():
         doubt.fuse(z, ["c"])
 
 
-def test_group_verdict_gives_each_pair_the_median_of_itself_and_its_copies():
-    scores = np.array([1.0, 9.0, 8.0, 0.0])
-    idx = np.array([[1, 2], [2, 0], [1, 3], [0, 1]])
-    sim = np.array([[0.5, 0.5], [0.99, 0.5], [0.99, 0.2], [0.1, 0.1]])
+def test_group_verdict_lifts_a_pair_to_its_copies_median_but_never_lowers_it():
+    scores = np.array([1.0, 9.0, 8.0, 0.0, 7.0, 0.5, 0.5])
+    idx = np.array([[1, 2], [2, 0], [1, 3], [0, 1], [5, 6], [4, 6], [4, 5]])
+    sim = np.array(
+        [[0.5, 0.5], [0.99, 0.5], [0.99, 0.2], [0.1, 0.1], [0.99, 0.99], [0.99, 0.99], [1, 1]]
+    )
     out = doubt.group_verdict(scores, idx, sim, 0.95)
-    # row 0: no copy; rows 1 and 2: each other's copy (no chain to row 0); row 3: none
-    np.testing.assert_array_equal(out, [1.0, 8.5, 8.5, 0.0])
+    # row 0: no copy; rows 1 and 2: each other's copy (no chain to row 0), the lower one
+    # lifted to their median; row 3: none; row 4 (a patched image) keeps its own score
+    # against its two clean look-alikes, which stay at their median
+    np.testing.assert_array_equal(out, [1.0, 9.0, 8.5, 0.0, 7.0, 0.5, 0.5])
 
 
 def test_tail_scale_maps_median_to_zero_and_the_tail_quantile_to_one():

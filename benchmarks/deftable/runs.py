@@ -29,7 +29,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "defense_table.py"  # the worker'
 # Defenses whose behaviour changed at unchanged settings (issue 14: RoCLIP and SafeCLIP no
 # longer augment the images their CLIP loss sees; SafeCLIP's passes are separate): their
 # runs recorded before carry no revision, so they compare unequal and rerun.
-REVISIONS = {"roclip": 2, "safeclip": 2}
+# OTCCLIP 2 (session 8): a pair's own doubt score is the floor of its group verdict.
+REVISIONS = {"roclip": 2, "safeclip": 2, "otcclip": 2}
 
 
 @dataclass

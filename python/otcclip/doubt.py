@@ -23,7 +23,7 @@ Each signal is put on a common scale without labels (its median maps to 0 and it
 own 95th percentile to 1, `tail_scale`), and the fused score is the largest of them, so
 that one strong signal speaks for an attack the others miss, where an average would
 dilute it. Each pair shares its verdict with its pixel copies (aligned pixel
-correlation): the median fused score over itself and them. The share of pairs doubted
+correlation): the median fused score over itself and them, or its own if higher. The share of pairs doubted
 follows the score: the pairs above a fixed cut on that common scale (3: three times as
 far out as a signal's usual top 5%), held within [min_share, max_share]; a
 two-component Gaussian mixture fitted without labels is the alternative
@@ -677,18 +677,22 @@ def fuse(z: Mapping[str, np.ndarray], signals: Sequence[str]) -> np.ndarray:
 def group_verdict(
     scores: np.ndarray, idx: np.ndarray, sim: np.ndarray, threshold: float
 ) -> np.ndarray:
-    """Each pair gets the median score of itself and its variants (similarity >= threshold).
+    """Each pair gets the larger of its own score and the median over itself and its variants
+    (similarity >= threshold).
 
-    A poison's copies then rise or fall together: a verdict cannot keep some copies
-    of a target and leave out the rest. Only direct neighbours count, not chains of
-    them: transitive groups would join unrelated lookalikes into groups of hundreds.
+    A poison's copies then rise together: a verdict cannot keep some copies of a target
+    and leave out the rest. The own score is a floor, so clean look-alikes cannot talk a
+    pair down: a BadNet image whose clean scene recurs elsewhere in the data fell under
+    the cut through the median alone (1-2.5% of the BadNet pairs; TUNING.md, session 8).
+    Only direct neighbours count, not chains of them: transitive groups would join
+    unrelated lookalikes into groups of hundreds.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if idx.shape != sim.shape or len(idx) != len(scores):
         raise ValueError("group_verdict: one row of neighbours per score")
     values = np.where(sim >= threshold, scores[idx], np.nan)
     stacked = np.concatenate([scores[:, None], values], axis=1)
-    return np.nanmedian(stacked, axis=1)
+    return np.maximum(scores, np.nanmedian(stacked, axis=1))
 
 
 def mixture_threshold(
