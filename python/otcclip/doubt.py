@@ -23,10 +23,10 @@ Each signal is put on a common scale without labels (its median maps to 0 and it
 own 95th percentile to 1, `tail_scale`), and the fused score is the largest of them, so
 that one strong signal speaks for an attack the others miss, where an average would
 dilute it. Each pair shares its verdict with its pixel copies (aligned pixel
-correlation): the median fused score over itself and them, or its own if higher. The share of pairs doubted
-follows the score: the pairs above a fixed cut on that common scale (3: three times as
-far out as a signal's usual top 5%), held within [min_share, max_share]; a
-two-component Gaussian mixture fitted without labels is the alternative
+correlation): the median fused score over itself and them, or its own if higher. The
+share of pairs doubted follows the score: the pairs above a fixed cut on that common
+scale (3: three times as far out as a signal's usual top 5%), held within [min_share,
+max_share]; a two-component Gaussian mixture fitted without labels is the alternative
 (`budget="mixture"`). The pixel signals need no model, so a trainer can apply them
 before its first round too (`pixel_signals`).
 
@@ -544,9 +544,23 @@ def compute_signals(
     if k > n - 1:
         raise ValueError(f"k = {k} neighbours, but only {n} pairs (k <= N - 1)")
     reach = min(n - 1, k + config.reach)
-    # one self-join per space, wide enough for the consistency signals; density reads its head
-    img_wide = knn(image_emb, reach, threads=config.threads, name="image embeddings")
-    cap_wide = knn(caption_emb, reach, threads=config.threads, name="caption embeddings")
+    # one self-join per space that a wanted signal reads, wide enough for the consistency
+    # signals; density reads its head. Pixel-only doubt joins neither.
+    need_image = bool(
+        {"density_image", "slof_image", "dao_image", "consistency_image"} & set(wanted)
+    )
+    need_caption = bool({"density_caption", "consistency_caption"} & set(wanted))
+    empty = (np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32))
+    img_wide = (
+        knn(image_emb, reach, threads=config.threads, name="image embeddings")
+        if need_image
+        else empty
+    )
+    cap_wide = (
+        knn(caption_emb, reach, threads=config.threads, name="caption embeddings")
+        if need_caption
+        else empty
+    )
     img_nn = (img_wide[0][:, :k], img_wide[1][:, :k])
     cap_nn = (cap_wide[0][:, :k], cap_wide[1][:, :k])
     if "cross" in wanted:
