@@ -235,6 +235,9 @@ def test_the_table_aggregates_the_seeds_as_computed_by_hand(tmp_path):
     bars = "\n".join(table.bar_checks(runs, jobs=1))
     assert "attacks work without a defense (>= 80%): targeted 90.0%, backdoor 95.0%: met" in bars
     assert "OTCCLIP ASR <= 2%: targeted 2.5%, backdoor 2.0%: NOT met" in bars
+    # issue 13's bar reads the clean row, absent here: said, not guessed
+    assert "the clean model's + 1 point: not measured (row clean not among" in bars
+    assert "varied-copies" not in bars  # a variant's line only where the row ran
 
 
 def test_the_doubt_rows_leave_out_one_family_each_and_the_rule_row_is_the_papers():
@@ -265,3 +268,19 @@ def test_the_varied_copies_data_records_its_variation_in_spec_and_command(tmp_pa
     assert "copy_shift" not in data_spec(config, "poisoned")
     command = poison_command(config, "varied", tmp_path / "varied")
     assert "--copy-shift 2 --copy-noise 8" in command and "--attack badnet" in command
+
+
+@pytest.mark.parametrize(("backdoor", "result"), [(0.025, "met"), (0.027, "NOT met")])
+def test_the_backdoor_bar_is_the_clean_models_rate_plus_one_point(tmp_path, backdoor, result):
+    table = _load_script()
+    runs = []
+    for key, final in (("clean", (0.72, 0.0, 0.016)), ("otcclip", (0.75, 0.0, backdoor))):
+        row = table.Row(key=key, name=key, variant="poisoned", defense="none")
+        run = table.Run(row=row, seed=0, directory=tmp_path / key, spec={})
+        run.status = "done"
+        zs, targeted, bd = final
+        run.final = {"zero_shot_top1": zs, "targeted_asr": targeted, "backdoor_asr": bd}
+        runs.append(run)
+    bars = "\n".join(table.bar_checks(runs, jobs=1))
+    line = "otcclip: targeted ASR <= 2%, backdoor ASR <= the clean model's + 1 point"
+    assert f"{line}: targeted 0.0%, backdoor {100 * backdoor:.1f}% (clean 1.6%): {result}" in bars

@@ -52,10 +52,13 @@ def bar_checks(runs: Sequence[Run], jobs: int) -> list[str]:
     asr_bars = (
         ("none", "attacks work without a defense (>= 80%)", works),
         ("none-adaptive", "the adaptive attack works without a defense (>= 80%)", works),
+        ("none-varied", "the varied-copies attack works without a defense (>= 80%)", works),
         ("otcclip", "OTCCLIP ASR <= 2%", stopped),
         ("otcclip-adaptive", "OTCCLIP ASR <= 2% against the adaptive attack", stopped),
     )
     for key, label, passes in asr_bars:
+        if key not in rows and key != "none" and key != "otcclip":
+            continue  # the variant rows' lines only where they ran
         t, b = asr(key)
         gap = missing(key)
         if gap or t is None or b is None:
@@ -63,6 +66,22 @@ def bar_checks(runs: Sequence[Run], jobs: int) -> list[str]:
         else:
             shown = f"targeted {_pct(t)}, backdoor {_pct(b)}"
             lines.append(f"{label}: {shown}: {verdict(passes(t, b))}")
+    # issue 13's bar: targeted <= 2%, backdoor within 1 point of the clean model's rate on
+    # the same triggered images (the clean row is evaluated on BadNet's; the adaptive
+    # backdoor and the varied-copies data carry the same patch)
+    clean_backdoor = m("clean", "backdoor_asr")
+    for key in ("otcclip", "otcclip-adaptive", "otcclip-varied"):
+        if key not in rows:
+            continue
+        label = f"{rows[key]}: targeted ASR <= 2%, backdoor ASR <= the clean model's + 1 point"
+        t, b = asr(key)
+        gap = missing(key, "clean")
+        if gap or t is None or b is None or clean_backdoor is None:
+            lines.append(f"{label}: {gap or 'not measured (no ASR recorded)'}")
+            continue
+        ok = t <= 0.02 and b <= clean_backdoor + 0.01
+        shown = f"targeted {_pct(t)}, backdoor {_pct(b)} (clean {_pct(clean_backdoor)})"
+        lines.append(f"{label}: {shown}: {verdict(ok)}")
     label = "OTCCLIP zero-shot within 2 points of clean"
     gap = missing("otcclip", "clean")
     if gap:
