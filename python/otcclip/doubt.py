@@ -544,9 +544,23 @@ def compute_signals(
     if k > n - 1:
         raise ValueError(f"k = {k} neighbours, but only {n} pairs (k <= N - 1)")
     reach = min(n - 1, k + config.reach)
-    # one self-join per space, wide enough for the consistency signals; density reads its head
-    img_wide = knn(image_emb, reach, threads=config.threads, name="image embeddings")
-    cap_wide = knn(caption_emb, reach, threads=config.threads, name="caption embeddings")
+    # one self-join per space that a wanted signal reads, wide enough for the consistency
+    # signals; density reads its head. Pixel-only doubt joins neither.
+    need_image = bool(
+        {"density_image", "slof_image", "dao_image", "consistency_image"} & set(wanted)
+    )
+    need_caption = bool({"density_caption", "consistency_caption"} & set(wanted))
+    empty = (np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32))
+    img_wide = (
+        knn(image_emb, reach, threads=config.threads, name="image embeddings")
+        if need_image
+        else empty
+    )
+    cap_wide = (
+        knn(caption_emb, reach, threads=config.threads, name="caption embeddings")
+        if need_caption
+        else empty
+    )
     img_nn = (img_wide[0][:, :k], img_wide[1][:, :k])
     cap_nn = (cap_wide[0][:, :k], cap_wide[1][:, :k])
     if "cross" in wanted:

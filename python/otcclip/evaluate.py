@@ -20,7 +20,7 @@ import numpy as np
 from otcclip import metrics
 from otcclip.attacks import TRIGGERS, Manifest, apply_trigger, poisoned_ids
 from otcclip.data.fmnist import CLASSNAMES, classes_in_captions
-from otcclip.data.readers import read_pair_columns
+from otcclip.data.readers import read_pair_columns, read_pairs
 from otcclip.data.table import EvalSet, PairTable
 
 RECALL_KS = (1, 5, 10)
@@ -284,6 +284,8 @@ def _train_columns(train: str | os.PathLike[str] | PairTable | None) -> dict | N
         if train.has_classes:
             cols["image_classes"] = train.image_classes
         return cols
+    if Path(train).is_dir():  # shards: no column store, so read them whole
+        return _train_columns(read_pairs(train))
     return read_pair_columns(train, ["id", "caption", "image_classes"])
 
 
@@ -434,14 +436,18 @@ def format_report(result: dict) -> str:
 def load_eval_inputs(
     poison_dir: str | os.PathLike[str] | None,
 ) -> tuple[list[Manifest], dict, Path | None]:
-    """The manifests, data description and train.parquet path of a poison directory (if any)."""
+    """The manifests, data description and pairs (train.parquet or train/ shards) of a poison
+    directory (if any)."""
     if poison_dir is None:
         return [], {}, None
     from otcclip.attacks import load_manifests
+    from otcclip.data import pairs_in
 
     manifests, data = load_manifests(poison_dir)
-    train = Path(poison_dir) / "train.parquet"
-    return manifests, data, train if train.is_file() else None
+    try:
+        return manifests, data, pairs_in(poison_dir)
+    except FileNotFoundError:
+        return manifests, data, None
 
 
 def _eval_image_size(ctx: Any, manifests: Sequence[Manifest] | None) -> int:

@@ -378,8 +378,8 @@ def load_training_data(
     """The training table and the poison manifests that describe it (if any).
 
     `data` is a pairs file (parquet, CSV, webdataset) or a directory from
-    `otcclip poison` (train.parquet + manifest.json); `scenes` builds that many
-    fashion-scenes. Every check that can fail does so here, before training.
+    `otcclip poison` (train.parquet or train/ shards, and manifest.json); `scenes`
+    builds that many fashion-scenes. Every check that can fail does so here, before training.
     """
     from otcclip.data import fashion_scenes, read_pairs
 
@@ -418,16 +418,9 @@ def load_training_data(
 
 
 def _pairs_file(directory: Path) -> Path:
-    for name in ("train.parquet", "pairs.parquet", "data.parquet"):
-        if (directory / name).is_file():
-            return directory / name
-    found = sorted(p.name for p in directory.glob("*.parquet"))
-    if len(found) == 1:
-        return directory / found[0]
-    raise FileNotFoundError(
-        f"{directory} is not a poison directory: expected train.parquet (and manifest.json) in it"
-        + (f", found {', '.join(found)}" if found else "")
-    )
+    from otcclip.data import pairs_in  # train.parquet, or train/ shards from --format shards
+
+    return pairs_in(directory)
 
 
 def _check_manifests(table: Any, manifests: Sequence[Any]) -> None:

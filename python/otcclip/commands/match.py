@@ -10,21 +10,19 @@ input stops with a message and leaves no file behind.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 
-_TEXT_COLUMNS = ("caption", "text")
+if TYPE_CHECKING:
+    from otcclip.data.image_rows import ImageRows
+
 _POOL_ID_COLUMNS = ("id", "caption_id")
-_IMAGE_ID_COLUMNS = ("id", "image_id")
-_IMAGE_COLUMNS = ("image", "jpg", "png", "image_bytes")
-_PATH_COLUMNS = ("image_path", "path", "filepath")
 _SHOWN = 10
 
 
@@ -34,18 +32,6 @@ class _Pool:
     texts: list[str]
     embeddings: np.ndarray | None
     caption_classes: np.ndarray | None = None
-
-
-@dataclass
-class _Images:
-    ids: np.ndarray
-    own_ids: np.ndarray
-    pixels: np.ndarray
-    column: str  # name of the image column passed through to the output
-    values: Any  # pyarrow array: the bytes, or absolute paths
-    own_from_pairs: bool
-    image_classes: np.ndarray | None = None
-    extras: dict[str, Any] | None = None  # other input columns (url, ...), carried through
 
 
 @click.command(name="match")
@@ -257,6 +243,7 @@ def command(
     """
     from otcclip import distributed as dist
     from otcclip.commands._checks import output_files
+    from otcclip.data import DataError
     from otcclip.matching import MatchConfig, match_round
 
     output_files(
@@ -270,9 +257,12 @@ def command(
     started = time.perf_counter()
     owns_group = not dist.is_initialized() and dist.init_from_env()
     try:
-        pool, bundle, images, own = _inputs(
-            pool_path, images_path, checkpoint, model_name, k, seed, device
-        )
+        try:
+            pool, bundle, images, own = _inputs(
+                pool_path, images_path, checkpoint, model_name, k, seed, device
+            )
+        except DataError as err:  # all is read before any output is started
+            raise click.ClickException(f"{err}; nothing was written") from None
         config = MatchConfig(
             k=k,
             alpha=alpha,
@@ -327,8 +317,10 @@ def _inputs(
     k: int,
     seed: int,
     device: str | None,
-) -> tuple[_Pool, Any, _Images, np.ndarray]:
+) -> tuple[_Pool, Any, ImageRows, np.ndarray]:
     """Everything the round needs, read and cross-checked before any embedding starts."""
+    from otcclip.data.image_rows import image_rows
+
     pool = _read_pool(pool_path)
     if k > len(pool.ids):
         raise click.BadParameter(
@@ -341,7 +333,8 @@ def _inputs(
             f"checkpoint's model ({bundle.name}) embeds in {bundle.embed_dim} dimensions: the "
             "embeddings come from another model (drop the column, or use their checkpoint)"
         )
-    images = _read_images(images_path, bundle.image_size)
+    table, _ = _read_table(images_path, "images", None)  # all: other columns are carried on
+    images = image_rows(table, images_path, bundle.image_size)
     own = _own_indices(images, pool, images_path)
     return pool, bundle, images, own
 
@@ -356,6 +349,13 @@ def _read_table(path: Path, what: str, wanted: tuple[str, ...] | None) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if path.is_dir() or path.suffix.lower() == ".tar":
+        raise click.BadParameter(
+            f"{path} is a {'folder' if path.is_dir() else 'webdataset shard'}; match reads one "
+            "parquet file (it does not stream shards yet): turn shards or a poison folder into "
+            f"one with `otcclip poison --data {path} --out DIR` and pass DIR/train.parquet",
+            param_hint=f"--{what}",
+        )
     if not path.is_file():
         raise click.BadParameter(f"no such file: {path}", param_hint=f"--{what}")
     try:
@@ -372,45 +372,24 @@ def _read_table(path: Path, what: str, wanted: tuple[str, ...] | None) -> Any:
     return table, names
 
 
-def _pick(names: list[str], candidates: tuple[str, ...]) -> str | None:
-    return next((c for c in candidates if c in names), None)
-
-
-def _ids(table: Any, column: str, path: Path) -> np.ndarray:
-    import pyarrow as pa
-
-    col = table.column(column)
-    if not pa.types.is_integer(col.type):
-        raise click.ClickException(
-            f"{path}: column {column!r} holds {col.type}; expected integer ids"
-        )
-    if col.null_count:
-        raise click.ClickException(f"{path}: column {column!r} has {col.null_count} empty cells")
-    ids = np.asarray(col.to_numpy(), dtype=np.int64)
-    values, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        raise click.ClickException(
-            f"{path}: column {column!r} repeats ids, e.g. {values[counts > 1][:_SHOWN].tolist()}"
-        )
-    return ids
-
-
 def _read_pool(path: Path) -> _Pool:
     import pyarrow as pa
 
+    from otcclip.data.image_rows import TEXT_COLUMNS, class_column, first_of, id_column
+
     table, names = _read_table(
-        path, "pool", (*_TEXT_COLUMNS, *_POOL_ID_COLUMNS, "embedding", "caption_classes")
+        path, "pool", (*TEXT_COLUMNS, *_POOL_ID_COLUMNS, "embedding", "caption_classes")
     )
-    text_col = _pick(names, _TEXT_COLUMNS)
-    id_col = _pick(names, _POOL_ID_COLUMNS)
+    text_col = first_of(names, TEXT_COLUMNS)
+    id_col = first_of(names, _POOL_ID_COLUMNS)
     if text_col is None or id_col is None:
         raise click.ClickException(
-            f"{path}: a caption pool needs a text column ({' or '.join(_TEXT_COLUMNS)}) and an "
+            f"{path}: a caption pool needs a text column ({' or '.join(TEXT_COLUMNS)}) and an "
             f"id column ({' or '.join(_POOL_ID_COLUMNS)}); it has {names}"
         )
     if table.num_rows == 0:
         raise click.ClickException(f"{path}: the caption pool is empty")
-    ids = _ids(table, id_col, path)
+    ids = id_column(table, id_col, path)
     column = table.column(text_col)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
         raise click.ClickException(
@@ -426,17 +405,7 @@ def _read_pool(path: Path) -> _Pool:
     embeddings = None
     if "embedding" in names:
         embeddings = _embeddings(table.column("embedding"), path)
-    return _Pool(ids, texts, embeddings, _classes(table, "caption_classes"))
-
-
-def _classes(table: Any, column: str) -> np.ndarray | None:
-    """A fashion-scenes class multi-hot column (what captions name / images show), if usable."""
-    if column not in table.column_names:
-        return None
-    rows = table.column(column).to_pylist()
-    if not rows or any(r is None or len(r) != len(rows[0]) for r in rows):
-        return None
-    return np.asarray(rows, dtype=np.uint8).reshape(len(rows), -1)
+    return _Pool(ids, texts, embeddings, class_column(table, "caption_classes"))
 
 
 def _embeddings(column: Any, path: Path) -> np.ndarray:
@@ -475,112 +444,7 @@ def _embeddings(column: Any, path: Path) -> np.ndarray:
     return emb
 
 
-def _read_images(path: Path, image_size: int) -> _Images:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    table, names = _read_table(path, "images", None)  # all: other columns are carried through
-    id_col = _pick(names, _IMAGE_ID_COLUMNS)
-    image_col = _pick(names, _IMAGE_COLUMNS)
-    path_col = None if image_col else _pick(names, _PATH_COLUMNS)
-    own_col = "caption_id" if "caption_id" in names else None
-    pairs = own_col is None and _pick(names, _TEXT_COLUMNS) is not None
-    if image_col is not None and pa.types.is_string(table.schema.field(image_col).type):
-        image_col, path_col = None, image_col  # paths in a column called 'image'
-    if (
-        id_col is None
-        or (image_col is None and path_col is None)
-        or (own_col is None and not pairs)
-    ):
-        raise click.ClickException(
-            f"{path}: the images file needs an id ({' or '.join(_IMAGE_ID_COLUMNS)}), an image "
-            f"(bytes: {' / '.join(_IMAGE_COLUMNS)}; or a path: {' / '.join(_PATH_COLUMNS)}) and "
-            f"'caption_id' (or be a pairs file with a 'caption' column); it has {names}"
-        )
-    if table.num_rows == 0:
-        raise click.ClickException(f"{path}: no images")
-    ids = _ids(table, id_col, path)
-    if own_col is not None:
-        own_ids = table.column(own_col)
-        if not pa.types.is_integer(own_ids.type) or own_ids.null_count:
-            raise click.ClickException(
-                f"{path}: 'caption_id' must hold an integer id in every row ({own_ids.type}, "
-                f"{own_ids.null_count} empty)"
-            )
-        own_ids = np.asarray(own_ids.to_numpy(), dtype=np.int64)
-    else:
-        own_ids = ids.copy()
-    if image_col is not None:
-        column = table.column(image_col)
-        if pa.types.is_struct(column.type):  # Hugging Face's {"bytes", "path"}
-            column = pc.struct_field(column, "bytes")
-        if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-            raise click.ClickException(
-                f"{path}: column {image_col!r} holds {column.type}; expected image bytes"
-            )
-        values = column.combine_chunks()
-        sources: list[Any] = values.to_pylist()
-        out_col = "image"
-    else:
-        root = path.parent
-        raw = table.column(path_col).to_pylist()
-        sources = [
-            None if p is None else (Path(p) if Path(p).is_absolute() else root / p) for p in raw
-        ]
-        values = pa.array([None if s is None else str(s.resolve()) for s in sources], pa.string())
-        out_col = "image_path"
-    pixels = _decode_all(sources, ids, image_size, path)
-    used = {id_col, image_col, path_col, own_col, *_TEXT_COLUMNS, "caption_classes"}
-    extras = {c: table.column(c) for c in names if c not in used}
-    return _Images(
-        ids, own_ids, pixels, out_col, values, pairs, _classes(table, "image_classes"), extras
-    )
-
-
-def _decode_all(sources: list[Any], ids: np.ndarray, size: int, path: Path) -> np.ndarray:
-    """Decode every image to size x size (shorter side, then centre crop); all or nothing."""
-    from PIL import Image
-
-    decoded: list[Image.Image | None] = []
-    for src in sources:
-        try:
-            if src is None:
-                raise OSError("empty")
-            img = Image.open(src if isinstance(src, Path) else io.BytesIO(src))
-            img.load()
-            decoded.append(img)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            decoded.append(None)
-    bad = [int(i) for i, img in zip(ids, decoded, strict=True) if img is None]
-    if bad:
-        raise click.ClickException(
-            f"{path}: {len(bad)} of {len(ids)} images cannot be read (ids {bad[:_SHOWN]}"
-            f"{', ...' if len(bad) > _SHOWN else ''}); nothing was written"
-        )
-    gray = all(img.mode in ("L", "1", "LA", "I", "I;16") for img in decoded if img is not None)
-    out = np.empty((len(decoded), size, size) if gray else (len(decoded), size, size, 3), np.uint8)
-    for i, img in enumerate(decoded):
-        assert img is not None
-        img = img.convert("L" if gray else "RGB")
-        if img.size != (size, size):
-            img = _fit(img, size)
-        out[i] = np.asarray(img, dtype=np.uint8)
-    return out
-
-
-def _fit(image: Any, size: int) -> Any:
-    """Shorter side to `size`, then a centre crop (as the data readers and CLIP do)."""
-    from PIL import Image
-
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def _own_indices(images: _Images, pool: _Pool, path: Path) -> np.ndarray:
+def _own_indices(images: ImageRows, pool: _Pool, path: Path) -> np.ndarray:
     order = np.argsort(pool.ids)
     pos = np.searchsorted(pool.ids, images.own_ids, sorter=order)
     pos = np.minimum(pos, len(order) - 1)
@@ -633,7 +497,7 @@ def _recorded_model_name(weights: Path) -> str | None:
         raise click.BadParameter(str(err), param_hint="--checkpoint") from None
 
 
-def _class_columns(images: _Images, pool: _Pool) -> dict[str, np.ndarray]:
+def _class_columns(images: ImageRows, pool: _Pool) -> dict[str, np.ndarray]:
     """Class annotations (fashion-scenes files) for the true-content shares of the report."""
     ic, cc = images.image_classes, pool.caption_classes
     if ic is None or cc is None or ic.shape[1] != cc.shape[1]:
@@ -645,7 +509,7 @@ def _class_columns(images: _Images, pool: _Pool) -> dict[str, np.ndarray]:
 
 
 def _output_table(
-    result: Any, images: _Images, pool: _Pool, own: np.ndarray, flag_only: bool
+    result: Any, images: ImageRows, pool: _Pool, own: np.ndarray, flag_only: bool
 ) -> Any:
     import pyarrow as pa
 

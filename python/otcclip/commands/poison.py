@@ -1,10 +1,12 @@
 """`otcclip poison`: build (or read) a training set and write a poisoned copy with its manifest.
 
-The output directory holds train.parquet (the poisoned pairs), manifest.json (every
-attack applied, in order, with the ids it touched and its trigger) and, for targeted
-poisoning, targets.npz (the target images evaluation needs). It is filled under a
-temporary name and renamed into place only when complete: a failure leaves nothing
-half-written.
+The output directory holds the poisoned pairs (train.parquet, or with --format shards
+train/ as webdataset shards in img2dataset's layout), manifest.json (every attack
+applied, in order, with the ids it touched and its trigger) and, for targeted
+poisoning, targets.npz (the target images evaluation needs). Without --attack the
+pairs are clean: `--scenes N --format shards` writes N fashion-scenes as shards. The
+directory is filled under a temporary name and renamed into place only when
+complete: a failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -72,13 +74,29 @@ def _params_for(kind: str, params: dict[str, object]) -> dict[str, object]:
     "out_dir",
     required=True,
     type=click.Path(path_type=Path),
-    help="Output directory (train.parquet, manifest.json, targets.npz).",
+    help="Output directory (train.parquet or train/ shards, manifest.json, targets.npz).",
+)
+@click.option(
+    "--format",
+    "out_format",
+    type=click.Choice(["parquet", "shards"]),
+    default="parquet",
+    show_default=True,
+    help="How the pairs are written: one train.parquet, or train/00000.tar ... webdataset "
+    "shards (img2dataset's layout: .png, .txt, .json per pair) for streaming.",
+)
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Pairs per shard with --format shards [default: 10000, as img2dataset].",
 )
 @click.option(
     "--data",
     "data_path",
     type=click.Path(path_type=Path),
-    help="User data: .parquet, .csv/.tsv (open_clip layout) or webdataset .tar shards.",
+    help="User data: .parquet, .csv/.tsv (open_clip layout), webdataset .tar shards, or "
+    "a poison directory (its train.parquet or train/ shards).",
 )
 @click.option(
     "--scenes",
@@ -199,6 +217,8 @@ def _params_for(kind: str, params: dict[str, object]) -> dict[str, object]:
 @click.option("--force", is_flag=True, help="Replace an existing, non-empty output directory.")
 def command(
     out_dir: Path,
+    out_format: str,
+    shard_size: int | None,
     data_path: Path | None,
     n_scenes: int | None,
     image_size: int | None,
@@ -225,15 +245,19 @@ def command(
     """Build fashion-scenes (or read --data) and write a poisoned copy with a manifest.
 
     \b
-    Example:
+    Examples:
       otcclip poison --out runs/poisoned --scenes 20000 --attack targeted --attack badnet \\
           --target-label bag --n-targets 8 --n-captions 40 --n-poison 200 --seed 0
+      otcclip poison --out runs/scenes-shards --scenes 100000 --format shards
     """
     from otcclip import attacks as atk
-    from otcclip.data import class_index, fashion_scenes, read_pairs_report, write_pairs
+    from otcclip.data import class_index, fashion_scenes, read_pairs_report
 
     if data_path is not None and n_scenes is not None:
         raise click.UsageError("give --data or --scenes, not both")
+    if shard_size is not None and out_format != "shards":
+        raise click.BadParameter("only meaningful with --format shards", param_hint="--shard-size")
+    write_data = _data_writer(out_format, shard_size)
     try:
         target = class_index(target_label)
     except ValueError as err:
@@ -289,6 +313,7 @@ def command(
                 "max_items": max_items,
             }
         data_info.update(
+            format=out_format,
             image_size=int(table.images.shape[1]),
             seed=seed,
             fashion_mnist=None if fmnist_root is None else str(fmnist_root),
@@ -340,9 +365,12 @@ def command(
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
 
-    _write_dir(out_dir, table, manifests, data_info, write_pairs, atk.save_manifests)
+    try:
+        written = _write_dir(out_dir, table, manifests, data_info, write_data, atk.save_manifests)
+    except ValueError as err:  # e.g. negative ids, which shard keys cannot hold
+        raise click.ClickException(str(err)) from None
     click.echo(
-        f"wrote {out_dir}/train.parquet ({len(table)} pairs), {out_dir}/manifest.json"
+        f"wrote {out_dir}/{written} ({len(table)} pairs), {out_dir}/manifest.json"
         + (f", {out_dir}/targets.npz" if any(m.targets for m in manifests) else "")
     )
     click.echo(atk.manifest_summary(manifests, len(table)))
@@ -366,8 +394,24 @@ def _check_out_dir(out_dir: Path) -> None:
         raise click.BadParameter(problem, param_hint="--out")
 
 
-def _write_dir(out_dir: Path, table, manifests, data_info, write_pairs, save_manifests) -> None:
-    """Fill a sibling temporary directory, then swap it into place."""
+def _data_writer(out_format: str, shard_size: int | None):
+    """(table, folder) -> what it wrote there, as the summary names it."""
+    from otcclip.data import write_pairs, write_shards
+    from otcclip.data.shards import DEFAULT_SHARD_SIZE, SHARDS_FOLDER
+
+    def parquet(table, folder: Path) -> str:
+        write_pairs(table, folder / "train.parquet")
+        return "train.parquet"
+
+    def shards(table, folder: Path) -> str:
+        index = write_shards(table, folder / SHARDS_FOLDER, shard_size or DEFAULT_SHARD_SIZE)
+        return f"{SHARDS_FOLDER}/ ({index['n_shards']} shards)"
+
+    return shards if out_format == "shards" else parquet
+
+
+def _write_dir(out_dir: Path, table, manifests, data_info, write_data, save_manifests) -> str:
+    """Fill a sibling temporary directory, then swap it into place; returns what holds the pairs."""
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -376,7 +420,7 @@ def _write_dir(out_dir: Path, table, manifests, data_info, write_pairs, save_man
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
     old = None
     try:
-        write_pairs(table, tmp / "train.parquet")
+        written = write_data(table, tmp)
         save_manifests(tmp, manifests, data_info)
         if out_dir.exists():
             old = tmp.with_name(tmp.name + ".old")
@@ -390,3 +434,4 @@ def _write_dir(out_dir: Path, table, manifests, data_info, write_pairs, save_man
     if old is not None:
         with contextlib.suppress(OSError):
             shutil.rmtree(old)
+    return written

@@ -8,11 +8,9 @@ with the count and the ids, or stops with a DataError when strict=True.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
-import tarfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,24 +18,38 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from otcclip.atomic import atomic_path
+from otcclip.data.errors import DataError
 from otcclip.data.fmnist import CLASSNAMES
+from otcclip.data.images import array_mode, check_options, open_image, to_array
+from otcclip.data.shards import pairs_in
+from otcclip.data.sources import (
+    CLASS_COLUMNS,
+    RawPair,
+    decode_caption,
+    guess_format,
+    multi_hot,
+    parquet_columns,
+    parquet_files,
+    parquet_raws,
+    parse_ids,
+    pick,
+    raws_classes,
+    read_parquet,
+    resolve,
+    shard_raws,
+    shard_urls,
+    stable_id,
+)
 from otcclip.data.table import PairTable
 
 FORMAT_TAG = "otcclip-pairs/1"
-_CAPTION_COLUMNS = ("caption", "text", "title", "txt")
-_IMAGE_COLUMNS = ("image", "jpg", "png", "jpeg", "webp", "image_bytes", "bytes")
-_PATH_COLUMNS = ("image_path", "filepath", "path", "file_name", "filename")
-_WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_MODE_KEY = "otcclip.image_mode"
 _IDS_SHOWN = 20
-
-
-class DataError(ValueError):
-    """Data that cannot be read as asked (bad layout, or unusable samples with strict=True)."""
+_stable_id = stable_id  # the id rule's old private name
 
 
 @dataclass
@@ -90,15 +102,6 @@ class ReadReport:
         }
 
 
-@dataclass
-class _Raw:
-    """One sample before decoding: id, image bytes or path (or None), caption (or None)."""
-
-    id: int
-    image: bytes | Path | None
-    caption: bytes | str | None
-
-
 def read_pairs(path: str | os.PathLike[str], **options) -> PairTable:
     """Read pairs from parquet, CSV or webdataset (by extension); warn about dropped samples.
 
@@ -134,11 +137,9 @@ def read_pairs_report(
     CSV follows open_clip (filepath/title, separator tab unless the header has none);
     relative image paths are taken from image_root, else the data file's folder.
     """
-    if mode not in ("auto", "L", "RGB"):
-        raise ValueError(f"mode must be 'auto', 'L' or 'RGB', got {mode!r}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-    kind = fmt or _guess_format(path)
+    check_options(image_size, mode)
+    path = _pairs_of_folder(path) if fmt is None else path
+    kind = fmt or guess_format(path)
     source = str(path)
     if kind == "parquet":
         raws, classes = _parquet_raws(
@@ -150,126 +151,38 @@ def read_pairs_report(
             None,
         )
     elif kind == "webdataset":
-        raws, classes = _wds_raws(path), None
+        raws = _wds_raws(path)
+        classes = raws_classes(raws)
     else:
         raise ValueError(f"fmt must be 'parquet', 'csv' or 'webdataset', got {kind!r}")
     return _assemble(raws, classes, source, image_size, mode, strict)
 
 
-def _guess_format(path: str | os.PathLike[str]) -> str:
-    text = str(path)
-    p = Path(text)
-    suffix = p.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    if suffix in (".csv", ".tsv"):
-        return "csv"
-    if suffix == ".tar" or "{" in text:
-        return "webdataset"
-    if p.is_dir():
-        if any(p.glob("*.tar")):
-            return "webdataset"
-        if any(p.glob("*.parquet")):
-            return "parquet"
-    if not p.exists():
-        raise FileNotFoundError(f"no data at {text!r}")
-    raise ValueError(
-        f"cannot tell the format of {text!r}; expected .parquet, .csv/.tsv, .tar shards "
-        "(or a folder of them), or pass fmt="
-    )
+def _pairs_of_folder(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """A poison directory's pairs (train.parquet or train/ shards); other paths as given.
 
-
-def _stable_id(key: str) -> int:
-    """img2dataset keys are digits (kept as the id); anything else gets a stable 63-bit hash."""
-    if key.isdigit() and len(key) <= 18:
-        return int(key)
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") >> 1
-
-
-def _parse_ids(values: list, column: str, source: Path) -> list[int]:
-    out = []
-    for row, value in enumerate(values):
-        try:
-            out.append(int(value))
-        except (TypeError, ValueError):
-            raise DataError(
-                f"{source}: id column {column!r} row {row} is {value!r}; expected an int"
-            ) from None
-    return out
-
-
-def _pick(names: Iterable[str], wanted: str | None, candidates: tuple[str, ...]) -> str | None:
-    names = list(names)
-    if wanted is not None:
-        return wanted if wanted in names else None
-    return next((c for c in candidates if c in names), None)
-
-
-def _read_parquet(file: Path, columns: list[str] | None = None) -> pa.Table:
-    """A parquet table; a damaged file (flipped bytes, truncation) is a DataError.
-
-    pyarrow reports damage as OSError ("Corrupt snappy compressed data", "Couldn't
-    deserialize thrift") or any ArrowException, which commands would show as a traceback.
+    A folder holding .tar or .parquet files directly is read whole, as before.
     """
-    try:
-        return pq.read_table(file, columns=columns)
-    except (OSError, pa.ArrowException) as err:
-        reason = " ".join(str(err).split())[:300]
-        raise DataError(f"{file}: not a readable parquet file ({reason})") from None
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*.tar")) or any(p.glob("*.parquet")):
+        return path
+    return pairs_in(p)
 
 
 def _parquet_raws(path, caption_col, image_col, path_col, id_col, image_root):
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files or not files[0].exists():
-        raise FileNotFoundError(f"no parquet data at {str(path)!r}")
+    files = parquet_files(path)
     root = Path(image_root) if image_root else (path if path.is_dir() else path.parent)
-    raws: list[_Raw] = []
+    raws: list[RawPair] = []
     class_parts: list[tuple[np.ndarray, np.ndarray]] = []
-    offset = 0
     for file in files:
-        table = _read_parquet(file)
-        names = table.column_names
-        cap = _pick(names, caption_col, _CAPTION_COLUMNS)
-        if cap is None:
-            raise DataError(
-                f"{file}: no caption column ({caption_col or ' / '.join(_CAPTION_COLUMNS)}); "
-                f"columns are {names}"
-            )
-        img = _pick(names, image_col, _IMAGE_COLUMNS) if path_col is None else None
-        pth = _pick(names, path_col, _PATH_COLUMNS) if img is None else None
-        if img is None and pth is None:
-            raise DataError(
-                f"{file}: no image column (bytes: {' / '.join(_IMAGE_COLUMNS)}; paths: "
-                f"{' / '.join(_PATH_COLUMNS)}); columns are {names}"
-            )
-        idc = _pick(names, id_col, ("id",))
-        if id_col is not None and idc is None:
-            raise DataError(f"{file}: no id column {id_col!r}; columns are {names}")
-        n = table.num_rows
-        ids = (
-            _parse_ids(table.column(idc).to_pylist(), idc, file)
-            if idc
-            else range(offset, offset + n)
+        table = read_parquet(file)
+        columns = parquet_columns(
+            table.column_names, file, caption_col, image_col, path_col, id_col
         )
-        captions = _captions_as_bytes(table.column(cap))
-        if img is not None:
-            column = table.column(img)
-            if pa.types.is_struct(column.type):  # Hugging Face's {"bytes", "path"}
-                column = pc.struct_field(column, "bytes")
-            images: list = column.to_pylist()
-        else:
-            images = [
-                None if p is None else _resolve(root, p) for p in table.column(pth).to_pylist()
-            ]
-        raws.extend(_Raw(i, im, c) for i, im, c in zip(ids, images, captions, strict=True))
-        if "image_classes" in names and "caption_classes" in names:
-            class_parts.append(
-                (
-                    _multi_hot(table.column("image_classes")),
-                    _multi_hot(table.column("caption_classes")),
-                )
-            )
-        offset += n
+        raws.extend(parquet_raws(table, columns, len(raws), file, root))
+        if columns.classes:
+            image_classes, caption_classes = (multi_hot(table.column(c)) for c in CLASS_COLUMNS)
+            class_parts.append((image_classes, caption_classes))
     classes = None
     if class_parts and len(class_parts) == len(files):
         classes = (
@@ -279,35 +192,7 @@ def _parquet_raws(path, caption_col, image_col, path_col, id_col, image_root):
     return raws, classes
 
 
-def _multi_hot(column: pa.ChunkedArray) -> np.ndarray:
-    """A list<uint8> column of equal-length lists as a (N, C) array."""
-    array = column.combine_chunks()
-    n = len(array)
-    if array.null_count:
-        raise DataError("class columns must not hold nulls")
-    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
-    width = int(lengths[0]) if n else len(CLASSNAMES)
-    if n and (lengths != width).any():
-        raise DataError("class columns must hold lists of equal length")
-    values = array.flatten().to_numpy(zero_copy_only=False)
-    return np.asarray(values, dtype=np.uint8).reshape(n, width)
-
-
-def _captions_as_bytes(column: pa.ChunkedArray) -> list[bytes | None]:
-    """Caption cells as raw bytes, so that bad UTF-8 is caught per sample, not per file."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        column = column.cast(pa.large_binary())
-    elif not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        raise DataError(f"caption column has type {column.type}; expected strings or bytes")
-    return column.to_pylist()
-
-
-def _resolve(root: Path, value: str) -> Path:
-    p = Path(value)
-    return p if p.is_absolute() else root / p
-
-
-def _csv_raws(path, caption_col, path_col, id_col, sep, image_root) -> list[_Raw]:
+def _csv_raws(path, caption_col, path_col, id_col, sep, image_root) -> list[RawPair]:
     if not path.is_file():
         raise FileNotFoundError(f"no CSV file at {str(path)!r}")
     # surrogateescape keeps undecodable bytes, so each bad caption is found and reported.
@@ -324,87 +209,28 @@ def _csv_raws(path, caption_col, path_col, id_col, sep, image_root) -> list[_Raw
             raise DataError(
                 f"{path}: no {what} column {wanted!r} (separator {sep!r}); columns are {names}"
             )
-    idc = _pick(names, id_col, ("id",))
+    idc = pick(names, id_col, ("id",))
     if id_col is not None and idc is None:
         raise DataError(f"{path}: no id column {id_col!r}; columns are {names}")
     root = Path(image_root) if image_root else path.parent
     rows = list(reader)
-    ids = _parse_ids([r[idc] for r in rows], idc, path) if idc else range(len(rows))
+    ids = parse_ids([r[idc] for r in rows], idc, path) if idc else range(len(rows))
     return [
-        _Raw(i, _resolve(root, r[pth]) if r[pth] else None, r[cap])
+        RawPair(i, resolve(root, r[pth]) if r[pth] else None, r[cap])
         for i, r in zip(ids, rows, strict=True)
     ]
 
 
-def _wds_urls(path: str | os.PathLike[str]) -> list[str]:
-    """Shard files of a .tar, a folder of .tar files, or a brace pattern ('{00000..00009}.tar')."""
-    from webdataset.shardlists import expand_urls
-
-    text = str(path)
-    p = Path(text)
-    if p.is_dir():
-        shards = sorted(str(s) for s in p.glob("*.tar"))
-        if not shards:
-            raise FileNotFoundError(f"no .tar shards in {text!r}")
-        return shards
-    shards = list(expand_urls(text)) if "{" in text else [text]
-    missing = [s for s in shards if not Path(s).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no webdataset shard at {missing[0]!r}")
-    return shards
-
-
-def _wds_raws(path: str | os.PathLike[str]) -> list[_Raw]:
-    """Samples grouped by key with webdataset's own tar iterator; each shard closed after use."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    raws = []
-    for url in _wds_urls(path):
-        try:
-            with open(url, "rb") as stream:
-                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                    image = next((sample[k] for k in _WDS_IMAGE_KEYS if k in sample), None)
-                    raws.append(_Raw(_stable_id(sample["__key__"]), image, sample.get("txt")))
-        except (OSError, ValueError, tarfile.TarError) as err:  # a damaged tar, not a sample
-            raise DataError(f"{url}: cannot read the webdataset shard: {err}") from err
-    return raws
+def _wds_raws(path: str | os.PathLike[str]) -> list[RawPair]:
+    """Every sample of every shard, in shard order then file order."""
+    return [raw for url in shard_urls(path) for raw in shard_raws(url)]
 
 
 def _decode_image(data: bytes | Path | None) -> Image.Image | None:
-    if data is None:
-        return None
     try:
-        image = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
-        image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return open_image(data)
+    except DataError:
         return None
-    return image
-
-
-def _decode_caption(data: bytes | str | None) -> str | None:
-    """The caption, '' when empty, None when not valid UTF-8."""
-    if data is None:
-        return ""
-    if isinstance(data, str):
-        try:
-            data.encode("utf-8")  # surrogates mark bytes that were not UTF-8
-        except UnicodeEncodeError:
-            return None
-        return data.strip()
-    try:
-        return data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return None
-
-
-def _fit(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to `size`, then a centre crop: keeps the aspect ratio, as CLIP does."""
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def _assemble(raws, classes, source, image_size, mode, strict) -> tuple[PairTable, ReadReport]:
@@ -415,7 +241,7 @@ def _assemble(raws, classes, source, image_size, mode, strict) -> tuple[PairTabl
     ids: list[int] = []
     for row, raw in enumerate(raws):
         report.n_seen += 1
-        caption = _decode_caption(raw.caption)
+        caption = decode_caption(raw.caption)
         image = _decode_image(raw.image)
         if image is None:
             report.unreadable_images.append(raw.id)
@@ -425,14 +251,9 @@ def _assemble(raws, classes, source, image_size, mode, strict) -> tuple[PairTabl
             report.empty_captions.append(raw.id)
         if image is None or not caption:
             continue
-        gray = image.mode in ("L", "1", "LA", "I", "I;16") if mode == "auto" else mode == "L"
-        wanted = "L" if gray else "RGB"
-        if image.mode != wanted:
-            image = image.convert(wanted)
         if image_size is not None and image.size != (image_size, image_size):
-            image = _fit(image, image_size)
             report.n_resized += 1
-        pixels.append(np.asarray(image, dtype=np.uint8))
+        pixels.append(to_array(image, image_size, mode))
         captions.append(caption)
         ids.append(raw.id)
         keep_rows.append(row)
@@ -479,7 +300,8 @@ def write_pairs(table: PairTable, path: str | os.PathLike[str], compress_level: 
         "image": pa.array([_png(im, compress_level) for im in table.images], type=pa.binary()),
         "caption": pa.array(table.captions, type=pa.string()),
     }
-    metadata = {"otcclip.format": FORMAT_TAG}
+    # The streaming source cannot look at every image first: it takes the mode from here.
+    metadata = {"otcclip.format": FORMAT_TAG, IMAGE_MODE_KEY: array_mode(table.images)}
     if table.has_classes:
         for name in ("image_classes", "caption_classes"):
             columns[name] = pa.array(list(getattr(table, name)), type=pa.list_(pa.uint8()))
@@ -503,7 +325,7 @@ def read_pair_columns(path: str | os.PathLike[str], columns: Iterable[str]) -> d
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"{path}: not a parquet file ({err})") from err
     wanted = [c for c in columns if c in names]
-    table = _read_parquet(path, wanted)
+    table = read_parquet(path, wanted)
     out: dict[str, object] = {}
     for name in wanted:
         column = table.column(name)
@@ -514,7 +336,7 @@ def read_pair_columns(path: str | os.PathLike[str], columns: Iterable[str]) -> d
         elif name == "changed":
             out[name] = np.asarray(column.fill_null(False).to_numpy(), dtype=bool)
         elif name in ("image_classes", "caption_classes"):
-            out[name] = _multi_hot(column)
+            out[name] = multi_hot(column)
         else:
             out[name] = column.to_pylist()
     return out
