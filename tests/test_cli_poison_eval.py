@@ -188,3 +188,32 @@ def test_pair_table_survives_the_cli_round_trip(tmp_path):
     write_pairs(t, tmp_path / "a.parquet")
     back: PairTable = read_pairs(tmp_path / "a.parquet")
     np.testing.assert_array_equal(back.caption_classes, t.caption_classes)
+
+
+def test_eval_val_size_scores_a_saved_model_as_its_run_scored_it(tmp_path):
+    """The tuning metric of a saved model: `eval --val-size` draws the run's validation split."""
+    from types import SimpleNamespace
+
+    models = pytest.importorskip("otcclip.models")
+    from otcclip.evaluate import EpochEvaluation
+
+    bundle = models.create_model("otc-vit-tiny", seed=3)
+    weights = tmp_path / "w.safetensors"
+    models.save_weights(bundle, weights)
+    run = EpochEvaluation(every=1, epochs=1, eval_size=40, probe_size=0, seed=2, val_size=60)
+    ctx = SimpleNamespace(
+        is_main=True, bundle=bundle, manifests=[], table=fashion_scenes(8, image_size=56)
+    )
+    run.on_train_start(ctx)
+    recorded = run.on_epoch_end(ctx, 0, {})["eval"]
+    r = _run(
+        f"eval --checkpoint {weights} --seed 2 --n-zero-shot 40 --n-probe-train 0 "
+        f"--n-retrieval 0 --val-size 60 --json {tmp_path / 'r.json'} --device cpu"
+    )
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["n_val"] == recorded["n_val"] == 60
+    assert result["val_zero_shot_top1"] == recorded["val_zero_shot_top1"]
+    assert "validation zero-shot top-1" in r.output
+    # the split never holds a reported image
+    assert set(run.validation.ids).isdisjoint(run.sets[0].ids)

@@ -381,6 +381,13 @@ def format_report(result: dict) -> str:
         ("zero-shot top-1", _pct(result.get("zero_shot_top1"))),
         ("zero-shot top-5", _pct(result.get("zero_shot_top5"))),
     ]
+    if result.get("val_zero_shot_top1") is not None:
+        rows.append(
+            (
+                "validation zero-shot top-1",
+                f"{_pct(result['val_zero_shot_top1'])}  ({result.get('n_val')} clean images)",
+            )
+        )
     if result.get("linear_probe") is not None:
         detail = result.get("linear_probe_detail", {})
         rows.append(("linear probe", f"{_pct(result['linear_probe'])}  (C={detail.get('C')})"))
@@ -472,6 +479,40 @@ def _eval_image_size(ctx: Any, manifests: Sequence[Manifest] | None) -> int:
     return max(MIN_IMAGE_SIZE, int(getattr(ctx.bundle, "image_size", MIN_IMAGE_SIZE)))
 
 
+def validation_split(
+    n: int,
+    seed: int,
+    image_size: int,
+    seen: Sequence[EvalSet],
+    root: str | os.PathLike[str] | None = None,
+) -> EvalSet:
+    """The clean validation images: test-pool images in none of the `seen` sets.
+
+    Tuning chooses by zero-shot on these, so that the images a table reports never
+    decide a setting. The training loop's evaluation and `otcclip eval --val-size`
+    draw them by this one rule, so a saved model scores what its run scored.
+    """
+    from otcclip.data import validation_set
+
+    exclude = np.concatenate([s.ids for s in seen]) if seen else None
+    return validation_set(n, seed, image_size, exclude=exclude, root=root)
+
+
+def validation_zero_shot(
+    model: Any,
+    n: int,
+    seed: int,
+    image_size: int,
+    seen: Sequence[EvalSet],
+    root: str | os.PathLike[str] | None = None,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Zero-shot top-1 on the validation split, as `val_zero_shot_top1` and `n_val`."""
+    split = validation_split(n, seed, image_size, seen, root)
+    zs = zero_shot(as_encoder(model, batch_size=batch_size), split)
+    return {"val_zero_shot_top1": zs["top1"], "n_val": zs["n"]}
+
+
 class EpochEvaluation:
     """A training callback: evaluate every `every` epochs and after the last one.
 
@@ -518,12 +559,8 @@ class EpochEvaluation:
         )
         self.sets = (eval_set, probe)
         if self.val_size:
-            from otcclip.data import validation_set
-
-            seen = [eval_set.ids] + ([] if probe is None else [probe[0].ids, probe[1].ids])
-            self.validation = validation_set(
-                self.val_size, self.seed, image_size, exclude=np.concatenate(seen)
-            )
+            seen = [eval_set] + ([] if probe is None else list(probe))
+            self.validation = validation_split(self.val_size, self.seed, image_size, seen)
 
     def on_step_end(self, ctx: Any, info: dict) -> None:
         pass
@@ -548,6 +585,7 @@ class EpochEvaluation:
         if self.validation is not None:  # the tuning metric: never the reported images
             zs = zero_shot(as_encoder(ctx.bundle), self.validation)
             result["val_zero_shot_top1"] = zs["top1"]
+            result["n_val"] = zs["n"]
         return {"eval": result}
 
     def on_train_end(self, ctx: Any, result: Any) -> None:

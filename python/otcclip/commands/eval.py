@@ -106,6 +106,15 @@ def _model_name(path: Path) -> str | None:
     help="Folder of the Fashion-MNIST IDX files (default $OTCCLIP_FASHION_MNIST, else "
     "/usr/share/datasets/fashion-mnist).",
 )
+@click.option(
+    "--val-size",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Also zero-shot on this many clean validation images: test-pool images outside the "
+    "zero-shot and linear-probe sets, the split that tuning chooses settings by (as "
+    "benchmarks/probe.py does), so that the reported images never decide one.",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
     "--device", default=None, help="torch device (default: cuda when available, else cpu)."
@@ -123,6 +132,7 @@ def command(
     n_retrieval: int,
     image_size: int | None,
     fmnist_root: Path | None,
+    val_size: int,
     batch_size: int,
     device: str | None,
 ) -> None:
@@ -130,7 +140,7 @@ def command(
     from otcclip.atomic import write_text
     from otcclip.commands._checks import output_files
     from otcclip.data import fashion_scenes, probe_sets, zero_shot_set
-    from otcclip.evaluate import evaluate, format_report, load_eval_inputs
+    from otcclip.evaluate import evaluate, format_report, load_eval_inputs, validation_zero_shot
 
     output_files({"--json": json_path}, {"--checkpoint": checkpoint, "--matching": matching})
     weights = _weights_file(checkpoint)
@@ -182,6 +192,11 @@ def command(
             seed=seed,
             batch_size=batch_size,
         )
+        if val_size:
+            seen = [eval_set] + ([] if probe is None else list(probe))
+            result.update(
+                validation_zero_shot(bundle, val_size, seed, size, seen, fmnist_root, batch_size)
+            )
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     result["checkpoint"] = str(checkpoint)
