@@ -235,8 +235,8 @@ def _recorded_side(pairs: PairStream) -> int | None:
 
 
 def _collate(pairs: list[StreamedPair], image_size: int) -> StreamBatch:
-    """The model's input tensors, image by image as the in-memory trainer's batch transform
-    computes them (each image is transformed on its own there too), so sizes may differ."""
+    """The model's input tensors, image by image: the in-memory trainer's batch transform
+    treats each image on its own, so the tensors are the same, and sizes may differ here."""
     from otcclip.models import image_transform
 
     pixels = torch.cat([image_transform(p.image[None], image_size) for p in pairs])
