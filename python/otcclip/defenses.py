@@ -86,6 +86,8 @@ class TrainContext:
     manifests: list[Any] = field(default_factory=list)
     progress: bool = False
     log: Callable[[str], None] = print
+    # streamed runs hold no table: the training images' side, where the data records it
+    image_side: int | None = None
 
     @property
     def is_main(self) -> bool:

@@ -466,7 +466,10 @@ def _eval_image_size(ctx: Any, manifests: Sequence[Manifest] | None) -> int:
     """
     from otcclip.data.scenes import MIN_IMAGE_SIZE
 
-    size = int(ctx.table.images.shape[1])
+    # a streamed run has no table: the side its shards record (None: unknown)
+    size = int(ctx.table.images.shape[1]) if ctx.table is not None else ctx.image_side
+    if size is None:
+        return max(MIN_IMAGE_SIZE, int(getattr(ctx.bundle, "image_size", MIN_IMAGE_SIZE)))
     if size >= MIN_IMAGE_SIZE:
         return size
     triggers = [m for m in (ctx.manifests if manifests is None else manifests) if m.trigger]

@@ -7,7 +7,8 @@ with which captions, and how; each step encodes the views the plan asks for in
 one forward pass and adds the defense's loss terms.
 
 Reproducibility is by construction: the data order of an epoch is a pure
-function of (seed, epoch), augmentations of (seed, epoch, step), and the loop
+function of (seed, epoch) (streamed, `--stream`: of seed, epoch, rank, process and
+worker counts, see `otcclip.data.loader`), augmentations of (seed, epoch, step), and the loop
 saves everything else that moves (weights, optimiser, scaler, RNG states, the
 plan, the defense's state, the metrics so far) in checkpoints at epoch ends and
 every `checkpoint_every` steps. A resumed run therefore continues exactly where
@@ -31,7 +32,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,9 @@ _RESUMABLE_FIELDS = frozenset(
         "device",
         "match_batch",
         "ot_compile",
+        # how many read, not what: a streamed run checks its layout itself (StreamLayout)
+        "workers",
+        "prefetch",
     }
 )
 
@@ -129,6 +133,10 @@ _OMITTED_AT_DEFAULT = frozenset(
         "filter_score",
         "filter_k",
         "filter_max_share",
+        # issue 16
+        "stream",
+        "workers",
+        "prefetch",
     }
 )
 
@@ -142,6 +150,10 @@ class TrainConfig:
     scenes: int | None = None
     data_seed: int | None = None
     image_size: int | None = None
+    # streaming (otcclip.data.loader): DataLoader workers per process, batches each prepares
+    stream: bool = False
+    workers: int = 2
+    prefetch: int = 2
     # model and optimisation
     model: str = "otc-vit-tiny"
     defense: str = "none"
@@ -306,10 +318,35 @@ class TrainConfig:
                 f"doubt_min_share must be in [0, max_repair={self.max_repair}], "
                 f"got {self.doubt_min_share}"
             )
+        self._validate_stream()
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory (out) to resume from")
         if self.resume_from is not None and not self.resume:
             raise ValueError("resume_from needs resume")
+
+    def _validate_stream(self) -> None:
+        if _bad_int(self.workers, 0):
+            raise ValueError(
+                f"workers must be an integer >= 0 (0: read in the training process), "
+                f"got {self.workers!r}"
+            )
+        if _bad_int(self.prefetch, 1):
+            raise ValueError(f"prefetch must be an integer >= 1, got {self.prefetch!r}")
+        if not self.stream:
+            return
+        if self.defense != "none":
+            raise ValueError(
+                f"--stream trains with --defense none only, not {self.defense!r}: the other "
+                "defenses (roclip, safeclip, otcclip, filter) embed, re-pair or screen every "
+                "pair between epochs, which needs random access to all of them; streaming "
+                "for them is planned. Use --defense none, or drop --stream to read the data "
+                "into memory"
+            )
+        if self.data is None:
+            raise ValueError(
+                "--stream reads shards or parquet from --data; --scenes builds its pairs in "
+                "memory: drop --stream, or write them first (otcclip poison --format shards)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as recorded; fields added after runs were recorded are left out at
@@ -417,6 +454,71 @@ def load_training_data(
     return table, manifests
 
 
+def load_stream(config: TrainConfig, image_size: int) -> tuple[Any, list[Any]]:
+    """The streamed training data (a StreamFeed) and its poison manifests (if any).
+
+    `data` is a shard folder, a poison directory written with `--format shards` (or
+    holding train.parquet) or a parquet file; `image_size` is the model's input size.
+    A manifest is checked against the data's size only: its ids would need every shard read.
+    """
+    from otcclip.data.loader import StreamFeed
+    from otcclip.data.stream import PairStream
+
+    path = Path(str(config.data))
+    if not path.exists():
+        raise FileNotFoundError(f"no training data at {str(path)!r} (shards, or a parquet file)")
+    manifests: list[Any] = []
+    described: dict[str, Any] = {}
+    source = path
+    if path.is_dir():
+        from otcclip.attacks import MANIFEST_FILE, load_manifests
+
+        source = _pairs_file(path)
+        if (path / MANIFEST_FILE).is_file():
+            manifests, described = load_manifests(path)
+    pairs = PairStream(source, image_size=config.image_size, seed=config.seed)
+    feed = StreamFeed(
+        pairs,
+        batch_size=config.batch_size,
+        image_size=image_size,
+        workers=config.workers,
+        prefetch=config.prefetch,
+    )
+    rows = described.get("n_rows")
+    if manifests and rows is not None and int(rows) != feed.n_pairs:
+        raise ValueError(
+            f"the poison manifest does not match the data: it describes {rows} rows, "
+            f"the shards hold {feed.n_pairs}"
+        )
+    return feed, manifests
+
+
+def _table_data(config: TrainConfig, table: Any, manifests: Sequence[Any]) -> tuple[Any, list]:
+    """The in-memory table (read, or as passed in) and its manifests, checked."""
+    if table is None:
+        table, manifests = load_training_data(config)
+    else:
+        if len(table) == 0:
+            raise ValueError("the training data holds no samples")
+        _check_manifests(table, manifests)
+    if len(table) < config.batch_size:
+        raise ValueError(
+            f"the data has {len(table)} samples, fewer than one batch of {config.batch_size}"
+        )
+    return table, list(manifests)
+
+
+def _streamed_steps(feed: Any, epochs: int) -> list[int]:
+    """Each epoch's steps in a streamed run (the units' sizes fix them before any read)."""
+    steps = [feed.steps(e) for e in range(epochs)]
+    if min(steps) == 0:
+        raise ValueError(
+            f"the stream of {feed.n_pairs} pairs gives some process fewer than one batch of "
+            f"{feed.local_batch} in an epoch; use a smaller --batch-size or more data"
+        )
+    return steps
+
+
 def _pairs_file(directory: Path) -> Path:
     from otcclip.data import pairs_in  # train.parquet, or train/ shards from --format shards
 
@@ -504,6 +606,7 @@ class _Loop:
     steps_done: int = 0
     seconds: float = 0.0
     prepare_seconds: float = 0.0
+    stream: dict[str, Any] | None = None  # a streamed run's StreamLayout
 
 
 def train(
@@ -512,11 +615,15 @@ def train(
     *,
     table: Any = None,
     manifests: Sequence[Any] = (),
+    epoch_rows: Callable[[int], np.ndarray] | None = None,
 ) -> TrainResult:
     """Train a CLIP model with the configured defense; see the module docstring.
 
     `table` (a PairTable) and `manifests` may be passed in directly instead of
-    `config.data` / `config.scenes` (tests, notebooks).
+    `config.data` / `config.scenes` (tests, notebooks). `epoch_rows(epoch)`: the table
+    rows of an epoch in training order, instead of `batch_order`'s (to replay another
+    order, e.g. a stream's, in memory). With `config.stream` the pairs are streamed
+    (`otcclip.data.loader`), defense none only.
     """
     if table is not None:
         config = dataclasses.replace(config, data=None, scenes=None)
@@ -541,18 +648,16 @@ def train(
 
     _seed_everything(config.seed)
     bundle = create_model(config.model, seed=config.seed, device=str(device))
-    if table is None:
-        table, manifests = load_training_data(config)
+    if epoch_rows is not None and config.stream:
+        raise ValueError("epoch_rows orders a table's rows; a stream has its own order")
+    feed = None
+    if config.stream:
+        feed, manifests = load_stream(config, bundle.image_size)
+        n_pairs, epoch_steps = feed.n_pairs, _streamed_steps(feed, config.epochs)
     else:
-        if len(table) == 0:
-            raise ValueError("the training data holds no samples")
-        manifests = list(manifests)
-        _check_manifests(table, manifests)
-    steps_per_epoch = len(table) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the data has {len(table)} samples, fewer than one batch of {config.batch_size}"
-        )
+        table, manifests = _table_data(config, table, manifests)
+        n_pairs, epoch_steps = len(table), [len(table) // config.batch_size] * config.epochs
+    steps_per_epoch = epoch_steps[0]
     if checkpoint is not None:
         checkpoint.load_weights(bundle)
     model = bundle.model
@@ -566,7 +671,7 @@ def train(
         )
     optimizer = _optimizer(model, config)
     scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = sum(epoch_steps)
     _configure_ot_compile(config, total_steps, config.batch_size // world)
     warmup = (
         config.lr_warmup_steps
@@ -580,10 +685,11 @@ def train(
         device=device,
         rank=rank,
         world=world,
-        poisoned=poisoned_mask(table, manifests),
+        poisoned=None if table is None else poisoned_mask(table, manifests),
         manifests=list(manifests),
         progress=config.progress and rank == 0,
         log=_logger(rank),
+        image_side=None if feed is None else feed.image_side,
     )
     defense.setup(ctx)
     loop = _Loop()
@@ -593,10 +699,14 @@ def train(
             f"resumed from {checkpoint.path} at epoch {loop.epoch + 1}, step {loop.step} "
             f"(global step {loop.global_step})"
         )
+    if feed is not None:
+        if checkpoint is not None:
+            feed.layout.check_resume(loop.stream)
+        loop.stream = feed.layout.state_dict()
     elif run_dir is not None and rank == 0:
         write_text(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
     ctx.log(
-        f"training {config.model} with defense {config.defense!r} on {len(table)} pairs, "
+        f"training {config.model} with defense {config.defense!r} on {n_pairs} pairs, "
         f"{config.epochs} epochs of {steps_per_epoch} steps (batch {config.batch_size}, "
         f"{world} process{'es' if world > 1 else ''}, {device}, "
         f"torch threads {torch.get_num_threads()})"
@@ -611,17 +721,26 @@ def train(
         if loop.plan is None:
             model.train()
             start = time.perf_counter()
-            loop.plan = _with_augment(defense.before_epoch(ctx, epoch), config.augment)
+            planned = defense.before_epoch(ctx, epoch) if feed is None else _streamed_plan()
+            loop.plan = _with_augment(planned, config.augment)
             model.train()
             loop.prepare_seconds = time.perf_counter() - start
             loop.sums, loop.steps_done, loop.seconds, loop.step = {}, 0, 0.0, 0
         plan = loop.plan
-        order = batch_order(config.seed, epoch, plan.positions, plan.groups, config.batch_size)
-        steps = len(order) // config.batch_size
-        if steps == 0:
-            raise ValueError(
-                f"epoch {epoch + 1}: only {len(order)} pairs left to train on, fewer than a batch"
-            )
+        order, streamed, steps = None, None, epoch_steps[epoch]
+        if feed is not None:
+            streamed = feed.batches(epoch, start=loop.step)
+        elif epoch_rows is not None:
+            order = np.asarray(epoch_rows(epoch), dtype=np.int64)
+        else:
+            order = batch_order(config.seed, epoch, plan.positions, plan.groups, config.batch_size)
+        if order is not None:
+            steps = len(order) // config.batch_size
+            if steps == 0:
+                raise ValueError(
+                    f"epoch {epoch + 1}: only {len(order)} pairs left to train on, fewer than a "
+                    "batch"
+                )
         step_bar = _bar(steps, f"epoch {epoch + 1}", ctx.progress, initial=loop.step, position=1)
         while loop.step < steps:
             start = time.perf_counter()
@@ -629,7 +748,7 @@ def train(
             lr = defense.step_lr(plan, epoch, loop.step, scheduled)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            positions = order[loop.step * config.batch_size : (loop.step + 1) * config.batch_size]
+            rows = slice(loop.step * config.batch_size, (loop.step + 1) * config.batch_size)
             parts = _step(
                 ctx,
                 encoder,
@@ -640,7 +759,8 @@ def train(
                 precision,
                 epoch,
                 loop.step,
-                positions,
+                None if order is None else order[rows],
+                None if streamed is None else next(streamed),
             )
             elapsed = time.perf_counter() - start
             loop.seconds += elapsed
@@ -680,6 +800,8 @@ def train(
             ):
                 _checkpoint(ctx, run_dir, loop, defense, optimizer, scaler, callbacks)
         step_bar.close()
+        if streamed is not None:
+            streamed.close()  # stops the epoch's workers (a rank may have batches left)
         metrics = _epoch_metrics(ctx, loop, plan, epoch, steps, model, optimizer)
         for cb in callbacks:
             with _isolated_rng():
@@ -703,8 +825,8 @@ def train(
         writer.close()
 
     assignment = getattr(defense, "assignment", None)
-    if assignment is None:
-        assignment = np.arange(len(table), dtype=np.int64)
+    if assignment is None:  # streamed: no table rows to number
+        assignment = np.arange(0 if table is None else len(table), dtype=np.int64)
     result = TrainResult(
         config=config,
         bundle=bundle,
@@ -768,6 +890,56 @@ def _with_augment(plan: EpochPlan, mode: str) -> EpochPlan:
     return plan
 
 
+def _streamed_plan() -> EpochPlan:
+    """Defense none's plan without a table: the stream decides which pairs, in what order."""
+    return EpochPlan(positions=np.zeros(0, dtype=np.int64), caption=np.zeros(0, dtype=np.int64))
+
+
+def _table_batch(
+    ctx: TrainContext, plan: EpochPlan, epoch: int, step: int, positions: np.ndarray
+) -> tuple[Batch, Tensor, list[str]]:
+    """A global batch of table rows: its Batch, this process's pixels, all its captions."""
+    from otcclip.models import image_transform
+
+    b = len(positions)
+    local_b = b // ctx.world
+    rows = slice(ctx.rank * local_b, (ctx.rank + 1) * local_b)
+    caption_rows = plan.caption[positions]
+    batch = Batch(
+        epoch=epoch,
+        step=step,
+        positions=positions,
+        rows=rows,
+        caption_ids=torch.from_numpy(caption_rows.astype(np.int64)).to(ctx.device),
+        safe=None if plan.safe is None else torch.from_numpy(plan.safe[positions]).to(ctx.device),
+    )
+    base = image_transform(ctx.table.images[positions[rows]], ctx.bundle.image_size)
+    return batch, base, [ctx.table.captions[i] for i in caption_rows]
+
+
+def _streamed_batch(
+    ctx: TrainContext, epoch: int, step: int, streamed: Any
+) -> tuple[Batch, Tensor, list[str]]:
+    """The same from this process's streamed share: ids and captions gathered over processes.
+
+    Pair ids stand in for table rows (both unique per pair, and the losses only compare
+    them), so the global batch's duplicate-caption rule is the in-memory one.
+    """
+    local_b = len(streamed.ids)
+    ids, captions = streamed.ids.numpy(), list(streamed.captions)
+    if ctx.world > 1:
+        ids = dist.all_gather_concat(ids)
+        captions = [c for part in dist.all_gather_object(captions) for c in part]
+    batch = Batch(
+        epoch=epoch,
+        step=step,
+        positions=ids,
+        rows=slice(ctx.rank * local_b, (ctx.rank + 1) * local_b),
+        caption_ids=torch.from_numpy(ids.astype(np.int64)).to(ctx.device),
+    )
+    return batch, streamed.pixels, captions
+
+
 def _step(
     ctx: TrainContext,
     encoder: torch.nn.Module,
@@ -778,26 +950,19 @@ def _step(
     precision: torch.dtype,
     epoch: int,
     step: int,
-    positions: np.ndarray,
+    positions: np.ndarray | None,
+    streamed: Any = None,
 ) -> dict[str, float]:
-    config, table, bundle = ctx.config, ctx.table, ctx.bundle
-    b = len(positions)
-    local_b = b // ctx.world
-    rows = slice(ctx.rank * local_b, (ctx.rank + 1) * local_b)
-    local = positions[rows]
-    caption_rows = plan.caption[positions]
-    batch = Batch(
-        epoch=epoch,
-        step=step,
-        positions=positions,
-        rows=rows,
-        caption_ids=torch.from_numpy(caption_rows.astype(np.int64)).to(ctx.device),
-        safe=None if plan.safe is None else torch.from_numpy(plan.safe[positions]).to(ctx.device),
-    )
-
-    from otcclip.models import image_transform
-
-    base = image_transform(table.images[local], bundle.image_size).to(ctx.device)
+    """One optimizer step on the global batch of table rows `positions`, or of `streamed`
+    (this process's StreamBatch, when the pairs are streamed)."""
+    config, bundle = ctx.config, ctx.bundle
+    if streamed is None:
+        assert positions is not None
+        batch, base, texts = _table_batch(ctx, plan, epoch, step, positions)
+    else:
+        batch, base, texts = _streamed_batch(ctx, epoch, step, streamed)
+    b, rows = batch.size, batch.rows
+    base = base.to(ctx.device)
     image_aug = ImageAugment.from_spec(config.image_augment)
     pixels = []
     for view in range(plan.image_views):
@@ -806,7 +971,6 @@ def _step(
             pixels.append(augment_images(base, gen, image_aug, offset=rows.start, total=b))
         else:
             pixels.append(base)
-    texts = [table.captions[i] for i in caption_rows]
     token_views = []
     for view in range(plan.text_views):
         if view > 0 or plan.augment_text:
@@ -1005,6 +1169,8 @@ def _checkpoint(
             "seconds": loop.seconds,
             "prepare_seconds": loop.prepare_seconds,
         }
+        if loop.stream is not None:
+            state["stream"] = loop.stream
         _write_metrics(run_dir, loop.metrics)
         path = save_checkpoint(
             run_dir,
@@ -1041,6 +1207,7 @@ def _restore(
     loop.steps_done = int(s["steps_done"])
     loop.seconds = float(s["seconds"])
     loop.prepare_seconds = float(s["prepare_seconds"])
+    loop.stream = s.get("stream")
 
 
 class NonFiniteLossError(ValueError):
@@ -1094,7 +1261,8 @@ def _epoch_metrics(
             "epoch": epoch + 1,
             "phase": plan.phase,
             "steps": steps,
-            "pairs": int(len(plan.positions)),
+            # streamed: the plan holds no rows; the pairs trained
+            "pairs": steps * ctx.config.batch_size if ctx.table is None else len(plan.positions),
             **means,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": loop.seconds,

@@ -38,6 +38,30 @@ _SCHEDULE_HELP = (
     "56 for fashion-scenes; evaluation of smaller images runs at the model's size).",
 )
 @click.option(
+    "--stream",
+    is_flag=True,
+    help="Stream the pairs of --data (a shard folder, a poison directory written with "
+    "--format shards, or parquet) through DataLoader workers instead of reading them into "
+    "memory: memory holds about batch x prefetch x workers pairs. --defense none only, for "
+    "now (the other defenses need random access to every pair); shards need their "
+    "shards.json. A run resumes with the same --workers and process count.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="With --stream: DataLoader workers per process that read and decode (0: the "
+    "training process reads). Part of the data order: keep it to reproduce or resume a run.",
+)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="With --stream: batches each worker prepares ahead.",
+)
+@click.option(
     "--model",
     default="otc-vit-tiny",
     show_default=True,
@@ -416,6 +440,7 @@ def command(**options: Any) -> None:
       otcclip train --scenes 20000 --defense otcclip --epochs 10 --out runs/otc
       otcclip train --data runs/poisoned --defense none --out runs/none
       otcclip train --out runs/otc --resume
+      otcclip train --data runs/shards --stream --defense none --out runs/stream
       torchrun --nproc_per_node 2 -m otcclip.cli train --data runs/poisoned --out runs/ddp
     """
     from otcclip import distributed as dist

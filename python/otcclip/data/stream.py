@@ -145,32 +145,56 @@ class PairStream(IterableDataset):
             order = np.random.default_rng(seed).permutation(order)
         return order.tolist()
 
-    def units_for(self, worker: int = 0, n_workers: int = 1, epoch: int | None = None) -> list[int]:
-        """The units (positions) this rank's `worker` reads in an epoch: every total-th one."""
+    def units_for(
+        self, worker: int = 0, n_workers: int = 1, epoch: int | None = None, rank: int | None = None
+    ) -> list[int]:
+        """The units (positions) a rank's `worker` reads in an epoch: every total-th one.
+
+        `rank` defaults to this stream's own; another's tells how much that rank reads.
+        """
         total = self.world_size * n_workers
-        slot = self.rank * n_workers + worker
+        slot = (self.rank if rank is None else rank) * n_workers + worker
         return self.epoch_order(epoch)[slot::total]
 
     def __iter__(self) -> Iterator[StreamedPair]:
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         epoch = self.epoch  # once: a set_epoch during the pass changes the next one
+        for raw, unit in self.raws(worker, n_workers, epoch):
+            yield self.decode(raw, unit)
+
+    def raws(
+        self, worker: int = 0, n_workers: int = 1, epoch: int | None = None, skip: int = 0
+    ) -> Iterator[tuple[RawPair, StreamUnit]]:
+        """A worker's samples undecoded, in the order `__iter__` yields them, after `skip`.
+
+        Skipped samples are never decoded, and a unit whose recorded size lies wholly
+        within the skip is not even opened (a resumed epoch passes its consumed part).
+        """
+        epoch = self.epoch if epoch is None else epoch
         for position in self.units_for(worker, n_workers, epoch):
             unit = self.units[position]
+            if unit.n is not None and skip >= unit.n:
+                skip -= unit.n
+                continue
             raws: Sequence[RawPair] | Iterator[RawPair] = self._raws(unit)
             if self.shuffle:  # within the unit too; only its encoded bytes are held
                 raws = list(raws)
                 rng = np.random.default_rng([self.seed, epoch, position])
                 raws = [raws[i] for i in rng.permutation(len(raws))]
             for raw in raws:
-                yield self._decode(raw, unit)
+                if skip:
+                    skip -= 1
+                    continue
+                yield raw, unit
 
     def _raws(self, unit: StreamUnit) -> Iterator[RawPair]:
         if unit.row_group is None:
             return shard_raws(unit.file)
         return iter(_row_group_raws(unit, self._columns, self._root))
 
-    def _decode(self, raw: RawPair, unit: StreamUnit) -> StreamedPair:
+    def decode(self, raw: RawPair, unit: StreamUnit) -> StreamedPair:
+        """One sample decoded as the stream yields it; a DataError names its id and unit."""
         where = f"{unit.name}: id {raw.id}"
         caption = decode_caption(raw.caption)
         if caption is None:

@@ -1,0 +1,277 @@
+"""`train --stream`: the streamed trainer computes what the in-memory one computes on the
+same batches, resumes exactly after SIGKILL, shares an epoch between two processes, and
+refuses what it cannot do yet.
+
+Like tests/test_train.py, this file is also the worker script of its subprocess tests
+(see the bottom): a streamed run killed mid-epoch, and two torchrun processes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from otcclip.checkpoint import load_checkpoint
+from otcclip.cli import main
+from otcclip.data import DataError, fashion_scenes, read_pairs, write_shards
+from otcclip.data.loader import StreamFeed
+from otcclip.data.stream import PairStream
+from otcclip.train import Callback, TrainConfig, train
+
+THREADS = 1
+PAIRS, SHARD, BATCH = 256, 32, 32  # 8 shards; 2 workers x 4 batches: 8 steps an epoch
+
+
+def _config(source: Path | None, **kw) -> TrainConfig:
+    """The tiny streamed run on `source`; with None, the same settings in memory."""
+    base = {
+        "data": None if source is None else str(source),
+        "stream": source is not None,
+        "defense": "none",
+        "model": "otc-vit-tiny",
+        "epochs": 2,
+        "batch_size": BATCH,
+        "workers": 2,
+        "progress": False,
+        "log_every": 1,
+        "threads": THREADS,
+    }
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _write(folder: Path) -> Path:
+    write_shards(fashion_scenes(PAIRS, seed=0), folder, shard_size=SHARD)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return _write(tmp_path_factory.mktemp("data") / "shards")
+
+
+def _stream_rows(shards: Path, table, world: int = 1):
+    """The table rows of each epoch in the stream's order, predicted without decoding: for
+    every step, each rank's local batch in rank order (the global batch)."""
+    row = {int(i): r for r, i in enumerate(table.ids)}
+    feeds = [
+        StreamFeed(
+            PairStream(shards, seed=0, rank=r, world_size=world),
+            batch_size=BATCH,
+            image_size=56,
+            workers=2,
+        )
+        for r in range(world)
+    ]
+
+    def rows(epoch: int) -> np.ndarray:
+        ids = np.concatenate([f.local_ids(epoch) for f in feeds], axis=1).ravel()
+        return np.array([row[int(i)] for i in ids], dtype=np.int64)
+
+    return rows
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"defense": "otcclip"}, "--stream trains with --defense none only.*planned"),
+        ({"defense": "safeclip"}, "random access to all of them"),
+        ({"data": None, "scenes": 64}, "--scenes builds its pairs in memory"),
+        ({"workers": -1}, "workers must be an integer >= 0"),
+        ({"prefetch": 0}, "prefetch must be an integer >= 1"),
+    ],
+)
+def test_what_cannot_stream_is_refused_before_training(change, message):
+    with pytest.raises(ValueError, match=message):
+        _config(Path("shards"), **change).validate()
+
+
+def test_the_command_documents_and_checks_the_stream(tmp_path, shards):
+    runner = CliRunner()
+    help_text = runner.invoke(main, ["train", "--help"]).output
+    for flag in ("--stream", "--workers", "--prefetch", "--defense none only"):
+        assert flag in help_text
+    # the command's default defense is otcclip: the refusal names the fix
+    args = ["train", "--data", str(shards), "--stream", "--out", str(tmp_path / "run")]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2 and "Use --defense none" in result.output
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("filepath,title\na.png,a bag\n")
+    args = ["train", "--data", str(csv), "--stream", "--defense", "none"]
+    result = runner.invoke(main, [*args, "--out", str(tmp_path / "csv")])
+    assert result.exit_code == 1 and "write it as shards first" in result.output
+
+
+# --------------------------------------------------------------------------- the same training
+
+
+def test_streaming_trains_as_memory_does_on_the_same_batches(shards):
+    """Workers decode and preprocess; the trainer holds nothing but the batch. Fed the
+    stream's order (predicted from the rule, without DataLoader), the in-memory trainer
+    takes the same steps; in its own order it does not (the order is what is compared)."""
+    streamed = train(_config(shards))
+    table = read_pairs(shards)
+    same_order = train(_config(None, scenes=1), table=table, epoch_rows=_stream_rows(shards, table))
+    own_order = train(_config(None, scenes=1), table=table)
+    assert len(streamed.step_losses) == 2 * PAIRS // BATCH
+    np.testing.assert_allclose(streamed.step_losses, same_order.step_losses, rtol=0, atol=1e-6)
+    assert not np.allclose(streamed.step_losses, own_order.step_losses, rtol=0, atol=1e-4)
+    assert streamed.metrics[-1]["pairs"] == PAIRS
+
+
+def test_a_corrupt_image_stops_training_naming_its_id(tmp_path):
+    folder = _write(tmp_path / "shards")
+    shard = folder / "00003.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first = members[0][0]  # a .png: write_shards writes each pair's image first
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in members:
+            if member is first:
+                data = data[: len(data) // 2]
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    bad = int(first.name.split(".")[0])
+    with pytest.raises(DataError, match=rf"00003.tar: id {bad}: cannot decode"):
+        train(_config(folder))
+
+
+def test_the_poison_manifest_of_a_shard_directory_drives_evaluation(tmp_path):
+    runner = CliRunner()
+    data = tmp_path / "poisoned"
+    line = f"poison --out {data} --scenes 128 --attack badnet --n-poison 8 --format shards"
+    assert runner.invoke(main, line.split()).exit_code == 0
+    args = ["train", "--data", str(data), "--stream", "--defense", "none", "--epochs", "1"]
+    args += ["--batch-size", "32", "--workers", "1", "--eval-size", "20", "--no-progress"]
+    args += ["--threads", str(THREADS), "--out", str(tmp_path / "run")]
+    result = runner.invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert '"backdoor_asr": ' in result.output and '"backdoor_asr": null' not in result.output
+
+
+# --------------------------------------------------------------------------- SIGKILL, resume
+
+_KILL_AT = 13  # epoch 2, step 5: the last checkpoint (every 3 steps) is at step 3, worker 1's
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(tmp_path, shards):
+    killed, marker = tmp_path / "killed", tmp_path / "reached"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "kill", str(shards), str(killed), str(marker)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached the kill point"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    saved = load_checkpoint(killed)
+    assert saved is not None and (saved.state["epoch"], saved.state["step"]) == (1, 3)
+    assert saved.state["stream"]["workers"] == 2 and saved.state["stream"]["world_size"] == 1
+
+    with pytest.raises(DataError, match="resume with --workers 2"):
+        train(_config(shards, out=str(killed), resume=True, checkpoint_every=3, workers=1))
+    resumed = train(_config(shards, out=str(killed), resume=True, checkpoint_every=3))
+    reference = train(_config(shards, out=str(tmp_path / "reference"), checkpoint_every=3))
+    np.testing.assert_allclose(resumed.step_losses, reference.step_losses, rtol=0, atol=1e-6)
+    ref_state = reference.bundle.model.state_dict()
+    for name, value in resumed.bundle.model.state_dict().items():
+        torch.testing.assert_close(value, ref_state[name], rtol=0, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_stream_the_global_batches_the_rule_deals_them(tmp_path, shards):
+    """Two processes read disjoint units (another order than one process's, by design);
+    their global batches, each rank's local batch in rank order, train as one process
+    in memory trains on those batches."""
+    out = tmp_path / "ddp.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        __file__, "ddp", str(shards), str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    table = read_pairs(shards)
+    rows = _stream_rows(shards, table, world=2)
+    single = train(_config(None, scenes=1, device="cpu"), table=table, epoch_rows=rows)
+    with np.load(out) as two:
+        np.testing.assert_allclose(two["losses"], single.step_losses, rtol=1e-4, atol=1e-5)
+        for name, value in single.bundle.model.state_dict().items():
+            np.testing.assert_allclose(two[f"w.{name}"], value.numpy(), rtol=1e-3, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class _PauseAt(Callback):
+    """Announce reaching a step, then wait to be killed (a run mid-epoch)."""
+
+    def __init__(self, step: int, marker: Path) -> None:
+        self.step = step
+        self.marker = marker
+
+    def on_step_end(self, ctx, info) -> None:
+        if info["global_step"] == self.step:
+            self.marker.write_text("reached")
+            time.sleep(600)
+
+
+def _kill_worker(shards: str, run: str, marker: str) -> None:
+    torch.set_num_threads(THREADS)
+    train(_config(Path(shards), out=run, checkpoint_every=3), [_PauseAt(_KILL_AT, Path(marker))])
+
+
+def _ddp_worker(shards: str, out: str) -> None:
+    from otcclip import distributed as dist
+
+    torch.set_num_threads(THREADS)
+    dist.init_from_env("gloo")
+    result = train(_config(Path(shards), device="cpu"))
+    if dist.is_main():
+        weights = {f"w.{k}": v.numpy() for k, v in result.bundle.model.state_dict().items()}
+        np.savez(out, losses=np.array(result.step_losses), **weights)
+    dist.barrier()
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "kill":
+        _kill_worker(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "ddp":
+        _ddp_worker(sys.argv[2], sys.argv[3])
