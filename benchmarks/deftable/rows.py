@@ -38,15 +38,18 @@ ROW_KEYS = (
     "none-varied",
     "otcclip-varied",
 )
-# SafeCLIP at its reference's schedule scaled to 8 epochs: the best validation zero-shot of
-# the probes after 4 epochs (42.2% against 36.3% for the CLI's "share" defaults; TUNING.md,
-# session 7). Separate safe and risky passes are the CLI default already.
+# SafeCLIP at its reference's schedule scaled to 8 epochs (W = 99 steps of unimodal warm-up,
+# the low-lr CLIP phase at a fixed 1% of the rate, separate safe and risky passes), with the
+# first split's posterior threshold and the share's growth chosen by validation zero-shot
+# after all 8 epochs (TUNING.md, session 9): p >= 0.5, then +10% per epoch up to 85% reached
+# 62.3% val against 58.6% (p >= 0.9, +10%) and 56.0% (p >= 0.9, +4%, the reference's
+# rate scaled). Never chosen by ASR or by the reported images.
 SAFECLIP_TUNED: dict[str, Any] = {
     "warmup_steps": 99,
     "safe_schedule": "reference",
-    "safe_threshold": 0.9,
+    "safe_threshold": 0.5,
     "safe_max": 0.85,
-    "safe_growth": 0.04,
+    "safe_growth": 0.10,
     "safeclip_lr_fixed": True,
     "safeclip_lr_scale": 0.01,
 }
