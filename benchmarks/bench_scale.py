@@ -8,8 +8,9 @@ fresh process per size, so that each size's peak memory is its own:
 - train: otc-vit-tiny, defense none, streamed (`train --stream`: DataLoader workers
   decode and preprocess), one epoch or its first --max-steps steps. Printed: training
   pairs per second (steps x batch / step seconds), the share of step time spent waiting
-  for the next batch (the trainer's `data_wait_share`; the first step's wait includes
-  starting the workers), and peak RSS of the trainer and of its largest worker;
+  for the next batch (the trainer's `data_wait_share`), also after the first step (whose
+  wait starts the workers, each reading a whole shard before its first batch), and peak
+  RSS of the trainer and of its largest worker;
 - round: one OTCCLIP matching round over the N pairs on the engine path the defense's
   round runs (embed the captions and images, top-k pruning, OT scoring, assignment,
   with the defense's own matching settings), fed the images decoded from the shards
@@ -58,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="otc-vit-tiny")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench_scale"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skip-round", action="store_true", help="training only (the round takes longest)"
+    )
     parser.add_argument("--child", choices=["train", "round"], help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     return parser
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.sizes:
         data = _shards(n, args)
         trained = _in_child("train", data, args)
-        matched = _in_child("round", data, args)
+        matched = None if args.skip_round else _in_child("round", data, args)
         print(_size_line(n, trained, matched, args), flush=True)
         peaks.append((n, trained["rss_trainer_mib"], trained["rss_worker_mib"]))
     print(_ratio_line(peaks))
@@ -108,9 +112,14 @@ def _print_header(args: argparse.Namespace) -> None:
     print(
         f"bench_scale: clean fashion-scenes shards ({args.shard_size} pairs per shard), model "
         f"{args.model} from scratch, defense none streamed, batch {args.batch_size}, {span} "
-        f"per size, {args.workers} workers x prefetch {args.prefetch}; then one OTCCLIP "
-        "matching round over the same pairs (the defense's settings, images read batch by "
-        "batch); a fresh process per size"
+        f"per size, {args.workers} workers x prefetch {args.prefetch}; "
+        + (
+            "no matching round (--skip-round)"
+            if args.skip_round
+            else "then one OTCCLIP matching round over the same pairs (the defense's "
+            "settings, images read batch by batch)"
+        )
+        + "; a fresh process per size"
     )
     print(
         f"threads: torch {torch.get_num_threads()}, rayon {os.environ['RAYON_NUM_THREADS']} "
@@ -199,6 +208,8 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         "steps": len(steps.seconds),
         "pairs_per_s": len(steps.seconds) * args.batch_size / step_s,
         "data_wait_share": sum(steps.waits) / step_s,
+        "first_wait_s": steps.waits[0],
+        "later_wait_share": sum(steps.waits[1:]) / max(sum(steps.seconds[1:]), 1e-9),
         "rss_trainer_mib": _peak_mib(resource.RUSAGE_SELF),
         "rss_worker_mib": _peak_mib(resource.RUSAGE_CHILDREN),
     }
@@ -248,17 +259,23 @@ def _peak_mib(who: int) -> float:
 
 
 def _size_line(
-    n: int, trained: dict[str, Any], matched: dict[str, Any], args: argparse.Namespace
+    n: int, trained: dict[str, Any], matched: dict[str, Any] | None, args: argparse.Namespace
 ) -> str:
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(matched["stages"].items()))
     worker = f" + largest worker {trained['rss_worker_mib']:.0f}" if args.workers else ""
-    return (
+    line = (
         f"N={n}: train {trained['steps']} steps x {args.batch_size}: "
         f"{trained['pairs_per_s']:.0f} pairs/s, waiting on data "
-        f"{100 * trained['data_wait_share']:.1f}% of step time, peak RSS trainer "
-        f"{trained['rss_trainer_mib']:.0f}{worker} MiB | round {matched['seconds']:.1f}s "
-        f"({stages}; the rest reading shards), re-paired {matched['changed']}, peak RSS "
-        f"{matched['rss_mib']:.0f} MiB"
+        f"{100 * trained['data_wait_share']:.1f}% of step time (the first step's "
+        f"{trained['first_wait_s']:.1f}s starts the workers; after it "
+        f"{100 * trained['later_wait_share']:.1f}%), peak RSS trainer "
+        f"{trained['rss_trainer_mib']:.0f}{worker} MiB | "
+    )
+    if matched is None:
+        return line + "round not measured (--skip-round)"
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(matched["stages"].items()))
+    return line + (
+        f"round {matched['seconds']:.1f}s ({stages}; the rest reading shards), re-paired "
+        f"{matched['changed']}, peak RSS {matched['rss_mib']:.0f} MiB"
     )
 
 

@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (128, 256)
 SIZE_LINE = re.compile(
-    r"N=(\d+): train (\d+) steps x 32: (\d+) pairs/s, waiting on data ([\d.]+)% of step time, "
+    r"N=(\d+): train (\d+) steps x 32: (\d+) pairs/s, waiting on data ([\d.]+)% of step time "
+    r"\(the first step's [\d.]+s starts the workers; after it [\d.]+%\), "
     r"peak RSS trainer (\d+) \+ largest worker (\d+) MiB \| round ([\d.]+)s \((.*); the rest "
     r"reading shards\), re-paired (\d+), peak RSS (\d+) MiB"
 )
@@ -66,3 +67,23 @@ def test_the_verdict_compares_the_larger_of_the_trainer_and_worker_growth():
     )
     flat = [(1000, 100.0, 0.0), (8000, 120.0, 0.0)]  # no workers: the trainer alone
     assert bench._ratio_line(flat) == "peak RSS ratio largest/smallest: 1.20 (<= 1.3: met)"
+
+
+def test_a_size_without_the_round_says_so():
+    bench = _load_script()
+    trained = {
+        "steps": 3,
+        "pairs_per_s": 250.0,
+        "data_wait_share": 0.02,
+        "first_wait_s": 0.5,
+        "later_wait_share": 0.01,
+        "rss_trainer_mib": 1000.0,
+        "rss_worker_mib": 500.0,
+    }
+    args = bench._parser().parse_args(["--batch-size", "32", "--skip-round"])
+    line = bench._size_line(2000, trained, None, args)
+    assert line == (
+        "N=2000: train 3 steps x 32: 250 pairs/s, waiting on data 2.0% of step time (the first "
+        "step's 0.5s starts the workers; after it 1.0%), peak RSS trainer 1000 + largest worker "
+        "500 MiB | round not measured (--skip-round)"
+    )
