@@ -24,7 +24,7 @@ The last line is the ratio of the training peak RSS at the largest size to the
 smallest (the larger of the trainer's and the worker's ratios): streaming keeps it
 <= 1.3. The model is created from scratch (timings do not depend on what it has
 learnt). torch and rayon get --threads threads each; build the extension in release
-mode (maturin develop --release, as scripts/test.sh does): a debug build is far slower.
+mode (maturin develop --release, as scripts/setup.sh does): a debug build is far slower.
 
     python benchmarks/bench_scale.py                               # minutes to hours on 2 cores
     python benchmarks/bench_scale.py --sizes 2000 8000 --max-steps 20 --shard-size 500
