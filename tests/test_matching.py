@@ -275,6 +275,38 @@ def test_batch_sizes_do_not_change_the_result(bundle):
     np.testing.assert_allclose(a.own_score, b.own_score, atol=1e-5)
 
 
+def _batches(images: np.ndarray, size: int):
+    """The images as a stream hands them over: one batch after another, read lazily."""
+    for start in range(0, len(images), size):
+        yield images[start : start + size]
+
+
+@pytest.mark.parametrize("cache_tokens", [True, False])
+def test_images_given_batch_by_batch_are_matched_as_in_one_array(bundle, cache_tokens):
+    images, captions, *_ = poisoned_world(seed=3)
+    own = np.arange(len(images))
+    cfg = MatchConfig(k=4, margin=0.02, image_batch=5, text_batch=4, cache_tokens=cache_tokens)
+    whole = match_round(bundle, images, captions, own, cfg)
+    streamed = matching.match_image_batches(bundle, _batches(images, 5), captions, own, cfg)
+    assert whole.changed.any()  # the comparison covers re-paired images
+    for name in ("caption", "changed", "candidates", "candidate_scores", "own_score", "best"):
+        np.testing.assert_array_equal(getattr(streamed, name), getattr(whole, name), err_msg=name)
+    np.testing.assert_array_equal(streamed.image_embeddings, whole.image_embeddings)
+    assert streamed.report["changed"] == whole.report["changed"]
+    assert set(streamed.report["seconds"]) >= {"embed_pool", "embed_images", "prune", "assign"}
+
+
+def test_batches_that_do_not_fit_the_own_captions_are_refused(bundle):
+    images, captions, *_ = poisoned_world()
+    own = np.arange(len(images))
+    with pytest.raises(ValueError, match="20 images for 24 own captions"):
+        matching.match_image_batches(bundle, _batches(images[:20], 5), captions, own)
+    with pytest.raises(ValueError, match="more images than the 10 own captions"):
+        matching.match_image_batches(bundle, _batches(images, 5), captions, own[:10])
+    with pytest.raises(ValueError, match="no images to match"):
+        matching.match_image_batches(bundle, iter([]), captions, None)
+
+
 def test_recomputed_tokens_agree_with_the_float16_cache(bundle):
     images, captions, *_ = poisoned_world(seed=2)
     own = np.arange(len(images))

@@ -214,6 +214,21 @@ def test_the_epoch_line_says_whether_doubted_pairs_were_left_out_or_re_paired():
     assert "re-paired 3" in repaired and "left out" not in repaired
 
 
+def test_the_epoch_line_shows_the_share_of_step_time_spent_waiting_on_data():
+    from otcclip.train import _epoch_line
+
+    base = {"epoch": 1, "loss": 1.0, "seconds": 2.0, "prepare_seconds": 0.0}
+    assert "waiting on data 25%" in _epoch_line({**base, "data_wait_share": 0.25})
+    assert "waiting on data" not in _epoch_line(base)  # metrics written before it was measured
+
+
+def test_an_epoch_records_how_long_its_steps_waited_for_their_batches():
+    result = train(_tiny(scenes=64, epochs=1, defense="none"))
+    (m,) = result.metrics
+    assert 0 < m["data_seconds"] < m["seconds"]
+    assert m["data_wait_share"] == pytest.approx(m["data_seconds"] / m["seconds"])
+
+
 @pytest.mark.slow
 def test_safeclip_mixed_epochs_split_safe_from_risky(tmp_path):
     from otcclip.attacks import backdoor

@@ -132,6 +132,15 @@ def test_streaming_trains_as_memory_does_on_the_same_batches(shards):
     np.testing.assert_allclose(streamed.step_losses, same_order.step_losses, rtol=0, atol=1e-6)
     assert not np.allclose(streamed.step_losses, own_order.step_losses, rtol=0, atol=1e-4)
     assert streamed.metrics[-1]["pairs"] == PAIRS
+    for result in (streamed, same_order):
+        _assert_data_wait(result.metrics)
+
+
+def _assert_data_wait(metrics: list[dict]) -> None:
+    """Each epoch records the part of its step time spent waiting for batches."""
+    for m in metrics:
+        assert 0 < m["data_seconds"] < m["seconds"], m
+        assert m["data_wait_share"] == pytest.approx(m["data_seconds"] / m["seconds"])
 
 
 def test_a_corrupt_image_stops_training_naming_its_id(tmp_path):
@@ -193,12 +202,14 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(tmp_pat
     saved = load_checkpoint(killed)
     assert saved is not None and (saved.state["epoch"], saved.state["step"]) == (1, 3)
     assert saved.state["stream"]["workers"] == 2 and saved.state["stream"]["world_size"] == 1
+    assert 0 < saved.state["data_seconds"] < saved.state["seconds"]
 
     with pytest.raises(DataError, match="resume with --workers 2"):
         train(_config(shards, out=str(killed), resume=True, checkpoint_every=3, workers=1))
     resumed = train(_config(shards, out=str(killed), resume=True, checkpoint_every=3))
     reference = train(_config(shards, out=str(tmp_path / "reference"), checkpoint_every=3))
     np.testing.assert_allclose(resumed.step_losses, reference.step_losses, rtol=0, atol=1e-6)
+    _assert_data_wait(resumed.metrics)  # the killed run's wait carried over to its epoch
     ref_state = reference.bundle.model.state_dict()
     for name, value in resumed.bundle.model.state_dict().items():
         torch.testing.assert_close(value, ref_state[name], rtol=0, atol=1e-6, msg=name)

@@ -36,7 +36,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +55,7 @@ __all__ = [
     "PoolFeatures",
     "CaptionBank",
     "match_round",
+    "match_image_batches",
     "embed_pool",
     "score_candidates",
 ]
@@ -303,13 +304,7 @@ def match_round(
                 )
         else:
             _check_pool(pool, m, embed_dim, needs_tokens=config.cache_tokens and config.alpha < 1)
-        source: _TokenSource
-        if config.alpha >= 1:
-            source = _NoTokens()
-        elif pool.tokens is not None and pool.mask is not None:
-            source = _CachedTokens(pool.tokens, pool.mask, device)
-        else:
-            source = _RecomputedTokens(bundle, captions, config.text_batch, device, timer)
+        source = _token_source(bundle, captions, pool, config, device, timer)
 
         lo, hi = dist.shard_range(n, align=config.image_batch) if use_dist else (0, n)
         local = _score_images(
@@ -335,6 +330,83 @@ def match_round(
     result.report["seconds"] = timer.seconds
     result.report["pool_bytes"] = pool.nbytes
     return result
+
+
+def match_image_batches(
+    bundle: Any,
+    image_batches: Iterable[np.ndarray],
+    captions: Sequence[str],
+    own: np.ndarray | None,
+    config: MatchConfig | None = None,
+) -> MatchResult:
+    """`match_round` with the images handed over batch by batch, never all held at once.
+
+    For pairs read from shards (a PairStream that does not shuffle): the i-th image
+    over the batches, in order, is row i of `own` and of the result. Batches of
+    `config.image_batch` images (the last one may be shorter) are match_round's own
+    batches, so the pairing is the one match_round gives on the same images in one
+    array. Memory holds the pool's features and, per image, its scores and global
+    embedding, not the images. One process (no torch.distributed sharding); the report
+    has no poison or class shares.
+    """
+    config = config or MatchConfig()
+    timer = _Timer()
+    model = bundle.model
+    device = _model_device(model)
+    captions = _check_captions(captions)
+    m = len(captions)
+    if config.k > m:
+        raise ValueError(f"k = {config.k} is larger than the pool ({m} captions)")
+    if own is not None:
+        own = _check_index_array("own", own, len(own), m)
+    parts: list[dict[str, np.ndarray]] = []
+    done = 0
+    with _eval_mode(model), torch.no_grad():
+        with timer("embed_pool"):
+            tokens = config.cache_tokens and config.alpha < 1
+            pool = embed_pool(bundle, captions, batch_size=config.text_batch, tokens=tokens)
+        source = _token_source(bundle, captions, pool, config, device, timer)
+        for images in image_batches:
+            images = _check_images(images)
+            mine = None if own is None else own[done : done + len(images)]
+            if mine is not None and len(mine) < len(images):
+                raise ValueError(f"more images than the {len(own)} own captions")
+            parts.append(
+                _score_images(bundle, images, mine, pool, source, config, device, timer, False)
+            )
+            done += len(images)
+    if not parts:
+        raise ValueError("no images to match")
+    if own is not None and done != len(own):
+        raise ValueError(f"{done} images for {len(own)} own captions; give one per image")
+    local = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    with timer("assign"):
+        result = _assign(local, own, config)
+    result.image_embeddings = local["embeddings"]
+    result.pool_embeddings = pool.embeddings
+    result.report = _report(result, own, None, None, None, config, m)
+    if "embed_candidates" in timer.seconds:  # ran inside the scoring: count it once
+        timer.seconds["score"] -= timer.seconds["embed_candidates"]
+    result.report["seconds"] = timer.seconds
+    result.report["pool_bytes"] = pool.nbytes
+    return result
+
+
+def _token_source(
+    bundle: Any,
+    captions: Sequence[str],
+    pool: PoolFeatures,
+    config: MatchConfig,
+    device: torch.device,
+    timer: _Timer,
+) -> _TokenSource:
+    """Where the scoring takes the candidates' word tokens: none (alpha = 1), the pool's
+    float16 cache, or the model again per scoring batch."""
+    if config.alpha >= 1:
+        return _NoTokens()
+    if pool.tokens is not None and pool.mask is not None:
+        return _CachedTokens(pool.tokens, pool.mask, device)
+    return _RecomputedTokens(bundle, captions, config.text_batch, device, timer)
 
 
 def embed_pool(

@@ -605,6 +605,7 @@ class _Loop:
     sums: dict[str, float] = field(default_factory=dict)
     steps_done: int = 0
     seconds: float = 0.0
+    data_seconds: float = 0.0  # of `seconds`: waiting for the next batch (see _fetch)
     prepare_seconds: float = 0.0
     stream: dict[str, Any] | None = None  # a streamed run's StreamLayout
 
@@ -726,6 +727,7 @@ def train(
             model.train()
             loop.prepare_seconds = time.perf_counter() - start
             loop.sums, loop.steps_done, loop.seconds, loop.step = {}, 0, 0.0, 0
+            loop.data_seconds = 0.0
         plan = loop.plan
         order, streamed, steps = None, None, epoch_steps[epoch]
         if feed is not None:
@@ -749,19 +751,13 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             rows = slice(loop.step * config.batch_size, (loop.step + 1) * config.batch_size)
-            parts = _step(
-                ctx,
-                encoder,
-                defense,
-                plan,
-                optimizer,
-                scaler,
-                precision,
-                epoch,
-                loop.step,
-                None if order is None else order[rows],
-                None if streamed is None else next(streamed),
+            fetched = time.perf_counter()
+            batch = _fetch(
+                ctx, plan, epoch, loop.step, None if order is None else order[rows], streamed
             )
+            waited = time.perf_counter() - fetched
+            loop.data_seconds += waited
+            parts = _step(ctx, encoder, defense, plan, optimizer, scaler, precision, batch)
             elapsed = time.perf_counter() - start
             loop.seconds += elapsed
             for name, value in parts.items():
@@ -780,6 +776,7 @@ def train(
                 **parts,
                 "lr": lr,
                 "seconds": elapsed,
+                "data_seconds": waited,
             }
             if loop.global_step % config.log_every == 0:
                 loop.metrics.append(info)
@@ -940,6 +937,23 @@ def _streamed_batch(
     return batch, streamed.pixels, captions
 
 
+def _fetch(
+    ctx: TrainContext,
+    plan: EpochPlan,
+    epoch: int,
+    step: int,
+    positions: np.ndarray | None,
+    streamed: Iterator[Any] | None,
+) -> tuple[Batch, Tensor, list[str]]:
+    """A step's data, timed by the loop as its wait for data: the table rows `positions`
+    gathered and transformed here, or the next StreamBatch (blocked on the DataLoader's
+    workers until they have it ready)."""
+    if streamed is None:
+        assert positions is not None
+        return _table_batch(ctx, plan, epoch, step, positions)
+    return _streamed_batch(ctx, epoch, step, next(streamed))
+
+
 def _step(
     ctx: TrainContext,
     encoder: torch.nn.Module,
@@ -948,19 +962,13 @@ def _step(
     optimizer: torch.optim.Optimizer,
     scaler: Any,
     precision: torch.dtype,
-    epoch: int,
-    step: int,
-    positions: np.ndarray | None,
-    streamed: Any = None,
+    fetched: tuple[Batch, Tensor, list[str]],
 ) -> dict[str, float]:
-    """One optimizer step on the global batch of table rows `positions`, or of `streamed`
-    (this process's StreamBatch, when the pairs are streamed)."""
+    """One optimizer step on a fetched global batch (`_fetch`): its Batch, this process's
+    pixels and the captions."""
     config, bundle = ctx.config, ctx.bundle
-    if streamed is None:
-        assert positions is not None
-        batch, base, texts = _table_batch(ctx, plan, epoch, step, positions)
-    else:
-        batch, base, texts = _streamed_batch(ctx, epoch, step, streamed)
+    batch, base, texts = fetched
+    epoch, step = batch.epoch, batch.step
     b, rows = batch.size, batch.rows
     base = base.to(ctx.device)
     image_aug = ImageAugment.from_spec(config.image_augment)
@@ -1167,6 +1175,7 @@ def _checkpoint(
             "sums": dict(loop.sums),
             "steps_done": loop.steps_done,
             "seconds": loop.seconds,
+            "data_seconds": loop.data_seconds,
             "prepare_seconds": loop.prepare_seconds,
         }
         if loop.stream is not None:
@@ -1206,6 +1215,7 @@ def _restore(
     loop.sums = {k: float(v) for k, v in s["sums"].items()}
     loop.steps_done = int(s["steps_done"])
     loop.seconds = float(s["seconds"])
+    loop.data_seconds = float(s.get("data_seconds", 0.0))  # checkpoints before it: none
     loop.prepare_seconds = float(s["prepare_seconds"])
     loop.stream = s.get("stream")
 
@@ -1266,6 +1276,8 @@ def _epoch_metrics(
             **means,
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": loop.seconds,
+            "data_seconds": loop.data_seconds,
+            "data_wait_share": loop.data_seconds / loop.seconds if loop.seconds > 0 else 0.0,
             "prepare_seconds": loop.prepare_seconds,
             "defense": plan.info,
         }
@@ -1275,6 +1287,8 @@ def _epoch_metrics(
 def _epoch_line(m: dict[str, Any]) -> str:
     parts = [f"epoch {m['epoch']}", m.get("phase", ""), f"loss {m.get('loss', float('nan')):.4f}"]
     parts.append(f"{m['seconds']:.1f}s (+{m['prepare_seconds']:.1f}s preparing)")
+    if "data_wait_share" in m:
+        parts.append(f"waiting on data {100 * m['data_wait_share']:.0f}%")
     defense = m.get("defense") or {}
     if defense.get("sitting_out"):  # OTCCLIP's on_doubt="drop", or unassigned images
         parts.append(f"left out {defense['sitting_out']}")

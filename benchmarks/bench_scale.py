@@ -1,0 +1,295 @@
+"""Streamed training's memory and speed as the data grows: memory must not grow with the images.
+
+Issue 16: pairs are streamed, not held. For each size N (default 20,000, 100,000 and
+400,000 fashion-scenes pairs) this writes clean shards once with the documented
+command (`otcclip poison --scenes N --format shards`, cached under --cache), then in a
+fresh process per size, so that each size's peak memory is its own:
+
+- train: otc-vit-tiny, defense none, streamed (`train --stream`: DataLoader workers
+  decode and preprocess), one epoch or its first --max-steps steps. Printed: training
+  pairs per second (steps x batch / step seconds), the share of step time spent waiting
+  for the next batch (the trainer's `data_wait_share`), also after the first step (whose
+  wait starts the workers, each reading a whole shard before its first batch), and peak
+  RSS of the trainer and of its largest worker;
+- round: one OTCCLIP matching round over the N pairs on the engine path the defense's
+  round runs (embed the captions and images, top-k pruning, OT scoring, assignment,
+  with the defense's own matching settings), fed the images decoded from the shards
+  batch by batch (`matching.match_image_batches`, which equals `match_round` on the
+  same images in one array). The trainer itself cannot run OTCCLIP rounds on a
+  stream yet (issue 16 item 2: its round takes the in-memory table); this measures
+  what that round costs at N without the table. Its memory grows with N by design:
+  the pool's float16 word tokens and the N x D embeddings.
+
+The last line is the ratio of the training peak RSS at the largest size to the
+smallest (the larger of the trainer's and the worker's ratios): streaming keeps it
+<= 1.3. The model is created from scratch (timings do not depend on what it has
+learnt). torch and rayon get --threads threads each; build the extension in release
+mode (maturin develop --release, as scripts/setup.sh does): a debug build is far slower.
+
+    python benchmarks/bench_scale.py                               # minutes to hours on 2 cores
+    python benchmarks/bench_scale.py --sizes 2000 8000 --max-steps 20 --shard-size 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_RESULT = "bench_scale result: "  # prefix of a child process's JSON line
+_LIMIT = 1.3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 400_000])
+    parser.add_argument("--max-steps", type=int, default=None, help="train this many steps")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares")
+    parser.add_argument("--threads", type=int, default=1, help="torch and rayon threads")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--shard-size", type=int, default=10_000, help="pairs per shard")
+    parser.add_argument("--model", default="otc-vit-tiny")
+    parser.add_argument("--cache", type=Path, default=Path("runs/bench_scale"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skip-round", action="store_true", help="training only (the round takes longest)"
+    )
+    parser.add_argument("--child", choices=["train", "round"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _set_threads(args.threads)
+    if args.child is not None:
+        result = _train(args) if args.child == "train" else _round(args)
+        print(_RESULT + json.dumps(result), flush=True)
+        return 0
+    _check(args)
+    _print_header(args)
+    peaks: list[tuple[int, float, float]] = []
+    for n in args.sizes:
+        data = _shards(n, args)
+        trained = _in_child("train", data, args)
+        matched = None if args.skip_round else _in_child("round", data, args)
+        print(_size_line(n, trained, matched, args), flush=True)
+        peaks.append((n, trained["rss_trainer_mib"], trained["rss_worker_mib"]))
+    print(_ratio_line(peaks))
+    return 0
+
+
+def _set_threads(threads: int) -> None:
+    """Before torch and the engine start: rayon reads its pool size once."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if min(args.sizes) < args.batch_size:
+        raise SystemExit(f"every size must hold a batch of {args.batch_size} pairs")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise SystemExit("--max-steps must be >= 1")
+    if len(args.sizes) < 2:
+        raise SystemExit("give at least two --sizes: the last line compares the extremes")
+
+
+def _print_header(args: argparse.Namespace) -> None:
+    import torch
+
+    from otcclip import otmatch
+
+    torch.set_num_threads(args.threads)
+    span = "one epoch" if args.max_steps is None else f"the first {args.max_steps} steps"
+    print(
+        f"bench_scale: clean fashion-scenes shards ({args.shard_size} pairs per shard), model "
+        f"{args.model} from scratch, defense none streamed, batch {args.batch_size}, {span} "
+        f"per size, {args.workers} workers x prefetch {args.prefetch}; "
+        + (
+            "no matching round (--skip-round)"
+            if args.skip_round
+            else "then one OTCCLIP matching round over the same pairs (the defense's "
+            "settings, images read batch by batch)"
+        )
+        + "; a fresh process per size"
+    )
+    print(
+        f"threads: torch {torch.get_num_threads()}, rayon {os.environ['RAYON_NUM_THREADS']} "
+        f"(engine kernel {otmatch.kernel_name()}; build the extension in release mode); load "
+        f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+
+
+def _shards(n: int, args: argparse.Namespace) -> Path:
+    """The poison directory of n clean scenes, written once with the documented command."""
+    out = args.cache / f"scenes-{n}-seed{args.seed}-shard{args.shard_size}"
+    if (out / "train" / "shards.json").is_file():
+        return out
+    command = [sys.executable, "-m", "otcclip.cli", "poison", "--out", str(out)]
+    command += ["--scenes", str(n), "--format", "shards", "--shard-size", str(args.shard_size)]
+    command += ["--seed", str(args.seed), "--force"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=_child_env())
+    print(f"  wrote {out} in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return out
+
+
+def _child_env() -> dict[str, str]:
+    """This interpreter's import path for the children, so they run the same code."""
+    path = os.pathsep.join(p for p in sys.path if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
+def _in_child(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter and return its JSON result."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", kind]
+    command += ["--data", str(data), "--workers", str(args.workers)]
+    command += ["--prefetch", str(args.prefetch), "--threads", str(args.threads)]
+    command += ["--batch-size", str(args.batch_size), "--model", args.model]
+    command += ["--seed", str(args.seed)]
+    if args.max_steps is not None:
+        command += ["--max-steps", str(args.max_steps)]
+    done = subprocess.run(command, capture_output=True, text=True, env=_child_env())
+    lines = [x for x in done.stdout.splitlines() if x.startswith(_RESULT)]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"the {kind} process for {data} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len(_RESULT) :])
+
+
+class _Stop(Exception):
+    """Raised by the step recorder after --max-steps steps."""
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    """Child: the streamed training run; step times, waits and peak memory."""
+    import gc
+
+    from otcclip.train import Callback, TrainConfig, train
+
+    class Steps(Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.waits: list[float] = []
+
+        def on_step_end(self, ctx: Any, info: dict[str, Any]) -> None:
+            self.seconds.append(info["seconds"])
+            self.waits.append(info["data_seconds"])
+            if args.max_steps is not None and len(self.seconds) >= args.max_steps:
+                raise _Stop
+
+    config = TrainConfig(
+        data=str(args.data),
+        stream=True,
+        defense="none",
+        model=args.model,
+        epochs=1,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        prefetch=args.prefetch,
+        threads=args.threads,
+        seed=args.seed,
+        progress=False,
+        log_every=10**9,
+    )
+    steps = Steps()
+    with contextlib.suppress(_Stop):
+        train(config, [steps])
+    gc.collect()  # the stopped epoch's DataLoader: its workers are joined, then counted
+    step_s = sum(steps.seconds)
+    return {
+        "steps": len(steps.seconds),
+        "pairs_per_s": len(steps.seconds) * args.batch_size / step_s,
+        "data_wait_share": sum(steps.waits) / step_s,
+        "first_wait_s": steps.waits[0],
+        "later_wait_share": sum(steps.waits[1:]) / max(sum(steps.seconds[1:]), 1e-9),
+        "rss_trainer_mib": _peak_mib(resource.RUSAGE_SELF),
+        "rss_worker_mib": _peak_mib(resource.RUSAGE_CHILDREN),
+    }
+
+
+def _round(args: argparse.Namespace) -> dict[str, Any]:
+    """Child: one OTCCLIP matching round over the shards' pairs, images read batch by batch."""
+    import numpy as np
+
+    from otcclip.data import PairStream, pairs_in
+    from otcclip.data.sources import decode_caption
+    from otcclip.defenses import OTCCLIPDefense
+    from otcclip.matching import match_image_batches
+    from otcclip.models import create_model
+    from otcclip.train import TrainConfig
+
+    config = OTCCLIPDefense(TrainConfig(defense="otcclip", threads=args.threads)).match_config()
+    bundle = create_model(args.model, seed=args.seed)
+    pairs = PairStream(pairs_in(args.data), shuffle=False)  # one fixed order for both passes
+    start = time.perf_counter()
+    captions = [decode_caption(raw.caption) or "" for raw, _ in pairs.raws()]
+
+    def batches() -> Any:
+        held: list[np.ndarray] = []
+        for pair in pairs:
+            held.append(pair.image)
+            if len(held) == config.image_batch:
+                yield np.stack(held)
+                held = []
+        if held:
+            yield np.stack(held)
+
+    own = np.arange(len(captions), dtype=np.int64)
+    result = match_image_batches(bundle, batches(), captions, own, config)
+    return {
+        "seconds": time.perf_counter() - start,
+        "stages": result.report["seconds"],
+        "changed": int(result.changed.sum()),
+        "rss_mib": _peak_mib(resource.RUSAGE_SELF),
+    }
+
+
+def _peak_mib(who: int) -> float:
+    """Peak resident memory in MiB (Linux reports ru_maxrss in KiB; for RUSAGE_CHILDREN it is
+    the largest of the reaped children, here the DataLoader workers)."""
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def _size_line(
+    n: int, trained: dict[str, Any], matched: dict[str, Any] | None, args: argparse.Namespace
+) -> str:
+    worker = f" + largest worker {trained['rss_worker_mib']:.0f}" if args.workers else ""
+    line = (
+        f"N={n}: train {trained['steps']} steps x {args.batch_size}: "
+        f"{trained['pairs_per_s']:.0f} pairs/s, waiting on data "
+        f"{100 * trained['data_wait_share']:.1f}% of step time (the first step's "
+        f"{trained['first_wait_s']:.1f}s starts the workers; after it "
+        f"{100 * trained['later_wait_share']:.1f}%), peak RSS trainer "
+        f"{trained['rss_trainer_mib']:.0f}{worker} MiB | "
+    )
+    if matched is None:
+        return line + "round not measured (--skip-round)"
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(matched["stages"].items()))
+    return line + (
+        f"round {matched['seconds']:.1f}s ({stages}; the rest reading shards), re-paired "
+        f"{matched['changed']}, peak RSS {matched['rss_mib']:.0f} MiB"
+    )
+
+
+def _ratio_line(peaks: list[tuple[int, float, float]]) -> str:
+    """Largest size against smallest, for the trainer and the worker; the larger ratio counts."""
+    small = min(peaks)
+    large = max(peaks)
+    ratios = [large[1] / small[1]]
+    if small[2] > 0:
+        ratios.append(large[2] / small[2])
+    ratio = max(ratios)
+    verdict = "met" if ratio <= _LIMIT else "NOT met"
+    return f"peak RSS ratio largest/smallest: {ratio:.2f} (<= {_LIMIT}: {verdict})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
