@@ -353,7 +353,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(defense, t
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 600  # a liveness bound (a loaded machine is slow), not a timing
+        deadline = time.monotonic() + 600  # a liveness bound (loaded machines are slow)
         while not marker.exists():
             assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
             assert time.monotonic() < deadline, "the run never reached the kill point"
