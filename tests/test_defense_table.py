@@ -234,7 +234,7 @@ def test_the_table_aggregates_the_seeds_as_computed_by_hand(tmp_path):
     assert otc_cells[:4] == ["otcclip (n=2/3)", "2.5 ± 3.5", "2.0 ± 1.4", "62.0 ± 2.8"]
     bars = "\n".join(table.bar_checks(runs, jobs=1))
     assert "attacks work without a defense (>= 80%): targeted 90.0%, backdoor 95.0%: met" in bars
-    assert "OTCCLIP ASR <= 2%: targeted 2.50%, backdoor 2.00%: NOT met" in bars
+    assert "OTCCLIP ASR <= 2%: targeted 2.500%, backdoor 2.000%: NOT met" in bars
     # issue 13's bar reads the clean row, absent here: said, not guessed
     assert "the clean model's + 1 point: not measured (row clean not among" in bars
     assert "varied-copies" not in bars  # a variant's line only where the row ran

@@ -64,8 +64,8 @@ def bar_checks(runs: Sequence[Run], jobs: int) -> list[str]:
         if gap or t is None or b is None:
             lines.append(f"{label}: {gap or 'not measured (no ASR recorded)'}")
         else:
-            # two decimals where one would print a miss as the bar itself ("2.0%: NOT met")
-            digits = 2 if passes is stopped else 1
+            # three decimals where one would print a miss as the bar itself ("2.0%: NOT met")
+            digits = 3 if passes is stopped else 1
             shown = f"targeted {100 * t:.{digits}f}%, backdoor {100 * b:.{digits}f}%"
             lines.append(f"{label}: {shown}: {verdict(passes(t, b))}")
     # issue 13's bar: targeted <= 2%, backdoor within 1 point of the clean model's rate on
