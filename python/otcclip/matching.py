@@ -320,16 +320,7 @@ def match_round(
         )
     if use_dist:
         local = {key: dist.all_gather_concat(value) for key, value in local.items()}
-    with timer("assign"):
-        result = _assign(local, own, config)
-    result.image_embeddings = local["embeddings"]
-    result.pool_embeddings = pool.embeddings
-    result.report = _report(result, own, poisoned, image_classes, caption_classes, config, m)
-    if "embed_candidates" in timer.seconds:  # ran inside the scoring: count it once
-        timer.seconds["score"] -= timer.seconds["embed_candidates"]
-    result.report["seconds"] = timer.seconds
-    result.report["pool_bytes"] = pool.nbytes
-    return result
+    return _finish(local, own, pool, config, timer, (poisoned, image_classes, caption_classes), m)
 
 
 def match_image_batches(
@@ -380,11 +371,24 @@ def match_image_batches(
     if own is not None and done != len(own):
         raise ValueError(f"{done} images for {len(own)} own captions; give one per image")
     local = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    return _finish(local, own, pool, config, timer, (None, None, None), m)
+
+
+def _finish(
+    local: dict[str, np.ndarray],
+    own: np.ndarray | None,
+    pool: PoolFeatures,
+    config: MatchConfig,
+    timer: _Timer,
+    labels: tuple[Any, Any, Any],
+    m: int,
+) -> MatchResult:
+    """Assign from the scored images and write the round's report (both round entry points)."""
     with timer("assign"):
         result = _assign(local, own, config)
     result.image_embeddings = local["embeddings"]
     result.pool_embeddings = pool.embeddings
-    result.report = _report(result, own, None, None, None, config, m)
+    result.report = _report(result, own, *labels, config, m)
     if "embed_candidates" in timer.seconds:  # ran inside the scoring: count it once
         timer.seconds["score"] -= timer.seconds["embed_candidates"]
     result.report["seconds"] = timer.seconds
