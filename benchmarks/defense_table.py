@@ -74,6 +74,7 @@ from deftable.rows import (  # noqa: E402
     ATTACKS,
     MANAGED,
     N_ADAPTIVE,
+    N_VARIED,
     QUICK,
     QUICK_OVERRIDES,
     ROW_KEYS,
@@ -103,6 +104,7 @@ __all__ = [
     "FORMAT",
     "MANAGED",
     "N_ADAPTIVE",
+    "N_VARIED",
     "QUICK",
     "ROW_KEYS",
     "RUN_SPEC",
@@ -159,6 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"the adaptive backdoor's poison count [{N_ADAPTIVE}; with --quick BadNet's]",
     )
     parser.add_argument(
+        "--n-varied",
+        type=int,
+        default=None,
+        help=f"copies per target of the varied-copies attack [{N_VARIED}; None: --n-captions]",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -190,7 +198,7 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
     for name in ("jobs", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    for name in ("scenes", "epochs", "batch_size", "eval_size", "n_adaptive"):
+    for name in ("scenes", "epochs", "batch_size", "eval_size", "n_adaptive", "n_varied"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.probe_size is not None and args.probe_size < 0:

@@ -25,6 +25,10 @@ def adaptive_count(config: Any) -> int:
     return config.n_backdoor if config.n_adaptive is None else config.n_adaptive
 
 
+def varied_count(config: Any) -> int:
+    return config.n_captions if config.n_varied is None else config.n_varied
+
+
 def _clean_scenes(config: Any) -> Any:
     from otcclip.data import fashion_scenes
 
@@ -42,7 +46,7 @@ def _poison_variant(clean: Any, config: Any, variant: str) -> tuple[Any, list[An
     table, targeted = targeted_poison(
         clean,
         config.n_targets,
-        config.n_captions,
+        varied_count(config) if variant == "varied" else config.n_captions,
         config.target_label,
         config.seed + 1,
         **variation,
@@ -83,8 +87,8 @@ def data_spec(config: Any, variant: str) -> dict[str, Any]:
     }
     if variant == "adaptive":  # its backdoor has a count of its own
         spec["n_backdoor"] = adaptive_count(config)
-    if variant == "varied":
-        spec.update(COPY_VARIATION)
+    if variant == "varied":  # its copies have a count and a variation of their own
+        spec.update(COPY_VARIATION, n_captions=varied_count(config))
     return spec
 
 
@@ -98,7 +102,7 @@ def poison_command(config: Any, variant: str, directory: Path) -> str:
         parts.append(" ".join(f"--attack {a}" for a in ATTACKS[variant]))
         parts.append(
             f"--target-label {config.target_label} --n-targets {config.n_targets} "
-            f"--n-captions {config.n_captions} "
+            f"--n-captions {data_spec(config, variant)['n_captions']} "
             f"--n-poison {data_spec(config, variant)['n_backdoor']}"
         )
     if variant == "varied":

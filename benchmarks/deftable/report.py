@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from deftable.data import adaptive_count, data_dir, poison_command
+from deftable.data import adaptive_count, data_dir, poison_command, varied_count
 from deftable.runs import FORMAT, RUN_LOG, Run
 
 
@@ -209,7 +209,8 @@ def write_outputs(
         f"# otcclip defense table\n\n{table}\n\n" + "\n".join(f"- {b}" for b in bars) + "\n\n"
         f"fashion-scenes: {c.scenes} training scenes (1-{c.max_items} items, {c.image_size} px); "
         f"targeted poisoning ({c.n_targets} targets x {c.n_captions} captions -> "
-        f"'{c.target_label}') with BadNet ({c.n_backdoor} images) or the adaptive backdoor "
+        f"'{c.target_label}'; {varied_count(c)} varied copies per target in the varied rows) "
+        f"with BadNet ({c.n_backdoor} images) or the adaptive backdoor "
         f"({adaptive_count(c)} images); model {c.model}, {c.epochs} epochs, "
         f"batch {c.batch_size}, lr {c.lr}; "
         f"evaluation {c.eval_size} zero-shot images, linear probe {c.probe_size}/{c.probe_size}; "

@@ -111,8 +111,12 @@ def eval_command(tc: Any, config: Any, poison_dir: Path) -> str:
 
 
 def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
-    """What decides whether a finished run still answers today's question."""
-    out = {k: v for k, v in spec.items() if k not in ("command", "eval_command")}
+    """What decides whether a finished run still answers today's question: its data, its
+    training settings, its schedule and its evaluation, not the row that asked for it (a
+    run recorded under other overrides or another row's name that trained the same
+    settings is the same run)."""
+    named = ("command", "eval_command", "row", "key", "overrides")
+    out = {k: v for k, v in spec.items() if k not in named}
     ignored = _not_compared(spec)
     train = _with_older_settings(spec["train"])
     out["train"] = {k: v for k, v in train.items() if k not in ignored}
@@ -124,11 +128,12 @@ def _same_train(summary: dict[str, Any], spec: dict[str, Any]) -> bool:
     config = _with_older_settings(summary.get("config") or {})
     keys = set(config) | set(spec["train"])
     ignored = _not_compared(spec)
-    return all(
-        json.dumps(config.get(k)) == json.dumps(spec["train"].get(k))
-        for k in keys
-        if k not in ignored
-    )
+
+    # as read back from JSON (tuples -> lists), and by value: 2 == 2.0 (a --set number)
+    def read(v: Any) -> Any:
+        return json.loads(json.dumps(v))
+
+    return all(read(config.get(k)) == read(spec["train"].get(k)) for k in keys if k not in ignored)
 
 
 def run_state(run: Run) -> str:

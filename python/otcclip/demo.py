@@ -48,6 +48,9 @@ class DemoConfig:
     # the adaptive backdoor's poison count where one is built (the results table's
     # adaptive rows; the demo builds none); None: n_backdoor
     n_adaptive: int | None = None
+    # copies per target of the varied-copies targeted attack where one is built (the
+    # results table's varied rows; the demo builds none); None: n_captions
+    n_varied: int | None = None
     eval_size: int = 1000
     probe_size: int = 1000
     progress: bool = True

@@ -302,7 +302,7 @@ _SCHEDULE_HELP = (
 @click.option(
     "--inter-ramp",
     type=click.FloatRange(min=0),
-    default=0.0,
+    default=2.0,
     show_default=True,
     help="Epochs over which L_inter's weight grows linearly from 0 to --lambda-inter, so "
     "that the global alignment forms first (0: full weight from the first step).",
