@@ -167,6 +167,18 @@ def _parser() -> argparse.ArgumentParser:
         help=f"copies per target of the varied-copies attack [{N_VARIED}; None: --n-captions]",
     )
     parser.add_argument(
+        "--copy-shift",
+        type=int,
+        default=None,
+        help="the varied copies' largest shift in px [the demo's: 2]",
+    )
+    parser.add_argument(
+        "--copy-noise",
+        type=float,
+        default=None,
+        help="the varied copies' noise sigma (0-255 units) [the demo's: 8]",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -201,6 +213,9 @@ def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = _echo)
     for name in ("scenes", "epochs", "batch_size", "eval_size", "n_adaptive", "n_varied"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("copy_shift", "copy_noise"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.probe_size is not None and args.probe_size < 0:
         parser.error("--probe-size must be >= 0")
     if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):

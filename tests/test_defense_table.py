@@ -109,6 +109,7 @@ def test_ablation_rows_flip_the_current_defaults_and_name_themselves():
     assert names["intra"] == "otcclip, lambda_intra=0.5"
     assert names["rho"].startswith("otcclip, ot_rho=1")
     assert names["assign"] == "otcclip, assign=capacity, capacity=2"
+    assert names["ramp"] == "otcclip, inter_ramp=0"
     flipped = {
         r.key: r
         for r in table.table_rows(
@@ -118,6 +119,8 @@ def test_ablation_rows_flip_the_current_defaults_and_name_themselves():
     assert flipped["intra"].overrides == {"lambda_intra": 0.0}
     assert flipped["rho"].overrides == {"ot_rho": None}
     assert flipped["assign"].overrides == {"assign": "argmax"}
+    unramped = {r.key: r for r in table.table_rows(TrainConfig(inter_ramp=0.0))}
+    assert unramped["ramp"].overrides == {"inter_ramp": 2.0}
     assert names["doubt"] == "otcclip, on_doubt=repair (the paper's re-pairing)"
     doubt = {r.key: r for r in table.table_rows(TrainConfig(on_doubt="repair"))}["doubt"]
     assert doubt.overrides == {"on_doubt": "drop"} and doubt.name == "otcclip, on_doubt=drop"
@@ -268,6 +271,41 @@ def test_the_varied_copies_data_records_its_variation_in_spec_and_command(tmp_pa
     assert "copy_shift" not in data_spec(config, "poisoned")
     command = poison_command(config, "varied", tmp_path / "varied")
     assert "--copy-shift 2 --copy-noise 8" in command and "--attack badnet" in command
+    # the varied rows' count and variation are their own: the other variants keep theirs
+    tuned = DemoConfig(out=str(tmp_path), scenes=600, n_varied=100, copy_shift=0, copy_noise=4)
+    spec = data_spec(tuned, "varied")
+    assert (spec["n_captions"], spec["copy_shift"], spec["copy_noise"]) == (100, 0, 4.0)
+    assert data_spec(tuned, "poisoned")["n_captions"] == data_spec(config, "poisoned")["n_captions"]
+    command = poison_command(tuned, "varied", tmp_path / "varied")
+    assert "--n-captions 100 " in command and "--copy-shift 0 --copy-noise 4" in command
+
+
+def test_a_run_made_under_another_row_with_the_same_settings_is_adopted(tmp_path):
+    """What a run computed decides whether it stands, not the row that asked for it: the
+    default's runs made earlier with --set (the number written 2, not 2.0) are its runs."""
+    from otcclip.demo import train_config
+
+    table = _load_script()
+
+    def plan(*options: str) -> dict:
+        args = table._parser().parse_args(["--scenes", "200", "--out", str(tmp_path), *options])
+        base = table.demo_config(args)
+        rows = table.select_rows(table.table_rows(train_config(base, "otcclip")), ["otcclip"])
+        return {r.row.key: r for r in table.plan_runs(tmp_path, base, rows, [0])}
+
+    earlier = plan("--set", "inter_ramp=2")["otcclip"]  # made before 2 was the default
+    assert earlier.spec["train"]["inter_ramp"] == 2 and earlier.spec["overrides"] == {}
+    today = plan()["otcclip"]
+    recorded = dict(earlier.spec, row="otcclip, inter_ramp=2", key="ramp")
+    today.directory.mkdir(parents=True)
+    (today.directory / table.RUN_SPEC).write_text(json.dumps(recorded))
+    assert table.run_state(today) == "resume"
+    summary = {"config": earlier.spec["train"]}
+    (today.directory / "summary.json").write_text(json.dumps(summary))
+    assert table.run_state(today) == "done"
+    summary["config"] = dict(earlier.spec["train"], inter_ramp=1)
+    (today.directory / "summary.json").write_text(json.dumps(summary))
+    assert table.run_state(today) == "stale"
 
 
 @pytest.mark.parametrize(("backdoor", "result"), [(0.025, "met"), (0.027, "NOT met")])

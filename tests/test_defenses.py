@@ -385,7 +385,8 @@ def test_otcclip_state_survives_a_restart(monkeypatch):
     ],
 )
 def test_otcclip_loss_terms(kw, terms, views):
-    config = _config("otcclip", ot_negatives=2, **kw)
+    # at full weight from the first step (the default ramps it in: the next test)
+    config = _config("otcclip", ot_negatives=2, inter_ramp=0.0, **kw)
     d = make_defense(config)
     ctx = _ctx(config)
     d.setup(ctx)
@@ -395,7 +396,9 @@ def test_otcclip_loss_terms(kw, terms, views):
     assert set(parts) == terms
     assert all(torch.isfinite(v) and v > 0 for v in parts.values())
     if "inter" in terms:  # the term scales with its weight
-        unit = make_defense(_config("otcclip", ot_negatives=2, **{**kw, "lambda_inter": 1.0}))
+        unit = make_defense(
+            _config("otcclip", ot_negatives=2, inter_ramp=0.0, **{**kw, "lambda_inter": 1.0})
+        )
         ref = unit.loss(ctx, plan, _batch(), _features(views=views))["inter"]
         assert torch.allclose(parts["inter"], config.lambda_inter * ref)
 
@@ -413,8 +416,9 @@ def test_otcclip_inter_ramp_grows_the_weight_by_step():
     assert weights[1] == pytest.approx(0.8 * (steps // 2) / steps / 2)
     assert weights[2] == pytest.approx(0.4)
     assert weights[3] == weights[4] == pytest.approx(0.8)
-    flat = make_defense(_config("otcclip", lambda_inter=0.8))
+    flat = make_defense(_config("otcclip", lambda_inter=0.8, inter_ramp=0.0))
     assert flat.inter_weight(_batch(), N) == 0.8
+    assert TrainConfig().inter_ramp == 2.0  # the default ramps over OTCCLIP's 2-epoch warm-up
     with pytest.raises(ValueError, match="inter_ramp must be >= 0"):
         _config("otcclip", inter_ramp=-1.0).validate()
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deftable.rows import ATTACKS, COPY_VARIATION
+from deftable.rows import ATTACKS
 
 DATA_SPEC = "table_data.json"
 
@@ -29,6 +29,11 @@ def varied_count(config: Any) -> int:
     return config.n_captions if config.n_varied is None else config.n_varied
 
 
+def copy_variation(config: Any) -> dict[str, Any]:
+    """The varied rows' per-copy variation (`targeted_poison`'s copy_shift and copy_noise)."""
+    return {"copy_shift": int(config.copy_shift), "copy_noise": float(config.copy_noise)}
+
+
 def _clean_scenes(config: Any) -> Any:
     from otcclip.data import fashion_scenes
 
@@ -42,7 +47,7 @@ def _poison_variant(clean: Any, config: Any, variant: str) -> tuple[Any, list[An
     (seed + 2) on pairs the targets did not touch, as `poison_command` records."""
     from otcclip.attacks import adaptive_backdoor, backdoor, poisoned_ids, targeted_poison
 
-    variation = COPY_VARIATION if variant == "varied" else {}
+    variation = copy_variation(config) if variant == "varied" else {}
     table, targeted = targeted_poison(
         clean,
         config.n_targets,
@@ -88,7 +93,7 @@ def data_spec(config: Any, variant: str) -> dict[str, Any]:
     if variant == "adaptive":  # its backdoor has a count of its own
         spec["n_backdoor"] = adaptive_count(config)
     if variant == "varied":  # its copies have a count and a variation of their own
-        spec.update(COPY_VARIATION, n_captions=varied_count(config))
+        spec.update(copy_variation(config), n_captions=varied_count(config))
     return spec
 
 
@@ -106,10 +111,7 @@ def poison_command(config: Any, variant: str, directory: Path) -> str:
             f"--n-poison {data_spec(config, variant)['n_backdoor']}"
         )
     if variant == "varied":
-        parts.append(
-            f"--copy-shift {COPY_VARIATION['copy_shift']} "
-            f"--copy-noise {COPY_VARIATION['copy_noise']:g}"
-        )
+        parts.append(f"--copy-shift {config.copy_shift} --copy-noise {config.copy_noise:g}")
     parts.append(f"--seed {config.seed}")
     return " ".join(parts)
 

@@ -64,10 +64,6 @@ ATTACKS = {
     "adaptive": ["targeted", "adaptive"],
     "varied": ["targeted", "badnet"],
 }
-# The varied-copies variant: each copy of a target shifted by up to 2 px and given
-# sigma-8 pixel noise, as an attacker posting variants would (issue 13), so that no
-# defense wins by exact-duplicate detection alone.
-COPY_VARIATION = {"copy_shift": 2, "copy_noise": 8.0}
 # TrainConfig fields that do not change what a run computes, or that are paths under OUT:
 # a difference in these alone does not rerun a finished run.
 NOT_COMPARED = frozenset(
@@ -341,6 +337,9 @@ def demo_config(args: argparse.Namespace) -> Any:
         sizes["n_adaptive"] = args.n_adaptive
     elif not args.quick:
         sizes["n_adaptive"] = N_ADAPTIVE
+    for name in ("copy_shift", "copy_noise"):
+        if getattr(args, name) is not None:
+            sizes[name] = getattr(args, name)
     if args.n_varied is not None:
         sizes["n_varied"] = args.n_varied
     elif not args.quick:

@@ -51,6 +51,9 @@ class DemoConfig:
     # copies per target of the varied-copies targeted attack where one is built (the
     # results table's varied rows; the demo builds none); None: n_captions
     n_varied: int | None = None
+    # their per-copy variation: a shift of up to copy_shift px and noise of sigma copy_noise
+    copy_shift: int = 2
+    copy_noise: float = 8.0
     eval_size: int = 1000
     probe_size: int = 1000
     progress: bool = True
