@@ -550,3 +550,41 @@ def test_bad_shard_input_stops_without_output(files, shards, tmp_path, case, mes
     assert result.exit_code != 0
     assert message in result.output, result.output
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_img2dataset_shards_keep_their_members_and_metadata(files, tmp_path):
+    """img2dataset's own layout: .jpg, .txt and a .json of its fields, no shards.json."""
+    source = read_pairs(files["pairs"])
+    folder = tmp_path / "img2dataset"
+    folder.mkdir()
+    jpgs = {}
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i in range(4):
+            key = f"{i:09d}"
+            jpg = io.BytesIO()
+            Image.fromarray(source.images[i]).convert("RGB").save(jpg, format="JPEG")
+            jpgs[key] = jpg.getvalue()
+            meta = {"url": f"https://example.org/{i}.jpg", "key": key, "status": "success"}
+            meta["score"] = 0.5  # a clash with the round's field: kept, renamed
+            for suffix, data in (
+                ("jpg", jpgs[key]),
+                ("txt", b"a crawled caption"),
+                ("json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "matched"
+    result = run(*base(files, out, images=folder))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar"]  # no index: none came in
+    with tarfile.open(out / "00000.tar") as tar:
+        names = tar.getnames()
+        assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+        for key, data in jpgs.items():  # the image bytes as stored, not re-encoded
+            assert tar.extractfile(f"{key}.jpg").read() == data  # type: ignore[union-attr]
+    records = shard_json(out / "00000.tar")
+    assert records[2]["url"] == "https://example.org/2.jpg" and records[2]["status"] == "success"
+    assert records[2]["input_score"] == 0.5 and records[2]["score"] != 0.5
+    assert records[2]["original_caption_id"] == 2
+    assert read_pairs(out).captions == [source.captions[r["caption_id"]] for r in records.values()]
