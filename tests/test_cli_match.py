@@ -8,6 +8,9 @@ fashion-scenes written as a pairs parquet.
 from __future__ import annotations
 
 import io
+import json
+import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from otcclip.cli import main
-from otcclip.data import fashion_scenes, read_pairs, write_pairs
+from otcclip.data import PairStream, fashion_scenes, read_pairs, write_pairs, write_shards
 from otcclip.models import create_model, save_weights
 
 N = 20
@@ -360,3 +363,228 @@ def test_extra_input_columns_are_carried_through(files, tmp_path):
     assert t["url"] == [f"https://example.org/{i}.png" for i in t["id"]]
     assert t["input_score"] == [float(i) for i in range(N)]  # a clash keeps both, renamed
     assert "image_classes" in t and "caption_classes" not in t  # the latter would be stale
+
+
+# --------------------------------------------------------------------------- shards
+
+
+@pytest.fixture(scope="module")
+def shards(files: dict[str, Path]) -> Path:
+    """The pairs parquet's table as a poison folder written with --format shards (8, 8, 4)."""
+    table = read_pairs(files["pairs"])
+    folder = files["root"] / "poison-shards"
+    write_shards(table, folder / "train", shard_size=8)
+    return folder
+
+
+def shard_members(tar: Path) -> list[str]:
+    with tarfile.open(tar) as handle:
+        return handle.getnames()
+
+
+def shard_json(tar: Path) -> dict[int, dict]:
+    with tarfile.open(tar) as handle:
+        found = [m for m in handle.getmembers() if m.name.endswith(".json")]
+        records = [json.loads(handle.extractfile(m).read()) for m in found]  # type: ignore[union-attr]
+    return {r["id"]: r for r in records}
+
+
+def test_shards_are_matched_as_the_same_pairs_in_parquet(files, shards, tmp_path):
+    flat, out = tmp_path / "flat.parquet", tmp_path / "matched"
+    report = tmp_path / "report.json"
+    options = ["--margin", "0", "--batch-size", "8"]  # 3 image batches, like the shards
+    assert run(*base(files, flat), *options).exit_code == 0
+    result = run(*base(files, out, images=shards), *options, "--json", report)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out} (20 pairs in 3 shards)" in result.output
+    assert "true content (from the class columns): 100.0% before" in result.output
+    expected = pq.read_table(flat).to_pydict()
+    assert sum(expected["changed"]) > 0  # the comparison covers re-paired images
+    # one output shard per input shard, the same member keys in the same order
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        keys = [m.rsplit(".", 1)[0] for m in shard_members(shards / "train" / name)]
+        assert [m.rsplit(".", 1)[0] for m in shard_members(out / name)] == keys
+    records = {}
+    for tar in sorted(out.glob("*.tar")):
+        records.update(shard_json(tar))
+    for row, pair_id in enumerate(expected["id"]):
+        got = records[pair_id]
+        for field in ("caption_id", "original_caption_id", "changed", "suspicious"):
+            assert got[field] == expected[field][row], (pair_id, field)
+        for field in ("global_score", "ot_score", "score", "own_score"):
+            assert got[field] == pytest.approx(expected[field][row], abs=1e-6), (pair_id, field)
+    assert json.loads(report.read_text())["changed"] == sum(expected["changed"])
+    # the output reads back with the project's readers: same pixels, the assigned captions
+    again, source = read_pairs(out), read_pairs(files["pairs"])
+    assert again.ids.tolist() == expected["id"]
+    assert again.captions == expected["caption"]
+    np.testing.assert_array_equal(again.images, source.images)
+    np.testing.assert_array_equal(again.image_classes, source.image_classes)
+    by_id = dict(zip(source.ids.tolist(), source.caption_classes, strict=True))
+    for cid, classes in zip(expected["caption_id"], again.caption_classes, strict=True):
+        np.testing.assert_array_equal(classes, by_id[cid])  # the classes of the new caption
+    assert PairStream(out, shuffle=False).n_pairs == N  # shards.json for train --stream
+    assert leftovers(out) == []
+
+
+def test_a_single_shard_with_flag_only(files, shards, tmp_path):
+    out = tmp_path / "flags"
+    single = shards / "train" / "00002.tar"
+    result = run(*base(files, out, images=single), "--flag-only", "--margin", "0")
+    assert result.exit_code == 0, result.output
+    assert "matched 4 images" in result.output and "nothing re-paired" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["00002.tar", "shards.json"]
+    assert PairStream(out, shuffle=False).n_pairs == 4  # the input folder's index, recounted
+    pairs = read_pairs(out)
+    source = read_pairs(single)
+    assert pairs.ids.tolist() == source.ids.tolist() and pairs.captions == source.captions
+    for pair_id, record in shard_json(out / "00002.tar").items():
+        assert record["caption_id"] == pair_id  # own caption kept
+        assert record["suspicious"] == (record["score"] < record["best_score"])
+
+
+def test_shard_images_come_batch_by_batch_in_shard_order(files, shards):
+    from otcclip.match_shards import image_batches, scan_shards
+
+    scanned = scan_shards(shards / "train", 56)
+    assert [len(ids) for ids in scanned.shard_ids] == [8, 8, 4]
+    sizes = [batch.shape for batch in image_batches(scanned, 3)]
+    assert sizes == [(3, 56, 56)] * 6 + [(2, 56, 56)]
+    assert scanned.ids.tolist() == read_pairs(files["pairs"]).ids.tolist()
+
+
+def _rewrite_member(source: Path, target: Path, member: str, data: bytes) -> None:
+    """A copy of a shard with one member's bytes replaced (a corrupt image, say)."""
+    with tarfile.open(source) as old, tarfile.open(target, "w") as new:
+        for info in old.getmembers():
+            body = old.extractfile(info).read()  # type: ignore[union-attr]
+            body = data if info.name == member else body
+            info.size = len(body)
+            new.addfile(info, io.BytesIO(body))
+
+
+def test_a_corrupt_member_is_named_and_nothing_is_written(files, shards, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for tar in sorted((shards / "train").glob("*.tar")):
+        shutil.copy(tar, broken / tar.name)
+    _rewrite_member(shards / "train" / "00002.tar", broken / "00002.tar", "000000018.png", b"x")
+    out = tmp_path / "matched"
+    result = run(*base(files, out, images=broken))
+    assert result.exit_code != 0
+    last = result.output.strip().splitlines()[-1]
+    assert "00002.tar: id 18: cannot decode the image" in last and "nothing was written" in last
+    assert not out.exists()
+
+
+def test_a_failure_while_writing_leaves_whole_shards_only(files, shards, tmp_path, monkeypatch):
+    import otcclip.match_shards as match_shards
+
+    real = match_shards._add_member
+    calls = []
+
+    def failing(*args: object) -> None:
+        calls.append(1)
+        if len(calls) == 11:  # the third pair of the second shard
+            raise OSError("disk full")
+        real(*args)
+
+    monkeypatch.setattr(match_shards, "_add_member", failing)
+    out = tmp_path / "matched"
+    with pytest.raises(OSError, match="disk full"):
+        run(*base(files, out, images=shards))
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar"]  # no temp file, no index
+    assert len(read_pairs(out / "00000.tar")) == 8
+
+
+def _shard_case(case: str, files: dict[str, Path], shards: Path, tmp_path: Path) -> list[object]:
+    out = tmp_path / "out"
+    images: Path = shards
+    pool = files["pairs"]
+    if case == "empty_folder":
+        images = tmp_path / "empty"
+        images.mkdir()
+    elif case == "mixed_formats":
+        images = tmp_path / "mixed"
+        images.mkdir()
+        shutil.copy(shards / "train" / "00000.tar", images)
+        shutil.copy(files["pairs"], images)
+    elif case == "no_members":
+        images = tmp_path / "none.tar"
+        tarfile.open(images, "w").close()
+    elif case == "damaged_tar":
+        images = tmp_path / "damaged.tar"
+        images.write_bytes(b"\x00not a tar" * 100)
+    elif case == "repeated_ids":
+        images = tmp_path / "twice"
+        images.mkdir()
+        shutil.copy(shards / "train" / "00000.tar", images / "00000.tar")
+        shutil.copy(shards / "train" / "00000.tar", images / "00001.tar")
+    elif case == "ids_not_in_pool":
+        pool = files["pool"]  # caption ids 1000.., the shards' ids 0..
+    elif case == "out_is_parquet":
+        out = tmp_path / "out.parquet"
+    elif case == "out_holds_shards":
+        out.mkdir()
+        (out / "00000.tar").write_bytes(b"")
+    return [*base(files, out, pool=pool, images=images)]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty_folder", "holds no webdataset shards: expected .tar files"),
+        ("mixed_formats", "mixes formats: .tar shards and pairs.parquet"),
+        ("no_members", "the shards hold no members"),
+        ("damaged_tar", "damaged.tar: cannot read the webdataset shard"),
+        ("repeated_ids", "ids repeat across or within the shards (e.g. [0, 1, 2"),
+        ("ids_not_in_pool", "20 image ids (pairs files and shards pair each image"),
+        ("out_is_parquet", "so --out is a folder that gets one shard per input shard"),
+        ("out_holds_shards", "already holds .tar shards"),
+    ],
+)
+def test_bad_shard_input_stops_without_output(files, shards, tmp_path, case, message):
+    args = _shard_case(case, files, shards, tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = run(*args)
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_img2dataset_shards_keep_their_members_and_metadata(files, tmp_path):
+    """img2dataset's own layout: .jpg, .txt and a .json of its fields, no shards.json."""
+    source = read_pairs(files["pairs"])
+    folder = tmp_path / "img2dataset"
+    folder.mkdir()
+    jpgs = {}
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for i in range(4):
+            key = f"{i:09d}"
+            jpg = io.BytesIO()
+            Image.fromarray(source.images[i]).convert("RGB").save(jpg, format="JPEG")
+            jpgs[key] = jpg.getvalue()
+            meta = {"url": f"https://example.org/{i}.jpg", "key": key, "status": "success"}
+            meta["score"] = 0.5  # a clash with the round's field: kept, renamed
+            for suffix, data in (
+                ("jpg", jpgs[key]),
+                ("txt", b"a crawled caption"),
+                ("json", json.dumps(meta).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "matched"
+    result = run(*base(files, out, images=folder))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar"]  # no index: none came in
+    with tarfile.open(out / "00000.tar") as tar:
+        names = tar.getnames()
+        assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+        for key, data in jpgs.items():  # the image bytes as stored, not re-encoded
+            assert tar.extractfile(f"{key}.jpg").read() == data  # type: ignore[union-attr]
+    records = shard_json(out / "00000.tar")
+    assert records[2]["url"] == "https://example.org/2.jpg" and records[2]["status"] == "success"
+    assert records[2]["input_score"] == 0.5 and records[2]["score"] != 0.5
+    assert records[2]["original_caption_id"] == 2
+    assert read_pairs(out).captions == [source.captions[r["caption_id"]] for r in records.values()]

@@ -307,6 +307,27 @@ def test_batches_that_do_not_fit_the_own_captions_are_refused(bundle):
         matching.match_image_batches(bundle, iter([]), captions, None)
 
 
+def test_batches_take_pool_embeddings_and_class_labels_as_match_round_does(bundle):
+    images, captions, shown, named, _ = poisoned_world(seed=2)
+    own = np.arange(len(images))
+    emb = np.random.default_rng(0).standard_normal((len(captions), D)).astype(np.float32)
+    labels = {"image_classes": multi_hot(shown), "caption_classes": multi_hot(named)}
+    cfg = MatchConfig(k=4, image_batch=5)
+    whole = match_round(bundle, images, captions, own, cfg, pool_embeddings=emb, **labels)
+    streamed = matching.match_image_batches(
+        bundle, _batches(images, 5), captions, own, cfg, pool_embeddings=emb, **labels
+    )
+    np.testing.assert_array_equal(streamed.candidates, whole.candidates)  # pruned by `emb`
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    np.testing.assert_allclose(streamed.pool_embeddings, unit, atol=1e-6)
+    for key in ("clean_true_content", "clean_true_content_before"):
+        assert streamed.report[key] == whole.report[key]
+    with pytest.raises(ValueError, match="image_classes must be"):
+        matching.match_image_batches(
+            bundle, _batches(images[:20], 5), captions, own[:20], cfg, **labels
+        )
+
+
 def test_recomputed_tokens_agree_with_the_float16_cache(bundle):
     images, captions, *_ = poisoned_world(seed=2)
     own = np.arange(len(images))

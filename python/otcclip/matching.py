@@ -329,6 +329,10 @@ def match_image_batches(
     captions: Sequence[str],
     own: np.ndarray | None,
     config: MatchConfig | None = None,
+    *,
+    pool_embeddings: np.ndarray | None = None,
+    image_classes: np.ndarray | None = None,
+    caption_classes: np.ndarray | None = None,
 ) -> MatchResult:
     """`match_round` with the images handed over batch by batch, never all held at once.
 
@@ -338,7 +342,9 @@ def match_image_batches(
     batches, so the pairing is the one match_round gives on the same images in one
     array. Memory holds the pool's features and, per image, its scores and global
     embedding, not the images. One process (no torch.distributed sharding); the report
-    has no poison or class shares.
+    has no poison shares. pool_embeddings, image_classes, caption_classes: as in
+    match_round (the classes, one row per image over all batches, are checked once the
+    batches are counted).
     """
     config = config or MatchConfig()
     timer = _Timer()
@@ -355,7 +361,13 @@ def match_image_batches(
     with _eval_mode(model), torch.no_grad():
         with timer("embed_pool"):
             tokens = config.cache_tokens and config.alpha < 1
-            pool = embed_pool(bundle, captions, batch_size=config.text_batch, tokens=tokens)
+            pool = embed_pool(
+                bundle,
+                captions,
+                batch_size=config.text_batch,
+                tokens=tokens,
+                embeddings=pool_embeddings,
+            )
         source = _token_source(bundle, captions, pool, config, device, timer)
         for images in image_batches:
             images = _check_images(images)
@@ -370,8 +382,9 @@ def match_image_batches(
         raise ValueError("no images to match")
     if own is not None and done != len(own):
         raise ValueError(f"{done} images for {len(own)} own captions; give one per image")
+    _check_classes(image_classes, caption_classes, done, m)
     local = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    return _finish(local, own, pool, config, timer, (None, None, None), m)
+    return _finish(local, own, pool, config, timer, (None, image_classes, caption_classes), m)
 
 
 def _finish(

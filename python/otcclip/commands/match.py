@@ -5,7 +5,8 @@ Reads a caption pool and the images to check, runs one matching round
 output keeps the pairs-file layout (`id`, `image`, `caption`), so it can be
 trained on directly or handed to `otcclip eval --matching`. Everything is read
 and checked before the model runs, and the output is written atomically: bad
-input stops with a message and leaves no file behind.
+input stops with a message and leaves no file behind. Webdataset shards take
+the streamed path of `otcclip.match_shards` (images decoded batch by batch, shards out).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from otcclip.data.image_rows import ImageRows
+    from otcclip.match_shards import ShardImages
 
 _POOL_ID_COLUMNS = ("id", "caption_id")
 _SHOWN = 10
@@ -50,7 +52,10 @@ class _Pool:
     type=click.Path(path_type=Path),
     help="Images parquet: 'id', the image ('image' bytes or an 'image_path' relative to the "
     "file), and 'caption_id' (the pool caption each image is paired with). A pairs parquet "
-    "(id, image, caption) works too: each image's caption is the pool caption of the same id.",
+    "(id, image, caption) works too: each image's caption is the pool caption of the same id. "
+    "Or webdataset shards in img2dataset's layout (a .tar, a folder of them, or a poison "
+    "folder's train/): each member's caption is the pool caption of its id (its key's digits); "
+    "the images are decoded batch by batch, in the shards' order, never all held.",
 )
 @click.option(
     "--checkpoint",
@@ -63,7 +68,10 @@ class _Pool:
     "out_path",
     required=True,
     type=click.Path(path_type=Path),
-    help="Output parquet, written atomically.",
+    help="Output parquet, written atomically. With shards as --images: a folder that gets one "
+    "shard per input shard (same names and keys: the image, the assigned caption, a .json of "
+    "id, classes and scores), each written atomically once the whole round is assigned (the "
+    "assignment ranks all images together, so no shard is final before the last is scored).",
 )
 @click.option(
     "--model",
@@ -239,17 +247,26 @@ def command(
     the assigned and of the own caption, and a changed flag (with --flag-only: the own
     caption, its scores, the best candidate and a suspicious flag).
 
-    Runs under torchrun too (each process scores its share; rank 0 writes).
+    Runs under torchrun too (each process scores its share; rank 0 writes), parquet
+    input only: shards are matched in one process.
     """
     from otcclip import distributed as dist
     from otcclip.commands._checks import output_files
     from otcclip.data import DataError
+    from otcclip.match_shards import shard_input, shard_output_problem
     from otcclip.matching import MatchConfig, match_round
 
+    try:
+        shards = shard_input(images_path)
+    except DataError as err:
+        raise click.BadParameter(str(err), param_hint="--images") from None
+    inputs = {"--images": images_path, "--pool": pool_path, "--checkpoint": checkpoint}
     output_files(
-        {"--out": out_path, "--json": json_path},
-        {"--images": images_path, "--pool": pool_path, "--checkpoint": checkpoint},
+        {"--json": json_path} if shards else {"--out": out_path, "--json": json_path}, inputs
     )
+    problem = shard_output_problem(out_path, images_path) if shards else None
+    if problem:
+        raise click.BadParameter(problem, param_hint="--out")
     if method == "capacity" and capacity is None:
         raise click.BadParameter("--assign capacity needs --capacity", param_hint="--capacity")
     if method != "capacity" and capacity is not None:
@@ -257,9 +274,14 @@ def command(
     started = time.perf_counter()
     owns_group = not dist.is_initialized() and dist.init_from_env()
     try:
+        if shards is not None and dist.world_size() > 1:
+            raise click.ClickException(
+                "shards are matched in one process (the round reads them batch by batch, in "
+                "order); run `otcclip match` without torchrun"
+            )
         try:
             pool, bundle, images, own = _inputs(
-                pool_path, images_path, checkpoint, model_name, k, seed, device
+                pool_path, images_path, checkpoint, model_name, k, seed, device, shards
             )
         except DataError as err:  # all is read before any output is started
             raise click.ClickException(f"{err}; nothing was written") from None
@@ -282,6 +304,13 @@ def command(
             threads=threads,
             seed=seed,
         )
+        if shards is not None:
+            result, wrote = _match_shards(
+                bundle, images, pool, own, config, flag_only, out_path, json_path
+            )
+            seconds = time.perf_counter() - started
+            _print_summary(result, config, flag_only, out_path, seconds, wrote)
+            return
         try:
             result = match_round(
                 bundle,
@@ -317,9 +346,12 @@ def _inputs(
     k: int,
     seed: int,
     device: str | None,
-) -> tuple[_Pool, Any, ImageRows, np.ndarray]:
-    """Everything the round needs, read and cross-checked before any embedding starts."""
+    shards: Path | None = None,
+) -> tuple[_Pool, Any, ImageRows | ShardImages, np.ndarray]:
+    """Everything the round needs, read and cross-checked before any embedding starts
+    (of shards, their ids: their images are decoded during the round, batch by batch)."""
     from otcclip.data.image_rows import image_rows
+    from otcclip.match_shards import scan_shards
 
     pool = _read_pool(pool_path)
     if k > len(pool.ids):
@@ -333,9 +365,12 @@ def _inputs(
             f"checkpoint's model ({bundle.name}) embeds in {bundle.embed_dim} dimensions: the "
             "embeddings come from another model (drop the column, or use their checkpoint)"
         )
+    if shards is not None:
+        scanned = scan_shards(shards, bundle.image_size)
+        return pool, bundle, scanned, _own_indices(scanned.ids, True, pool, shards)
     table, _ = _read_table(images_path, "images", None)  # all: other columns are carried on
     images = image_rows(table, images_path, bundle.image_size)
-    own = _own_indices(images, pool, images_path)
+    own = _own_indices(images.own_ids, images.own_from_pairs, pool, images_path)
     return pool, bundle, images, own
 
 
@@ -349,11 +384,11 @@ def _read_table(path: Path, what: str, wanted: tuple[str, ...] | None) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if path.is_dir() or path.suffix.lower() == ".tar":
+    if path.is_dir() or path.suffix.lower() == ".tar":  # --images shards never come here
         raise click.BadParameter(
-            f"{path} is a {'folder' if path.is_dir() else 'webdataset shard'}; match reads one "
-            "parquet file (it does not stream shards yet): turn shards or a poison folder into "
-            f"one with `otcclip poison --data {path} --out DIR` and pass DIR/train.parquet",
+            f"{path} is a {'folder' if path.is_dir() else 'webdataset shard'}; the {what} is one "
+            "parquet file: turn shards or a poison folder into one with "
+            f"`otcclip poison --data {path} --out DIR` and pass DIR/train.parquet",
             param_hint=f"--{what}",
         )
     if not path.is_file():
@@ -444,21 +479,22 @@ def _embeddings(column: Any, path: Path) -> np.ndarray:
     return emb
 
 
-def _own_indices(images: ImageRows, pool: _Pool, path: Path) -> np.ndarray:
+def _own_indices(own_ids: np.ndarray, by_id: bool, pool: _Pool, path: Path) -> np.ndarray:
+    """Pool rows of the images' own captions (`by_id`: the caption of the image's own id)."""
     order = np.argsort(pool.ids)
-    pos = np.searchsorted(pool.ids, images.own_ids, sorter=order)
+    pos = np.searchsorted(pool.ids, own_ids, sorter=order)
     pos = np.minimum(pos, len(order) - 1)
     own = order[pos]
-    missing = pool.ids[own] != images.own_ids
+    missing = pool.ids[own] != own_ids
     if missing.any():
         what = (
-            "image ids (a pairs file pairs each image with the caption of its id)"
-            if (images.own_from_pairs)
+            "image ids (pairs files and shards pair each image with the caption of its id)"
+            if by_id
             else "caption_id values"
         )
         raise click.ClickException(
             f"{path}: {int(missing.sum())} {what} are not in the pool "
-            f"(e.g. {images.own_ids[missing][:_SHOWN].tolist()}); the pool must hold every "
+            f"(e.g. {own_ids[missing][:_SHOWN].tolist()}); the pool must hold every "
             "image's own caption"
         )
     return own.astype(np.int64)
@@ -497,7 +533,7 @@ def _recorded_model_name(weights: Path) -> str | None:
         raise click.BadParameter(str(err), param_hint="--checkpoint") from None
 
 
-def _class_columns(images: ImageRows, pool: _Pool) -> dict[str, np.ndarray]:
+def _class_columns(images: ImageRows | ShardImages, pool: _Pool) -> dict[str, np.ndarray]:
     """Class annotations (fashion-scenes files) for the true-content shares of the report."""
     ic, cc = images.image_classes, pool.caption_classes
     if ic is None or cc is None or ic.shape[1] != cc.shape[1]:
@@ -506,6 +542,45 @@ def _class_columns(images: ImageRows, pool: _Pool) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- writing
+
+
+def _match_shards(
+    bundle: Any,
+    images: ShardImages,
+    pool: _Pool,
+    own: np.ndarray,
+    config: Any,
+    flag_only: bool,
+    out_path: Path,
+    json_path: Path | None,
+) -> tuple[Any, str]:
+    """The round over shards, then its output shards and report (see otcclip.match_shards)."""
+    from otcclip.atomic import write_text
+    from otcclip.data import DataError
+    from otcclip.match_shards import PoolCaptions, match_shards, write_matched_shards
+
+    try:
+        result = match_shards(
+            bundle,
+            images,
+            pool.texts,
+            own,
+            config,
+            pool_embeddings=pool.embeddings,
+            **_class_columns(images, pool),
+        )
+    except DataError as err:  # a member that cannot be decoded, by id: before any output
+        raise click.ClickException(f"{err}; nothing was written") from None
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    captions = PoolCaptions(pool.ids, pool.texts, pool.caption_classes)
+    try:
+        written = write_matched_shards(images, out_path, result, captions, own, flag_only)
+    except DataError as err:
+        raise click.ClickException(str(err)) from None
+    if json_path is not None:
+        write_text(json_path, json.dumps(_jsonable(result.report), indent=2) + "\n")
+    return result, f"{len(result):,} pairs in {len(written)} shards"
 
 
 def _output_table(
@@ -570,7 +645,7 @@ def _write_outputs(table: Any, out_path: Path, report: str, json_path: Path | No
 
 
 def _print_summary(
-    result: Any, config: Any, flag_only: bool, out_path: Path, seconds: float
+    result: Any, config: Any, flag_only: bool, out_path: Path, seconds: float, wrote: str = ""
 ) -> None:
     rep = result.report
     n, m = rep["images"], rep["pool"]
@@ -603,7 +678,7 @@ def _print_summary(
         f"  time: {seconds:.1f} s in all (reading and loading included); the round: "
         f"{sum(sec.values()):.1f} s ({stages})"
     )
-    click.echo(f"wrote {out_path} ({n:,} rows)")
+    click.echo(f"wrote {out_path} ({wrote or f'{n:,} rows'})")
 
 
 def _jsonable(obj: Any) -> Any:

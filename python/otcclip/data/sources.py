@@ -15,6 +15,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -113,25 +114,40 @@ def shard_urls(path: str | os.PathLike[str]) -> list[str]:
     return shards
 
 
-def shard_raws(url: str) -> Iterator[RawPair]:
-    """The samples of one shard in file order, grouped by key with webdataset's tar iterator.
+def shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The members of one shard grouped by key, in file order, as webdataset's tar iterator
+    gives them: '__key__' and one entry of raw bytes per suffix ('png', 'txt', 'json', ...).
 
-    Only this shard's current sample is held; the file is closed when the walk ends.
+    For readers that need a member as it is stored (its key, its suffix, its bytes), e.g. to
+    copy it into another shard; a damaged tar is a DataError naming the file.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     try:
         with open(url, "rb") as stream:
-            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                image = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
-                yield RawPair(
-                    stable_id(sample["__key__"]),
-                    image,
-                    sample.get("txt"),
-                    _json_classes(sample.get("json")),
-                )
+            yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
     except (OSError, ValueError, tarfile.TarError) as err:  # a damaged tar, not a sample
         raise DataError(f"{url}: cannot read the webdataset shard: {err}") from err
+
+
+def sample_image_key(sample: dict[str, Any]) -> str | None:
+    """The suffix of a shard sample's image member ('jpg', 'png', ...), None when it has none."""
+    return next((k for k in SHARD_IMAGE_KEYS if k in sample), None)
+
+
+def shard_raws(url: str) -> Iterator[RawPair]:
+    """The samples of one shard in file order, grouped by key with webdataset's tar iterator.
+
+    Only this shard's current sample is held; the file is closed when the walk ends.
+    """
+    for sample in shard_samples(url):
+        image_key = sample_image_key(sample)
+        yield RawPair(
+            stable_id(sample["__key__"]),
+            None if image_key is None else sample[image_key],
+            sample.get("txt"),
+            _json_classes(sample.get("json")),
+        )
 
 
 def _json_classes(data: bytes | None) -> tuple[list[int], list[int]] | None:
