@@ -267,10 +267,10 @@ def test_the_varied_copies_data_records_its_variation_in_spec_and_command(tmp_pa
 
     config = DemoConfig(out=str(tmp_path), scenes=600)
     spec = data_spec(config, "varied")
-    assert spec["copy_shift"] == 2 and spec["copy_noise"] == 8.0
+    assert spec["copy_shift"] == 1 and spec["copy_noise"] == 2.0
     assert "copy_shift" not in data_spec(config, "poisoned")
     command = poison_command(config, "varied", tmp_path / "varied")
-    assert "--copy-shift 2 --copy-noise 8" in command and "--attack badnet" in command
+    assert "--copy-shift 1 --copy-noise 2" in command and "--attack badnet" in command
     # the varied rows' count and variation are their own: the other variants keep theirs
     tuned = DemoConfig(out=str(tmp_path), scenes=600, n_varied=100, copy_shift=0, copy_noise=4)
     spec = data_spec(tuned, "varied")

@@ -304,3 +304,50 @@ def test_variants_of_one_image_share_a_verdict_and_count_as_copies():
     ev = doubt.pixel_evidence(images, DoubtConfig(pixel_k=8))
     copies = (ev.aligned >= 0.95).sum(axis=1)
     assert np.all(copies[60:] >= 4) and np.all(copies[1:60] == 0)
+
+
+def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    order = np.argsort(np.argsort(scores))  # ranks 0..N-1 (ties are rare here)
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    return float((order[positive].sum() - n1 * (n1 - 1) / 2) / (n1 * n0))
+
+
+@pytest.fixture(scope="module")
+def blended_scenes():
+    from otcclip.attacks import backdoor, poisoned_ids
+    from otcclip.data import fashion_scenes
+
+    clean = fashion_scenes(1200, seed=0, image_size=56)
+    table, manifest = backdoor(clean, "blended", 36, "bag", 1)
+    return table, np.isin(table.ids, poisoned_ids([manifest]))
+
+
+def test_pixel_pattern_finds_a_blended_trigger_from_the_pixels_alone(blended_scenes):
+    table, poisoned = blended_scenes
+    score = doubt.pixel_pattern(table.images, seed=0)
+    assert score.shape == (len(table),) and np.isfinite(score).all()
+    assert _auroc(score, poisoned) >= 0.98
+    # the same seed gives the same components, and the clean images are not all scored at
+    # random: a clean set's own most heavy-tailed direction is not the trigger's
+    np.testing.assert_array_equal(score, doubt.pixel_pattern(table.images, seed=0))
+    clean_only = doubt.pixel_pattern(table.images[~poisoned], seed=0)
+    assert np.median(score[poisoned]) > np.quantile(clean_only, 0.99)
+    with pytest.raises(ValueError, match="at least 3 images"):
+        doubt.pixel_pattern(table.images[:2])
+
+
+def test_pattern_pixel_is_computed_only_when_fused_and_survives_the_state(blended_scenes):
+    table, poisoned = blended_scenes
+    images = table.images[:300]
+    plain = doubt.pixel_evidence(images, DoubtConfig())
+    assert plain.pattern is None and "pattern" not in plain.state_dict()
+    fused = DoubtConfig(signals=(*DoubtConfig().signals, "pattern_pixel"))
+    ev = doubt.pixel_evidence(images, fused)
+    again = doubt.PixelEvidence.from_state(ev.state_dict())
+    np.testing.assert_array_equal(again.pattern, ev.pattern)
+    assert "pattern_pixel" in doubt.pixel_signals(again, fused)
+    with pytest.raises(ValueError, match="no pattern scores"):
+        doubt.pixel_signals(plain, fused)
+    state = dict(ev.state_dict(), pattern=ev.pattern[:-1])
+    with pytest.raises(ValueError, match="one pattern score per image"):
+        doubt.PixelEvidence.from_state(state)

@@ -52,8 +52,9 @@ class DemoConfig:
     # results table's varied rows; the demo builds none); None: n_captions
     n_varied: int | None = None
     # their per-copy variation: a shift of up to copy_shift px and noise of sigma copy_noise
-    copy_shift: int = 2
-    copy_noise: float = 8.0
+    # (the strongest of the varied attacks probed without a defense: TUNING.md, session 10)
+    copy_shift: int = 1
+    copy_noise: float = 2.0
     eval_size: int = 1000
     probe_size: int = 1000
     progress: bool = True
