@@ -68,7 +68,13 @@ def test_options_and_what_is_not_supported(tmp_path, clean):
     result = CliRunner().invoke(main, ["poison", "--out", str(tmp_path / "x"), "--shard-size", "5"])
     assert result.exit_code != 0 and "only meaningful with --format shards" in result.output
     assert not (tmp_path / "x").exists()
+    # match streams shards in and writes shards out: a file name for --out is refused
     args = ["match", "--pool", str(clean / "train"), "--images", str(clean / "train")]
     args += ["--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "m.pq")]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code != 0 and "does not stream shards yet" in result.output
+    assert result.exit_code != 0 and "looks like a file name" in result.output
+    assert not (tmp_path / "m.pq").exists()
+    args[-1] = str(tmp_path / "matched")  # a folder: the pool (shards) is what is refused now
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "the pool is one parquet file" in result.output
+    assert not (tmp_path / "matched").exists()
