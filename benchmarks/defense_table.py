@@ -131,6 +131,9 @@ def _echo(message: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from otcclip.demo import DemoConfig
+
+    demo = DemoConfig()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Row keys: " + ", ".join(ROW_KEYS),
@@ -170,13 +173,13 @@ def _parser() -> argparse.ArgumentParser:
         "--copy-shift",
         type=int,
         default=None,
-        help="the varied copies' largest shift in px [the demo's: 2]",
+        help=f"the varied copies' largest shift in px [{demo.copy_shift}]",
     )
     parser.add_argument(
         "--copy-noise",
         type=float,
         default=None,
-        help="the varied copies' noise sigma (0-255 units) [the demo's: 8]",
+        help=f"the varied copies' noise sigma (0-255 units) [{demo.copy_noise:g}]",
     )
     parser.add_argument(
         "--set",

@@ -104,11 +104,11 @@ def poison_command(config: Any, variant: str, directory: Path) -> str:
         f"--max-items {config.max_items} --image-size {config.image_size}",
     ]
     if ATTACKS[variant]:
+        spec = data_spec(config, variant)
         parts.append(" ".join(f"--attack {a}" for a in ATTACKS[variant]))
         parts.append(
             f"--target-label {config.target_label} --n-targets {config.n_targets} "
-            f"--n-captions {data_spec(config, variant)['n_captions']} "
-            f"--n-poison {data_spec(config, variant)['n_backdoor']}"
+            f"--n-captions {spec['n_captions']} --n-poison {spec['n_backdoor']}"
         )
     if variant == "varied":
         parts.append(f"--copy-shift {config.copy_shift} --copy-noise {config.copy_noise:g}")

@@ -40,10 +40,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from otcclip import otmatch
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "FAMILIES",
@@ -378,11 +382,8 @@ def pixel_pattern(
     q = max(1, min(int(components), n - 1, gray.shape[1] * gray.shape[2]))
 
     def residuals(block: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(block.astype(np.float32))[:, None]
-        blur = torch.nn.functional.avg_pool2d(
-            torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1
-        )
-        return (x - blur).flatten(1)
+        x = torch.from_numpy(block.astype(np.float32))
+        return (x - _box_blur3(x)).flatten(1)
 
     rng = np.random.default_rng(seed)
     fit = np.sort(rng.choice(n, size=min(n, fit_rows), replace=False))
@@ -406,6 +407,16 @@ def pixel_pattern(
     # both sides: the third moment can point away from the trigger when a few very
     # textured clean scenes sit far out on the other side (measured: AUROC 0.11 signed)
     return np.abs(z[:, int(np.argmax(kurtosis))])
+
+
+def _box_blur3(gray: torch.Tensor) -> torch.Tensor:
+    """A 3x3 box blur of (N, H, W) float images (a torch tensor), edges replicated: it
+    averages pixel noise away and keeps shapes (`aligned_similarity`), and what it takes
+    away is an image's fine detail (`pixel_pattern`)."""
+    import torch.nn.functional as F
+
+    padded = F.pad(gray[:, None], (1, 1, 1, 1), mode="replicate")
+    return F.avg_pool2d(padded, 3, stride=1)[:, 0]
 
 
 def _tile_std(gray: np.ndarray, tile: int) -> np.ndarray:
@@ -448,9 +459,7 @@ def aligned_similarity(
         raise ValueError(f"idx must be (N={n}, k) candidate rows")
     # a 3 x 3 blur averages pixel noise away and keeps shapes (at half resolution a
     # 1 px shift became a half-pixel one, and variants were missed: TUNING.md)
-    blurred = torch.nn.functional.avg_pool2d(
-        torch.nn.functional.pad(gray[:, None], (1, 1, 1, 1), mode="replicate"), 3, stride=1
-    )[:, 0]
+    blurred = _box_blur3(gray)
     blurred -= blurred.mean(dim=(1, 2), keepdim=True)
     blurred /= blurred.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None]
     size = (h + max_shift, w + max_shift)  # zero padding: no wrap-around within the shifts
