@@ -16,6 +16,10 @@ like any other (DESIGN.md, section 8). The signals here look elsewhere:
   images share a caption class but not a look, so they disagree with their
   neighbours. The neighbours exclude identical captions and near-duplicate images,
   so that a poison's own copies cannot vouch for each other.
+- **pixel evidence**: variants of one image (`aligned_similarity`), a patch trigger's
+  tile shared in place (`pixel_recurrence`), and, opt-in, a trigger over the whole image:
+  a heavy-tailed direction of the fine detail (`pixel_pattern`) or frequencies whose
+  far-out images share one phase (`otcclip.phase_lock`). No model is involved.
 - **cross-modal**: the round's own lead of a candidate over the own caption (or
   minus the image-caption cosine), kept as one signal among several.
 
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from otcclip import otmatch
+from otcclip.phase_lock import phase_locked_patterns
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +90,7 @@ SIGNALS: dict[str, str] = {
     "copies_pixel": "pixel",
     "recurrence_pixel": "pixel",
     "pattern_pixel": "pixel",
+    "phase_pixel": "pixel",
     "slof_image": "density",
     "dao_image": "density",
     "consistency_caption": "consistency",
@@ -497,6 +503,8 @@ class PixelEvidence:
     recurrence: np.ndarray
     # `pixel_pattern`, computed only when the doubt fuses it (None otherwise)
     pattern: np.ndarray | None = None
+    # `phase_lock.phase_locked_patterns`' scores, likewise only when fused
+    phase: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -511,8 +519,9 @@ class PixelEvidence:
             "aligned": self.aligned,
             "recurrence": self.recurrence,
         }
-        if self.pattern is not None:
-            state["pattern"] = self.pattern
+        for name in ("pattern", "phase"):
+            if getattr(self, name) is not None:
+                state[name] = getattr(self, name)
         return state
 
     @staticmethod
@@ -527,12 +536,15 @@ class PixelEvidence:
             raise ValueError("pixel evidence state: keys, neighbours and aligned disagree in shape")
         if recurrence.shape != (n,):
             raise ValueError("pixel evidence state: one recurrence count per image expected")
-        pattern = state.get("pattern")
-        if pattern is not None:
-            pattern = np.asarray(pattern, dtype=np.float64)
-            if pattern.shape != (n,):
-                raise ValueError("pixel evidence state: one pattern score per image expected")
-        return PixelEvidence(keys, (index, sim), aligned, recurrence, pattern)
+        optional: dict[str, np.ndarray | None] = {}
+        for name in ("pattern", "phase"):
+            value = state.get(name)
+            if value is not None:
+                value = np.asarray(value, dtype=np.float64)
+                if value.shape != (n,):
+                    raise ValueError(f"pixel evidence state: one {name} score per image expected")
+            optional[name] = value
+        return PixelEvidence(keys, (index, sim), aligned, recurrence, **optional)
 
 
 def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> PixelEvidence:
@@ -546,10 +558,12 @@ def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> Pix
     neighbours = knn(keys, config.pixel_k, threads=config.threads, name="pixel keys")
     aligned = aligned_similarity(images, neighbours[0], config.max_shift)
     recurrence = pixel_recurrence(images, config.tile, config.tile_min_std)
-    pattern = None
+    pattern = phase = None
     if "pattern_pixel" in config.signals or config.report_all:
         pattern = pixel_pattern(images, seed=config.seed)
-    return PixelEvidence(keys, neighbours, aligned, recurrence, pattern)
+    if "phase_pixel" in config.signals or config.report_all:
+        phase = phase_locked_patterns(images, seed=config.seed).scores
+    return PixelEvidence(keys, neighbours, aligned, recurrence, pattern, phase)
 
 
 # --------------------------------------------------------------------------- signals
@@ -684,12 +698,14 @@ def pixel_signals(
         out["copies_pixel"] = (pixels.aligned >= config.copy_ncc).sum(axis=1).astype(np.float64)
     if "recurrence_pixel" in wanted:
         out["recurrence_pixel"] = np.log(pixels.recurrence)
-    if "pattern_pixel" in wanted:
-        if pixels.pattern is not None:
-            out["pattern_pixel"] = pixels.pattern
-        elif "pattern_pixel" in config.signals:  # fused, but not computed: never silently
+    for name, values in (("pattern_pixel", pixels.pattern), ("phase_pixel", pixels.phase)):
+        if name not in wanted:
+            continue
+        if values is not None:
+            out[name] = values
+        elif name in config.signals:  # fused, but not computed: never silently
             raise ValueError(
-                "pattern_pixel is fused but the pixel evidence has no pattern scores: "
+                f"{name} is fused but the pixel evidence has no {name.split('_')[0]} scores: "
                 "compute it with pixel_evidence(images, config) for this config"
             )
     return out

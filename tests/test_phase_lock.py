@@ -1,0 +1,91 @@
+"""otcclip.phase_lock: position-locked triggers found by the phase of their spectrum."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from otcclip import doubt
+from otcclip.doubt import DoubtConfig
+from otcclip.phase_lock import phase_locked_patterns
+
+
+def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
+    order = np.argsort(np.argsort(scores, kind="stable"), kind="stable")
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    return float((order[positive].sum() - n1 * (n1 - 1) / 2) / (n1 * n0))
+
+
+def _backdoored(kind: str, n_poison: int = 36):
+    from otcclip.attacks import backdoor, poisoned_ids
+    from otcclip.data import fashion_scenes
+
+    clean = fashion_scenes(1200, seed=0, image_size=56)
+    table, manifest = backdoor(clean, kind, n_poison, "bag", 1)
+    return table.images, np.isin(table.ids, poisoned_ids([manifest]))
+
+
+@pytest.fixture(scope="module")
+def sig_scenes():
+    return _backdoored("sig")
+
+
+@pytest.mark.parametrize("kind", ["sig", "blended", "badnet"])
+def test_a_position_locked_trigger_is_found_from_the_pixels_alone(kind, sig_scenes):
+    images, poisoned = sig_scenes if kind == "sig" else _backdoored(kind)
+    result = phase_locked_patterns(images)
+    assert result.scores.shape == (len(images),) and np.isfinite(result.scores).all()
+    assert _auroc(result.scores, poisoned) >= 0.98
+    assert result.patterns and result.patterns[0]["coherence"] >= 0.5
+
+
+def test_sig_is_locked_at_its_own_frequency(sig_scenes):
+    # SIG adds sin(2 pi * 6 * column / 56) to every row: row 0, column 6 of the spectrum
+    images, poisoned = sig_scenes
+    patterns = phase_locked_patterns(images).patterns
+    assert patterns[0]["bin"] == (0, 6)
+    assert patterns[0]["flagged"] >= 0.5 * poisoned.sum()
+
+
+def test_clean_scenes_lock_no_pattern_and_score_zero(sig_scenes):
+    images, poisoned = sig_scenes
+    result = phase_locked_patterns(images[~poisoned])
+    assert result.patterns == []
+    assert not result.scores.any()
+
+
+def test_the_fit_on_a_sample_scores_every_image_and_is_seeded(sig_scenes):
+    images, poisoned = sig_scenes
+    # fitted on 1,000 of the 1,200 images (about 30 of the 36 poisons), scored on all
+    a = phase_locked_patterns(images, fit_rows=1000, seed=3)
+    b = phase_locked_patterns(images, fit_rows=1000, seed=3)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert _auroc(a.scores, poisoned) >= 0.98
+
+
+def test_bad_input_gets_a_clear_error(sig_scenes):
+    images, _ = sig_scenes
+    with pytest.raises(ValueError, match="at least 16 images"):
+        phase_locked_patterns(images[:10])
+    with pytest.raises(ValueError, match="tail must be a share"):
+        phase_locked_patterns(images, tail=0.7)
+    with pytest.raises(ValueError, match="min_coherence"):
+        phase_locked_patterns(images, min_coherence=0.0)
+    with pytest.raises(TypeError, match="uint8"):
+        phase_locked_patterns(images.astype(np.float32))
+
+
+def test_phase_pixel_is_computed_only_when_fused_and_survives_the_state(sig_scenes):
+    images, poisoned = sig_scenes
+    plain = doubt.pixel_evidence(images, DoubtConfig())
+    assert plain.phase is None and "phase" not in plain.state_dict()
+    fused = DoubtConfig(signals=(*DoubtConfig().signals, "phase_pixel"))
+    ev = doubt.pixel_evidence(images, fused)
+    again = doubt.PixelEvidence.from_state(ev.state_dict())
+    np.testing.assert_array_equal(again.phase, ev.phase)
+    signals = doubt.pixel_signals(again, fused)
+    assert _auroc(signals["phase_pixel"], poisoned) >= 0.98
+    with pytest.raises(ValueError, match="no phase scores"):
+        doubt.pixel_signals(plain, fused)
+    with pytest.raises(ValueError, match="one phase score per image"):
+        doubt.PixelEvidence.from_state(dict(ev.state_dict(), phase=ev.phase[:-1]))
