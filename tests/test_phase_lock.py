@@ -89,3 +89,11 @@ def test_phase_pixel_is_computed_only_when_fused_and_survives_the_state(sig_scen
         doubt.pixel_signals(plain, fused)
     with pytest.raises(ValueError, match="one phase score per image"):
         doubt.PixelEvidence.from_state(dict(ev.state_dict(), phase=ev.phase[:-1]))
+
+
+def test_images_without_any_structure_lock_nothing():
+    flat = np.full((40, 16, 16), 7, np.uint8)  # every bin empty: nothing to whiten
+    noise = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 3)).astype(np.uint8)
+    for images in (flat, noise):
+        result = phase_locked_patterns(images)
+        assert result.patterns == [] and not result.scores.any()
