@@ -89,7 +89,7 @@ def _stream_rows(shards: Path, table, world: int = 1):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"defense": "otcclip"}, "--stream trains with --defense none only.*planned"),
+        ({"defense": "otcclip"}, "--stream trains with --defense none or roclip only.*planned"),
         ({"defense": "safeclip"}, "random access to all of them"),
         ({"data": None, "scenes": 64}, "--scenes builds its pairs in memory"),
         ({"workers": -1}, "workers must be an integer >= 0"),
@@ -104,7 +104,7 @@ def test_what_cannot_stream_is_refused_before_training(change, message):
 def test_the_command_documents_and_checks_the_stream(tmp_path, shards):
     runner = CliRunner()
     help_text = runner.invoke(main, ["train", "--help"]).output
-    for flag in ("--stream", "--workers", "--prefetch", "--defense none only"):
+    for flag in ("--stream", "--workers", "--prefetch", "--defense none or roclip"):
         assert flag in help_text
     # the command's default defense is otcclip: the refusal names the fix
     args = ["train", "--data", str(shards), "--stream", "--out", str(tmp_path / "run")]
@@ -134,6 +134,21 @@ def test_streaming_trains_as_memory_does_on_the_same_batches(shards):
     assert streamed.metrics[-1]["pairs"] == PAIRS
     for result in (streamed, same_order):
         _assert_data_wait(result.metrics)
+
+
+def test_roclip_streams_as_memory_does_on_the_same_batches(shards):
+    """RoCLIP's bank fills from the batches just trained, so it needs no table: streamed,
+    it takes the steps the in-memory RoCLIP takes on the same batches, its second epoch
+    pairing each image with its nearest bank caption."""
+    kw = {"defense": "roclip", "warmup_epochs": 1, "match_every": 1, "bank_size": 64}
+    streamed = train(_config(shards, **kw))
+    table = read_pairs(shards)
+    rows = _stream_rows(shards, table)
+    same_order = train(_config(None, scenes=1, **kw), table=table, epoch_rows=rows)
+    np.testing.assert_allclose(streamed.step_losses, same_order.step_losses, rtol=0, atol=1e-5)
+    epochs = [m for m in streamed.metrics if "phase" in m]
+    assert [m["phase"] for m in epochs] == ["clip", "nearest"]
+    assert epochs[-1]["defense"]["bank_fill"] == 64  # filled by the first epoch's batches
 
 
 def _assert_data_wait(metrics: list[dict]) -> None:

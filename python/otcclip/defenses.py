@@ -88,6 +88,12 @@ class TrainContext:
     log: Callable[[str], None] = print
     # streamed runs hold no table: the training images' side, where the data records it
     image_side: int | None = None
+    # the pairs an epoch trains (len(table), or the stream's count): set by the trainer
+    n_pairs: int | None = None
+
+    @property
+    def pairs(self) -> int:
+        return self.n_pairs if self.n_pairs is not None else len(self.table)
 
     @property
     def is_main(self) -> bool:
@@ -175,6 +181,8 @@ class Defense:
     """Plain CLIP on the original pairs; the base of the other strategies."""
 
     name = "none"
+    # whether it can train from a stream, which holds no table (`stream_plan`)
+    streams = False
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -190,6 +198,13 @@ class Defense:
         return EpochPlan(
             positions=np.arange(n, dtype=np.int64), caption=np.arange(n, dtype=np.int64)
         )
+
+    def stream_plan(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        """The epoch's plan when the pairs are streamed: the stream decides which pairs, in
+        what order, so the plan holds no rows; only its phase and augmentation count."""
+        if not self.streams:
+            raise ValueError(f"defense {self.name!r} needs every pair in memory; it cannot stream")
+        return EpochPlan(positions=np.zeros(0, dtype=np.int64), caption=np.zeros(0, dtype=np.int64))
 
     def loss(
         self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features
@@ -220,6 +235,7 @@ class Defense:
 
 class NoDefense(Defense):
     name = "none"
+    streams = True
 
 
 class OTCCLIPDefense(Defense):
@@ -591,7 +607,7 @@ class OTCCLIPDefense(Defense):
 
 def steps_per_epoch(ctx: TrainContext) -> int:
     """Optimizer steps of an epoch that trains every row (the warm-up's unit)."""
-    return max(1, len(ctx.table) // ctx.config.batch_size)
+    return max(1, ctx.pairs // ctx.config.batch_size)
 
 
 def warmup_steps(defense: Defense, ctx: TrainContext) -> int:
@@ -635,6 +651,7 @@ class RoCLIPDefense(Defense):
     """
 
     name = "roclip"
+    streams = True  # its bank fills from the batches just trained
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
@@ -645,7 +662,13 @@ class RoCLIPDefense(Defense):
         self.cursor = 0
 
     def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
-        plan = super().before_epoch(ctx, epoch)
+        return self._schedule(super().before_epoch(ctx, epoch), ctx, epoch)
+
+    def stream_plan(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        # the bank fills from the batches just trained, so a stream serves it as well
+        return self._schedule(super().stream_plan(ctx, epoch), ctx, epoch)
+
+    def _schedule(self, plan: EpochPlan, ctx: TrainContext, epoch: int) -> EpochPlan:
         plan.augment_images = False  # the reference's image augmentation: `--augment both`
         plan.augment_text = True
         per_epoch = steps_per_epoch(ctx)
@@ -680,7 +703,7 @@ class RoCLIPDefense(Defense):
 
     def after_step(self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features) -> None:
         txt = F.normalize(feats.text[0][0].detach().float(), dim=-1).cpu().numpy()
-        size = min(self.config.bank_size, len(ctx.table))
+        size = min(self.config.bank_size, ctx.pairs)
         if self.bank is None:
             self.bank = np.zeros((size, txt.shape[1]), dtype=np.float32)
         rows = txt[-size:]

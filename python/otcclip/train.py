@@ -336,13 +336,15 @@ class TrainConfig:
             raise ValueError(f"prefetch must be an integer >= 1, got {self.prefetch!r}")
         if not self.stream:
             return
-        if self.defense != "none":
+        cls = DEFENSES.get(self.defense)
+        if cls is not None and not cls.streams:
+            streaming = " or ".join(name for name, c in DEFENSES.items() if c.streams)
             raise ValueError(
-                f"--stream trains with --defense none only, not {self.defense!r}: the other "
-                "defenses (roclip, safeclip, otcclip, filter) embed, re-pair or screen every "
+                f"--stream trains with --defense {streaming} only, not {self.defense!r}: the "
+                "other defenses (safeclip, otcclip, filter) embed, re-pair or screen every "
                 "pair between epochs, which needs random access to all of them; streaming "
-                "for them is planned. Use --defense none, or drop --stream to read the data "
-                "into memory"
+                f"for them is planned. Use --defense {streaming}, or drop --stream to read "
+                "the data into memory"
             )
         if self.data is None:
             raise ValueError(
@@ -626,7 +628,7 @@ def train(
     `config.data` / `config.scenes` (tests, notebooks). `epoch_rows(epoch)`: the table
     rows of an epoch in training order, instead of `batch_order`'s (to replay another
     order, e.g. a stream's, in memory). With `config.stream` the pairs are streamed
-    (`otcclip.data.loader`), defense none only.
+    (`otcclip.data.loader`), defenses none and roclip only (`Defense.streams`).
     """
     if table is not None:
         config = dataclasses.replace(config, data=None, scenes=None)
@@ -693,6 +695,7 @@ def train(
         progress=config.progress and rank == 0,
         log=_logger(rank),
         image_side=None if feed is None else feed.image_side,
+        n_pairs=n_pairs,
     )
     defense.setup(ctx)
     loop = _Loop()
@@ -724,7 +727,11 @@ def train(
         if loop.plan is None:
             model.train()
             start = time.perf_counter()
-            planned = defense.before_epoch(ctx, epoch) if feed is None else _streamed_plan()
+            planned = (
+                defense.before_epoch(ctx, epoch)
+                if feed is None
+                else defense.stream_plan(ctx, epoch)
+            )
             loop.plan = _with_augment(planned, config.augment)
             model.train()
             loop.prepare_seconds = time.perf_counter() - start
@@ -887,11 +894,6 @@ def _with_augment(plan: EpochPlan, mode: str) -> EpochPlan:
         plan.augment_images = mode in ("images", "both")
         plan.augment_text = mode in ("text", "both")
     return plan
-
-
-def _streamed_plan() -> EpochPlan:
-    """Defense none's plan without a table: the stream decides which pairs, in what order."""
-    return EpochPlan(positions=np.zeros(0, dtype=np.int64), caption=np.zeros(0, dtype=np.int64))
 
 
 def _table_batch(

@@ -42,8 +42,8 @@ _SCHEDULE_HELP = (
     is_flag=True,
     help="Stream the pairs of --data (a shard folder, a poison directory written with "
     "--format shards, or parquet) through DataLoader workers instead of reading them into "
-    "memory: memory holds about batch x prefetch x workers pairs. --defense none only, for "
-    "now (the other defenses need random access to every pair); shards need their "
+    "memory: memory holds about batch x prefetch x workers pairs. --defense none or roclip "
+    "only, for now (the other defenses need random access to every pair); shards need their "
     "shards.json. A run resumes with the same --workers and process count.",
 )
 @click.option(
