@@ -3,7 +3,8 @@
 Default: 50,000 fashion-scenes images against a pool of their 50,000 captions,
 k = 16, alpha 0.5, eps 0.05, 50 Sinkhorn iterations, with the built-in tiny
 model created from scratch (random weights: the timings do not depend on what
-the model has learnt, the pairing does, so no quality is reported). Prints the
+the model has learnt, the pairing does, so no quality is reported; `--weights` loads
+a trained one, for `--bank`'s quality figures). Prints the
 seconds of each stage, the scoring throughput in image-caption pairs per second
 (the k candidates plus the own caption of every image), and the process's peak
 resident memory (VmHWM) beside the sizes of the inputs and the cached tokens.
@@ -11,6 +12,9 @@ resident memory (VmHWM) beside the sizes of the inputs and the cached tokens.
     python benchmarks/bench_match.py            # the full size (minutes on 2 cores)
     python benchmarks/bench_match.py --quick    # 2,000 images, seconds
     python benchmarks/bench_match.py --device cuda --threads 8   # model and OT scoring on CUDA
+    python benchmarks/bench_match.py --bank 5000 --weights runs/x/model.safetensors
+        # also the approximate round (`--pool-bank`): its pruning time and how much of
+        # the exact round's answer it keeps (a trained model makes that a quality figure)
 
 torch and rayon each get `--threads` threads (default 2), set before the work starts.
 """
@@ -46,6 +50,10 @@ def main() -> None:
         help="encode candidates' tokens per batch instead of caching the pool's",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bank", type=int, default=None, help="also run the round with a pool bank of this size"
+    )
+    parser.add_argument("--weights", default=None, help="a trained model's safetensors")
     args = parser.parse_args()
     n = args.n or (2_000 if args.quick else 50_000)
 
@@ -61,7 +69,7 @@ def main() -> None:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
-    bundle = create_model(args.model, seed=args.seed, device=args.device)
+    bundle = create_model(args.model, weights=args.weights, seed=args.seed, device=args.device)
     t0 = time.perf_counter()
     table = fashion_scenes(n, seed=args.seed, image_size=bundle.image_size)
     build_s = time.perf_counter() - t0
@@ -79,7 +87,7 @@ def main() -> None:
     )
     print(
         f"bench_match: {n} images x pool {n} captions, k={cfg.k}, model {args.model} "
-        f"(from scratch, D={bundle.embed_dim}, image {bundle.image_size}px), "
+        f"({args.weights or 'from scratch'}, D={bundle.embed_dim}, image {bundle.image_size}px), "
         f"eps={cfg.eps}, iters={cfg.iters}, alpha={cfg.alpha}, device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
     )
@@ -128,10 +136,55 @@ def main() -> None:
     )
     rep = res.report
     print(
-        f"pairing (untrained model, not a quality figure): changed {rep['changed']} of {n}, "
+        f"pairing ({'trained weights' if args.weights else 'untrained model, not a quality figure'}"
+        f"): changed {rep['changed']} of {n}, "
         f"distinct captions {rep['distinct']}"
     )
     _doubt_stage(res, table, total, args.threads, args.seed)
+    if args.bank is not None:
+        _bank_round(res, bundle, table, cfg, args.bank, n)
+
+
+def _bank_round(exact, bundle, table, cfg, bank: int, n: int) -> None:
+    """The same round with the approximate pruning (`MatchConfig.bank`), against the exact one.
+
+    The exact pruning is O(N x M) and the scoring O(N x k), so at N = M the pruning's
+    share grows with the pool; from this run's stage times, the pool at which the exact
+    pruning would cost as much as the scoring is M x score / prune (both measured here).
+    """
+    import dataclasses
+
+    import numpy as np
+
+    from otcclip.matching import match_round
+
+    res = match_round(
+        bundle,
+        table.images,
+        table.captions,
+        np.arange(n),
+        dataclasses.replace(cfg, bank=bank),
+        image_classes=table.image_classes,
+        caption_classes=table.caption_classes,
+    )
+    exact_s, bank_s = exact.report["seconds"], res.report["seconds"]
+    kept = np.mean(
+        [np.isin(a, b).mean() for a, b in zip(exact.candidates, res.candidates, strict=True)]
+    )
+    same = float(np.mean(exact.caption == res.caption))
+    print(
+        f"bank {bank} of {n} captions: prune {bank_s.get('prune', 0.0):.2f} s against the "
+        f"exact {exact_s.get('prune', 0.0):.2f} s; score {bank_s.get('score', 0.0):.1f} s; "
+        f"exact top-{cfg.k} candidates kept {kept:.1%}; same caption assigned {same:.1%}; "
+        f"clean pairs of their true content: exact {exact.report.get('clean_true_content', 0):.1%}"
+        f", bank {res.report.get('clean_true_content', 0):.1%}"
+    )
+    prune, score = exact_s.get("prune", 0.0), exact_s.get("score", 0.0)
+    if prune > 0 and score > 0:
+        print(
+            f"crossover: the exact prune is {prune / score:.1%} of the scoring at M = {n}; "
+            f"it would equal it at about M = {n * score / prune:,.0f} captions (N = M)"
+        )
 
 
 def _doubt_stage(res, table, round_s: float, threads: int, seed: int) -> None:

@@ -195,6 +195,21 @@ def test_max_changed_bounds_the_re_paired_share(files, tmp_path):
     assert bad.exit_code != 0 and "--max-changed" in bad.output
 
 
+def test_a_pool_bank_takes_the_candidates_from_its_draw(files, tmp_path):
+    out, report = tmp_path / "bank.parquet", tmp_path / "bank.json"
+    args = [*base(files, out), "--k", "4", "--margin", "0", "--seed", "5"]
+    result = run(*args, "--pool-bank", "8", "--json", report)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["pruned_against"] == 8
+    ids = read_pairs(files["pairs"]).ids
+    bank = set(ids[np.sort(np.random.default_rng(5).choice(N, size=8, replace=False))].tolist())
+    t = pq.read_table(out).to_pydict()
+    for got, mine in zip(t["caption_id"], t["original_caption_id"], strict=True):
+        assert got in bank or got == mine
+    bad = run(*base(files, tmp_path / "small.parquet"), "--k", "4", "--pool-bank", "3")
+    assert bad.exit_code == 2 and "cannot hold k = 4" in bad.output
+
+
 def test_precomputed_embeddings_are_checked(files, tmp_path):
     table = pq.read_table(files["pool"])
     wrong = table.append_column(

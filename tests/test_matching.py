@@ -357,6 +357,22 @@ def test_precomputed_pool_embeddings_drive_the_pruning(bundle):
         match_round(bundle, images, pool, None, MatchConfig(k=1), pool_embeddings=emb[:, :4])
 
 
+def test_a_bank_prunes_against_its_own_rows_and_still_scores_the_own_caption(bundle):
+    images = np.stack([make_image([i % C]) for i in range(12)])
+    pool = [caption([i % C]) for i in range(60)]
+    own = np.arange(12, dtype=np.int64)
+    exact = match_round(bundle, images, pool, own, MatchConfig(k=2, alpha=1.0))
+    banked = match_round(bundle, images, pool, own, MatchConfig(k=2, alpha=1.0, bank=10, seed=3))
+    rows = np.sort(np.random.default_rng(3).choice(60, size=10, replace=False))
+    assert np.isin(banked.candidates, rows).all()
+    assert not np.isin(exact.candidates, rows).all()  # the exact top-k reaches the whole pool
+    np.testing.assert_allclose(banked.own_global_score, exact.own_global_score)
+    assert banked.report["pruned_against"] == 10 and exact.report["pruned_against"] == 60
+    # a bank as large as the pool is the exact round
+    whole = match_round(bundle, images, pool, own, MatchConfig(k=2, alpha=1.0, bank=60))
+    np.testing.assert_array_equal(whole.candidates, exact.candidates)
+
+
 def test_report_without_ground_truth_has_no_poison_shares(bundle):
     images, captions, *_ = poisoned_world()
     res = match_round(bundle, images, captions, np.arange(24), MatchConfig(k=3))
@@ -425,6 +441,7 @@ def test_images_must_be_uint8(bundle):
         ({"fallback": "drop"}, "fallback"),
         ({"rho": 0.0}, "rho"),
         ({"max_changed": 1.5}, "max_changed"),
+        ({"k": 4, "bank": 3}, "bank must be an integer >= 4"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):

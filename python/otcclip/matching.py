@@ -84,7 +84,11 @@ class MatchConfig:
     cache_tokens: keep the pool's word tokens in float16 on the CPU (True) or
         recompute the candidates' tokens per scoring batch (False: for huge pools).
     threads: rayon threads for the pruning (None: the engine's default).
-    seed: recorded for reproducibility; the round itself draws no random numbers.
+    bank: approximate pruning for pools too large for the exact top-k (O(N x M)): the k
+        candidates come from a bank of this many pool captions drawn at random with
+        `seed` (O(N x bank)); the own caption is scored anyway. None: the exact top-k
+        over the whole pool. README (Benchmarks) says where the two cross over.
+    seed: seeds the bank; the exact round draws no random numbers.
     """
 
     k: int = 16
@@ -104,10 +108,13 @@ class MatchConfig:
     score_batch: int = 4096
     cache_tokens: bool = True
     threads: int | None = None
+    bank: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_int("k", self.k, 1)
+        if self.bank is not None:
+            _check_int("bank", self.bank, self.k)
         _check_int("iters", self.iters, 1)
         _check_int("image_batch", self.image_batch, 1)
         _check_int("text_batch", self.text_batch, 1)
@@ -305,6 +312,7 @@ def match_round(
         else:
             _check_pool(pool, m, embed_dim, needs_tokens=config.cache_tokens and config.alpha < 1)
         source = _token_source(bundle, captions, pool, config, device, timer)
+        bank = _bank(pool, config)
 
         lo, hi = dist.shard_range(n, align=config.image_batch) if use_dist else (0, n)
         local = _score_images(
@@ -317,6 +325,7 @@ def match_round(
             device,
             timer,
             progress and dist.is_main(),
+            bank,
         )
     if use_dist:
         local = {key: dist.all_gather_concat(value) for key, value in local.items()}
@@ -369,13 +378,16 @@ def match_image_batches(
                 embeddings=pool_embeddings,
             )
         source = _token_source(bundle, captions, pool, config, device, timer)
+        bank = _bank(pool, config)
         for images in image_batches:
             images = _check_images(images)
             mine = None if own is None else own[done : done + len(images)]
             if mine is not None and len(mine) < len(images):
                 raise ValueError(f"more images than the {len(own)} own captions")
             parts.append(
-                _score_images(bundle, images, mine, pool, source, config, device, timer, False)
+                _score_images(
+                    bundle, images, mine, pool, source, config, device, timer, False, bank
+                )
             )
             done += len(images)
     if not parts:
@@ -406,7 +418,18 @@ def _finish(
         timer.seconds["score"] -= timer.seconds["embed_candidates"]
     result.report["seconds"] = timer.seconds
     result.report["pool_bytes"] = pool.nbytes
+    result.report["pruned_against"] = min(config.bank or m, m)
     return result
+
+
+def _bank(pool: PoolFeatures, config: MatchConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """The approximate pruning's bank: sorted pool rows drawn with the round's seed, and
+    their embeddings, contiguous for the engine (None: exact pruning over the pool)."""
+    m = len(pool.embeddings)
+    if config.bank is None or config.bank >= m:
+        return None
+    rows = np.sort(np.random.default_rng(config.seed).choice(m, size=config.bank, replace=False))
+    return rows, np.ascontiguousarray(pool.embeddings[rows])
 
 
 def _token_source(
@@ -617,8 +640,10 @@ def _score_images(
     device: torch.device,
     timer: _Timer,
     progress: bool,
+    bank: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Embed, prune and score this process's images, one batch at a time.
+    """Embed, prune (against the whole pool, or `bank`'s rows) and score this process's
+    images, one batch at a time.
 
     Returns, per image: the k candidates, cos / s_OT for the candidates plus
     (last column, when own is given) the own caption, and the global embedding.
@@ -639,7 +664,10 @@ def _score_images(
             patches = patches.float()
         emb[start:stop] = g
         with timer("prune"):
-            idx, sim = otmatch.topk(np.ascontiguousarray(g), pool.embeddings, k, config.threads)
+            searched = pool.embeddings if bank is None else bank[1]
+            idx, sim = otmatch.topk(np.ascontiguousarray(g), searched, k, config.threads)
+            if bank is not None:
+                idx = bank[0][idx]  # bank rows -> pool rows
         cand[start:stop] = idx
         cos[start:stop, :k] = sim
         columns = idx

@@ -87,6 +87,15 @@ class _Pool:
     help="Candidate captions per image kept by the global-cosine pruning.",
 )
 @click.option(
+    "--pool-bank",
+    "bank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Approximate pruning for pools too large for the exact top-k: take the k "
+    "candidates from this many pool captions drawn at random with --seed (the own "
+    "caption is scored anyway). [default: exact top-k over the whole pool]",
+)
+@click.option(
     "--alpha",
     type=click.FloatRange(0, 1),
     default=0.5,
@@ -205,7 +214,7 @@ class _Pool:
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="Seed of the model's initialisation before the weights load.",
+    help="Seed of the model's initialisation before the weights load, and of --pool-bank's draw.",
 )
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr."
@@ -236,6 +245,7 @@ def command(
     json_path: Path | None,
     seed: int,
     progress: bool,
+    bank: int | None,
 ) -> None:
     """Re-pair (or, with --flag-only, flag) image-caption pairs by OT matching.
 
@@ -271,6 +281,10 @@ def command(
         raise click.BadParameter("--assign capacity needs --capacity", param_hint="--capacity")
     if method != "capacity" and capacity is not None:
         raise click.BadParameter("only meaningful with --assign capacity", param_hint="--capacity")
+    if bank is not None and bank < k:
+        raise click.BadParameter(
+            f"a bank of {bank} captions cannot hold k = {k} candidates", param_hint="--pool-bank"
+        )
     started = time.perf_counter()
     owns_group = not dist.is_initialized() and dist.init_from_env()
     try:
@@ -302,6 +316,7 @@ def command(
             score_batch=score_batch,
             cache_tokens=not recompute_tokens,
             threads=threads,
+            bank=bank,
             seed=seed,
         )
         if shards is not None:
