@@ -103,9 +103,11 @@ class _Recorder:
     def __init__(self, captions: list[np.ndarray]) -> None:
         self.captions = list(captions)
         self.owns: list[np.ndarray] = []
+        self.configs: list = []
 
     def __call__(self, bundle, images, captions, own, config, **kw):
         self.owns.append(np.array(own))
+        self.configs.append(config)
         caption = self.captions.pop(0)
         return SimpleNamespace(
             caption=caption,
@@ -139,6 +141,21 @@ def test_otcclip_rematches_after_warmup_from_the_original_captions(monkeypatch):
     ids = ctx.table.ids
     assert d.history.get(int(ids[0])) == [(0, int(ids[0])), (1, int(ids[5])), (2, int(ids[0]))]
     assert d.history.get(int(ids[1]))[1] == (1, -1)
+
+
+def test_a_match_bank_reaches_every_round_drawn_anew(monkeypatch):
+    recorder = _Recorder([np.arange(N), np.arange(N)])
+    monkeypatch.setattr("otcclip.matching.match_round", recorder)
+    config = _config("otcclip", warmup_epochs=1, match_every=1, match_bank=6)
+    d = make_defense(config)
+    ctx = _ctx(config)
+    d.setup(ctx)
+    for epoch in range(3):
+        d.before_epoch(ctx, epoch)
+    assert [c.bank for c in recorder.configs] == [6, 6]
+    assert recorder.configs[0].seed != recorder.configs[1].seed  # another bank each round
+    with pytest.raises(ValueError, match="match_bank must be an integer >= k = 4"):
+        _config("otcclip", match_bank=3).validate()
 
 
 def test_otcclip_can_start_rounds_from_the_previous_pairing(monkeypatch):

@@ -321,7 +321,8 @@ class OTCCLIPDefense(Defense):
         self.rounds = 0
         self.screened = None
 
-    def match_config(self) -> Any:
+    def match_config(self, round_index: int = 0) -> Any:
+        """The matching knobs of a round; a bank (`match_bank`) is drawn anew each round."""
         from otcclip.matching import MatchConfig
 
         c = self.config
@@ -340,7 +341,8 @@ class OTCCLIPDefense(Defense):
             image_batch=c.match_batch,
             text_batch=c.match_batch,
             threads=c.threads,
-            seed=c.seed,
+            bank=c.match_bank,
+            seed=c.seed + round_index,
         )
 
     def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
@@ -381,7 +383,7 @@ class OTCCLIPDefense(Defense):
             table.images,
             table.captions,
             own,
-            self.match_config(),
+            self.match_config(self.rounds),
             poisoned=ctx.poisoned,
             image_classes=table.image_classes if with_classes else None,
             caption_classes=table.caption_classes if with_classes else None,

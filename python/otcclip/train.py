@@ -137,6 +137,7 @@ _OMITTED_AT_DEFAULT = frozenset(
         "stream",
         "workers",
         "prefetch",
+        "match_bank",
     }
 )
 
@@ -226,6 +227,8 @@ class TrainConfig:
     doubt_min_share: float = 0.005
     pixel_screen: bool = True
     match_batch: int = 256
+    # a round's pruning from a random bank of this many captions (None: exact top-k)
+    match_bank: int | None = None
     # RoCLIP
     bank_size: int = 4096
     # SafeCLIP
@@ -293,6 +296,11 @@ class TrainConfig:
             raise ValueError(f"ot_compile must be auto, on or off, got {self.ot_compile!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.match_bank is not None and _bad_int(self.match_bank, self.k):
+            raise ValueError(
+                f"match_bank must be an integer >= k = {self.k} (the candidates it must hold), "
+                f"got {self.match_bank!r}"
+            )
         if self.threads is not None and _bad_int(self.threads, 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:

@@ -350,6 +350,14 @@ _SCHEDULE_HELP = (
     help="Images / captions per batch when a round embeds the data.",
 )
 @click.option(
+    "--match-bank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="OTCCLIP: prune each round's candidates from a random bank of this many captions "
+    "instead of the exact top-k over all of them (for pools past the crossover in the "
+    "README; approximate). [default: exact]",
+)
+@click.option(
     "--bank-size",
     type=click.IntRange(min=1),
     default=4096,
