@@ -158,6 +158,14 @@ def test_a_match_bank_reaches_every_round_drawn_anew(monkeypatch):
         _config("otcclip", match_bank=3).validate()
 
 
+@pytest.mark.parametrize("defense", ["otcclip", "safeclip", "filter"])
+def test_defenses_that_need_every_pair_refuse_a_stream(defense):
+    d = make_defense(_config(defense))
+    assert not d.streams
+    with pytest.raises(ValueError, match="needs every pair in memory"):
+        d.stream_plan(_ctx(_config(defense)), 0)
+
+
 def test_otcclip_can_start_rounds_from_the_previous_pairing(monkeypatch):
     first = np.arange(N)
     first[[0, 1]] = [5, -1]
