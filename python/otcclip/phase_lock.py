@@ -15,11 +15,12 @@ rewrite it:
 2. A bin's tail (the `tail` share of images furthest out there) is *phase-locked*
    when those images point one way: the length of their summed coefficients over
    the sum of their lengths (1: all aligned; about 1 / sqrt(tail images) for scenes).
-   Only bins locked to at least `min_coherence` can hold a trigger; scenes alone
-   (measured on the clean pairs of fashion-scenes) lock none above 0.53.
+   Only bins locked to at least `min_coherence` can hold a trigger. Scenes lock a few
+   of their lowest frequencies too (their layout), but with no image far out there.
 3. Each image's projection on a locked bin's direction is put on the doubt's common
    scale (`tail_scale`: the median at 0, the 95th percentile at 1); the images beyond
-   `cut` there are that bin's flagged set.
+   `cut` there are that bin's flagged set. A trigger's bins flag its images; on the
+   clean pairs of fashion-scenes no locked bin flags `min_count` images.
 4. Bins whose flagged sets overlap (Jaccard >= 0.5) are one pattern; the strongest
    `patterns` of them are kept (at least `min_count` flagged images each), and an image
    scores the largest, over patterns, of its mean scaled projection on the pattern's
@@ -139,7 +140,7 @@ def phase_locked_patterns(
     spread = np.maximum(np.quantile(proj, 0.95, axis=0) - median, 1e-12)
     flagged = (proj - median) / spread > cut
     count = flagged.sum(axis=0)
-    chosen: list[np.ndarray] = []
+    chosen: list[tuple[np.ndarray, float, float]] = []  # member bins, the pattern's scale
     found: list[dict] = []
     free = np.ones(len(locked), bool)
     for j in np.argsort(-count, kind="stable"):
