@@ -442,6 +442,7 @@ def test_images_must_be_uint8(bundle):
         ({"rho": 0.0}, "rho"),
         ({"max_changed": 1.5}, "max_changed"),
         ({"k": 4, "bank": 3}, "bank must be an integer >= 4"),
+        ({"bank": 100, "flag_outside_topk": True}, "needs the exact top-k"),
     ],
 )
 def test_bad_config_is_refused(kwargs, message):

@@ -115,6 +115,11 @@ class MatchConfig:
         _check_int("k", self.k, 1)
         if self.bank is not None:
             _check_int("bank", self.bank, self.k)
+            if self.flag_outside_topk:
+                raise ValueError(
+                    "flag_outside_topk needs the exact top-k: with a bank, most own captions "
+                    "fall outside the candidates by chance; drop one of the two"
+                )
         _check_int("iters", self.iters, 1)
         _check_int("image_batch", self.image_batch, 1)
         _check_int("text_batch", self.text_batch, 1)
