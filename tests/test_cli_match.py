@@ -208,6 +208,8 @@ def test_a_pool_bank_takes_the_candidates_from_its_draw(files, tmp_path):
         assert got in bank or got == mine
     bad = run(*base(files, tmp_path / "small.parquet"), "--k", "4", "--pool-bank", "3")
     assert bad.exit_code == 2 and "cannot hold k = 4" in bad.output
+    bad = run(*base(files, tmp_path / "f.parquet"), "--pool-bank", "18", "--flag-outside-topk")
+    assert bad.exit_code == 2 and "needs the exact top-k" in bad.output
 
 
 def test_precomputed_embeddings_are_checked(files, tmp_path):

@@ -285,6 +285,12 @@ def command(
         raise click.BadParameter(
             f"a bank of {bank} captions cannot hold k = {k} candidates", param_hint="--pool-bank"
         )
+    if bank is not None and flag_outside_topk:
+        raise click.BadParameter(
+            "--flag-outside-topk needs the exact top-k: with a bank, most own captions fall "
+            "outside the candidates by chance",
+            param_hint="--pool-bank",
+        )
     started = time.perf_counter()
     owns_group = not dist.is_initialized() and dist.init_from_env()
     try:
