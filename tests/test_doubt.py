@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from otcclip import doubt
 from otcclip.doubt import DoubtConfig
@@ -306,12 +307,6 @@ def test_variants_of_one_image_share_a_verdict_and_count_as_copies():
     assert np.all(copies[60:] >= 4) and np.all(copies[1:60] == 0)
 
 
-def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    order = np.argsort(np.argsort(scores))  # ranks 0..N-1 (ties are rare here)
-    n1, n0 = int(positive.sum()), int((~positive).sum())
-    return float((order[positive].sum() - n1 * (n1 - 1) / 2) / (n1 * n0))
-
-
 @pytest.fixture(scope="module")
 def blended_scenes():
     from otcclip.attacks import backdoor, poisoned_ids
@@ -326,7 +321,7 @@ def test_pixel_pattern_finds_a_blended_trigger_from_the_pixels_alone(blended_sce
     table, poisoned = blended_scenes
     score = doubt.pixel_pattern(table.images, seed=0)
     assert score.shape == (len(table),) and np.isfinite(score).all()
-    assert _auroc(score, poisoned) >= 0.98
+    assert roc_auc_score(poisoned, score) >= 0.98
     # the same seed gives the same components, and the clean images are not all scored at
     # random: a clean set's own most heavy-tailed direction is not the trigger's
     np.testing.assert_array_equal(score, doubt.pixel_pattern(table.images, seed=0))
@@ -336,18 +331,23 @@ def test_pixel_pattern_finds_a_blended_trigger_from_the_pixels_alone(blended_sce
         doubt.pixel_pattern(table.images[:2])
 
 
-def test_pattern_pixel_is_computed_only_when_fused_and_survives_the_state(blended_scenes):
+@pytest.mark.parametrize(
+    ("signal", "field"), [("pattern_pixel", "pattern"), ("phase_pixel", "phase")]
+)
+def test_an_opt_in_pixel_signal_is_computed_only_when_fused_and_survives_the_state(
+    blended_scenes, signal, field
+):
     table, poisoned = blended_scenes
-    images = table.images[:300]
+    images = table.images
     plain = doubt.pixel_evidence(images, DoubtConfig())
-    assert plain.pattern is None and "pattern" not in plain.state_dict()
-    fused = DoubtConfig(signals=(*DoubtConfig().signals, "pattern_pixel"))
+    assert getattr(plain, field) is None and field not in plain.state_dict()
+    fused = DoubtConfig(signals=(*DoubtConfig().signals, signal))
     ev = doubt.pixel_evidence(images, fused)
     again = doubt.PixelEvidence.from_state(ev.state_dict())
-    np.testing.assert_array_equal(again.pattern, ev.pattern)
-    assert "pattern_pixel" in doubt.pixel_signals(again, fused)
-    with pytest.raises(ValueError, match="no pattern scores"):
+    np.testing.assert_array_equal(getattr(again, field), getattr(ev, field))
+    assert roc_auc_score(poisoned, doubt.pixel_signals(again, fused)[signal]) >= 0.98
+    with pytest.raises(ValueError, match=f"no {field} scores"):
         doubt.pixel_signals(plain, fused)
-    state = dict(ev.state_dict(), pattern=ev.pattern[:-1])
-    with pytest.raises(ValueError, match="one pattern score per image"):
+    state = dict(ev.state_dict(), **{field: getattr(ev, field)[:-1]})
+    with pytest.raises(ValueError, match=f"one {field} score per image"):
         doubt.PixelEvidence.from_state(state)

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from otcclip import doubt
-from otcclip.doubt import DoubtConfig
 from otcclip.phase_lock import phase_locked_patterns
-
-
-def _auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    order = np.argsort(np.argsort(scores, kind="stable"), kind="stable")
-    n1, n0 = int(positive.sum()), int((~positive).sum())
-    return float((order[positive].sum() - n1 * (n1 - 1) / 2) / (n1 * n0))
 
 
 def _backdoored(kind: str, n_poison: int = 36):
@@ -35,7 +28,7 @@ def test_a_position_locked_trigger_is_found_from_the_pixels_alone(kind, sig_scen
     images, poisoned = sig_scenes if kind == "sig" else _backdoored(kind)
     result = phase_locked_patterns(images)
     assert result.scores.shape == (len(images),) and np.isfinite(result.scores).all()
-    assert _auroc(result.scores, poisoned) >= 0.98
+    assert roc_auc_score(poisoned, result.scores) >= 0.98
     assert result.patterns and result.patterns[0]["coherence"] >= 0.5
 
 
@@ -60,7 +53,7 @@ def test_the_fit_on_a_sample_scores_every_image_and_is_seeded(sig_scenes):
     a = phase_locked_patterns(images, fit_rows=1000, seed=3)
     b = phase_locked_patterns(images, fit_rows=1000, seed=3)
     np.testing.assert_array_equal(a.scores, b.scores)
-    assert _auroc(a.scores, poisoned) >= 0.98
+    assert roc_auc_score(poisoned, a.scores) >= 0.98
 
 
 def test_bad_input_gets_a_clear_error(sig_scenes):
@@ -73,22 +66,6 @@ def test_bad_input_gets_a_clear_error(sig_scenes):
         phase_locked_patterns(images, min_coherence=0.0)
     with pytest.raises(TypeError, match="uint8"):
         phase_locked_patterns(images.astype(np.float32))
-
-
-def test_phase_pixel_is_computed_only_when_fused_and_survives_the_state(sig_scenes):
-    images, poisoned = sig_scenes
-    plain = doubt.pixel_evidence(images, DoubtConfig())
-    assert plain.phase is None and "phase" not in plain.state_dict()
-    fused = DoubtConfig(signals=(*DoubtConfig().signals, "phase_pixel"))
-    ev = doubt.pixel_evidence(images, fused)
-    again = doubt.PixelEvidence.from_state(ev.state_dict())
-    np.testing.assert_array_equal(again.phase, ev.phase)
-    signals = doubt.pixel_signals(again, fused)
-    assert _auroc(signals["phase_pixel"], poisoned) >= 0.98
-    with pytest.raises(ValueError, match="no phase scores"):
-        doubt.pixel_signals(plain, fused)
-    with pytest.raises(ValueError, match="one phase score per image"):
-        doubt.PixelEvidence.from_state(dict(ev.state_dict(), phase=ev.phase[:-1]))
 
 
 def test_images_without_any_structure_lock_nothing():

@@ -50,6 +50,7 @@ import numpy as np
 
 from otcclip import otmatch
 from otcclip.phase_lock import phase_locked_patterns
+from otcclip.pixels import gray_u8
 
 if TYPE_CHECKING:
     import torch
@@ -300,7 +301,7 @@ def pixel_keys(images: np.ndarray, size: int = 8) -> np.ndarray:
     nearly the same key, while different scenes differ. Images (N, H, W) or
     (N, H, W, 3) uint8.
     """
-    gray = _gray_u8(images)
+    gray = gray_u8(images)
     n, h, w = gray.shape
     if h < 2 * size or w < 2 * size:
         raise ValueError(f"images of {h}x{w} px are too small for {size} frequencies a side")
@@ -331,7 +332,7 @@ def pixel_recurrence(
     leaves it blind; the other signals are there for those. Images (N, H, W) or
     (N, H, W, 3) uint8.
     """
-    gray = _gray_u8(images)
+    gray = gray_u8(images)
     n, h, w = gray.shape
     if h < tile or w < tile:
         raise ValueError(f"images of {h}x{w} px are smaller than the {tile} px tile")
@@ -381,7 +382,7 @@ def pixel_pattern(
     """
     import torch
 
-    gray = _gray_u8(images)
+    gray = gray_u8(images)
     n = len(gray)
     if n < 3:
         raise ValueError(f"pixel_pattern needs at least 3 images, got {n}")
@@ -436,16 +437,6 @@ def _tile_std(gray: np.ndarray, tile: int) -> np.ndarray:
     return (mean_sq - mean * mean).clamp_min(0.0).sqrt()[:, 0].numpy()
 
 
-def _gray_u8(images: np.ndarray) -> np.ndarray:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise TypeError("images must be a uint8 numpy array (N, H, W) or (N, H, W, 3)")
-    if images.ndim == 4 and images.shape[3] == 3:
-        return np.rint(images.astype(np.float32).mean(axis=3)).astype(np.uint8)
-    if images.ndim == 3:
-        return images
-    raise ValueError(f"images must be (N, H, W) or (N, H, W, 3), got {images.shape}")
-
-
 def aligned_similarity(
     images: np.ndarray, idx: np.ndarray, max_shift: int = 3, block: int = 1024
 ) -> np.ndarray:
@@ -459,7 +450,7 @@ def aligned_similarity(
     """
     import torch
 
-    gray = torch.from_numpy(_gray_u8(images).astype(np.float32))
+    gray = torch.from_numpy(gray_u8(images).astype(np.float32))
     n, h, w = gray.shape
     if idx.ndim != 2 or len(idx) != n:
         raise ValueError(f"idx must be (N={n}, k) candidate rows")

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from otcclip.pixels import gray_u8
+
 __all__ = ["PhaseLock", "phase_locked_patterns"]
 
 
@@ -107,9 +109,7 @@ def phase_locked_patterns(
 
     images: (N, H, W) or (N, H, W, 3) uint8.
     """
-    from otcclip.doubt import _gray_u8
-
-    gray = _gray_u8(images)
+    gray = gray_u8(images)
     n = len(gray)
     if n < 16:
         raise ValueError(f"phase-locked patterns need at least 16 images, got {n}")
