@@ -308,6 +308,38 @@ def test_a_run_made_under_another_row_with_the_same_settings_is_adopted(tmp_path
     assert table.run_state(today) == "stale"
 
 
+def test_the_fused_rows_name_their_signals_and_older_unnamed_runs_keep_their_own(tmp_path):
+    """A run that left doubt_signals unset fused the default of its day (the five signals
+    before phase_pixel): the fused rows rerun, the paper's rule (no signals) stands."""
+    from otcclip.demo import train_config
+    from otcclip.doubt import DoubtConfig
+
+    table = _load_script()
+    args = table._parser().parse_args(["--scenes", "200", "--out", str(tmp_path)])
+    base = table.demo_config(args)
+    rows = table.select_rows(table.table_rows(train_config(base, "otcclip")), ["otcclip", "rule"])
+    fused, rule = table.plan_runs(tmp_path, base, rows, [0])
+    assert fused.spec["train"]["doubt_signals"] == ",".join(DoubtConfig().signals)
+    assert "--doubt-signals" in fused.spec["command"]
+    _assert_command_reproduces(fused.spec["command"], fused.spec)
+    assert rule.spec["train"]["doubt_signals"] is None
+    for run in (fused, rule):
+        old = json.loads(json.dumps(run.spec))
+        old["train"]["doubt_signals"] = None  # recorded unset, before session 12
+        run.directory.mkdir(parents=True)
+        (run.directory / table.RUN_SPEC).write_text(json.dumps(old))
+        (run.directory / "summary.json").write_text(json.dumps({"config": old["train"]}))
+    assert [table.run_state(r) for r in (fused, rule)] == ["stale", "done"]
+    # named as they are today, the fused run stands
+    summary = {"config": fused.spec["train"]}
+    (fused.directory / table.RUN_SPEC).write_text(json.dumps(fused.spec))
+    (fused.directory / "summary.json").write_text(json.dumps(summary))
+    assert table.run_state(fused) == "done"
+    recorded = dict(fused.spec["train"], doubt_signals=table.SIGNALS_BEFORE_PHASE)
+    (fused.directory / "summary.json").write_text(json.dumps({"config": recorded}))
+    assert table.run_state(fused) == "stale"
+
+
 @pytest.mark.parametrize(("backdoor", "result"), [(0.025, "met"), (0.027, "NOT met")])
 def test_the_backdoor_bar_is_the_clean_models_rate_plus_one_point(tmp_path, backdoor, result):
     table = _load_script()

@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from otcclip import doubt
 from otcclip.doubt import DoubtConfig
+from otcclip.phase_lock import phase_locked_patterns
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -334,14 +335,15 @@ def test_pixel_pattern_finds_a_blended_trigger_from_the_pixels_alone(blended_sce
 @pytest.mark.parametrize(
     ("signal", "field"), [("pattern_pixel", "pattern"), ("phase_pixel", "phase")]
 )
-def test_an_opt_in_pixel_signal_is_computed_only_when_fused_and_survives_the_state(
+def test_a_fitted_pixel_signal_is_computed_only_when_fused_and_survives_the_state(
     blended_scenes, signal, field
 ):
     table, poisoned = blended_scenes
     images = table.images
-    plain = doubt.pixel_evidence(images, DoubtConfig())
+    others = tuple(s for s in DoubtConfig().signals if s != signal)
+    plain = doubt.pixel_evidence(images, DoubtConfig(signals=others))
     assert getattr(plain, field) is None and field not in plain.state_dict()
-    fused = DoubtConfig(signals=(*DoubtConfig().signals, signal))
+    fused = DoubtConfig(signals=(*others, signal))
     ev = doubt.pixel_evidence(images, fused)
     again = doubt.PixelEvidence.from_state(ev.state_dict())
     np.testing.assert_array_equal(getattr(again, field), getattr(ev, field))
@@ -351,3 +353,14 @@ def test_an_opt_in_pixel_signal_is_computed_only_when_fused_and_survives_the_sta
     state = dict(ev.state_dict(), **{field: getattr(ev, field)[:-1]})
     with pytest.raises(ValueError, match=f"one {field} score per image"):
         doubt.PixelEvidence.from_state(state)
+
+
+def test_the_phase_signal_is_zero_on_a_pool_too_small_to_hold_a_pattern(blended_scenes):
+    table, _ = blended_scenes
+    config = DoubtConfig()
+    assert "phase_pixel" in config.signals  # a default since session 12
+    few = table.images[:12]  # enough for pixel_k = 8 neighbours, too few for a phase tail
+    ev = doubt.pixel_evidence(few, config)
+    np.testing.assert_array_equal(ev.phase, np.zeros(12))
+    with pytest.raises(ValueError, match="at least 16 images"):
+        phase_locked_patterns(few)

@@ -127,8 +127,27 @@ BEFORE_THE_SETTING: dict[str, Any] = {
 }
 
 
+# The fused doubt's signals before session 12 made phase_pixel a default: a recorded run
+# that left doubt_signals unset (None) trained these. The table now records the signals
+# it asks for by name (`resolved_signals`), so a change of DoubtConfig's default reruns
+# the rows it touches and no others.
+SIGNALS_BEFORE_PHASE = "cross,copies_pixel,recurrence_pixel,consistency_caption,consistency_image"
+
+
 def _with_older_settings(train: dict[str, Any]) -> dict[str, Any]:
-    return {**BEFORE_THE_SETTING, **train}
+    out = {**BEFORE_THE_SETTING, **train}
+    if out.get("doubt_signals") is None:
+        out["doubt_signals"] = SIGNALS_BEFORE_PHASE
+    return out
+
+
+def resolved_signals(tc: Any) -> Any:
+    """`tc` with the fused doubt's signals named, when it fuses them by default."""
+    from otcclip.doubt import DoubtConfig
+
+    if tc.defense != "otcclip" or tc.doubt != "fused" or tc.doubt_signals is not None:
+        return tc
+    return dataclasses.replace(tc, doubt_signals=",".join(DoubtConfig().signals))
 
 
 def _not_compared(spec: dict[str, Any]) -> frozenset[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deftable.data import _read_json, data_dir, data_spec
-from deftable.rows import Row, _not_compared, _with_older_settings
+from deftable.rows import Row, _not_compared, _with_older_settings, resolved_signals
 
 FORMAT = "otcclip-defense-table/1"
 RUN_SPEC = "table_run.json"  # what the run was asked to do (compared to decide skip/rerun)
@@ -71,6 +71,7 @@ def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> li
                 threads=base.threads,
                 progress=False,
             )
+            tc = resolved_signals(tc)
             tc.validate()
             asr_from = data_dir(out, "poisoned", seed) if row.variant == "clean" else None
             spec = {
@@ -126,14 +127,15 @@ def _comparable(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _same_train(summary: dict[str, Any], spec: dict[str, Any]) -> bool:
     config = _with_older_settings(summary.get("config") or {})
-    keys = set(config) | set(spec["train"])
+    train = _with_older_settings(spec["train"])
+    keys = set(config) | set(train)
     ignored = _not_compared(spec)
 
     # as read back from JSON (tuples -> lists), and by value: 2 == 2.0 (a --set number)
     def read(v: Any) -> Any:
         return json.loads(json.dumps(v))
 
-    return all(read(config.get(k)) == read(spec["train"].get(k)) for k in keys if k not in ignored)
+    return all(read(config.get(k)) == read(train.get(k)) for k in keys if k not in ignored)
 
 
 def run_state(run: Run) -> str:

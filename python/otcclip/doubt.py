@@ -17,9 +17,10 @@ like any other (DESIGN.md, section 8). The signals here look elsewhere:
   neighbours. The neighbours exclude identical captions and near-duplicate images,
   so that a poison's own copies cannot vouch for each other.
 - **pixel evidence**: variants of one image (`aligned_similarity`), a patch trigger's
-  tile shared in place (`pixel_recurrence`), and, opt-in, a trigger over the whole image:
-  a heavy-tailed direction of the fine detail (`pixel_pattern`) or frequencies whose
-  far-out images share one phase (`otcclip.phase_lock`). No model is involved.
+  tile shared in place (`pixel_recurrence`), a trigger at a fixed place in every
+  poisoned image, found as frequencies whose far-out images share one phase
+  (`otcclip.phase_lock`, a default since session 12), and, opt-in, a heavy-tailed
+  direction of the fine detail (`pixel_pattern`). No model is involved.
 - **cross-modal**: the round's own lead of a candidate over the own caption (or
   minus the image-caption cosine), kept as one signal among several.
 
@@ -49,6 +50,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from otcclip import otmatch
+from otcclip.phase_lock import MIN_IMAGES as PHASE_MIN_IMAGES
 from otcclip.phase_lock import phase_locked_patterns
 from otcclip.pixels import gray_u8
 
@@ -146,6 +148,7 @@ class DoubtConfig:
         "recurrence_pixel",
         "consistency_caption",
         "consistency_image",
+        "phase_pixel",
     )
     duplicate_sim: float = 0.9
     caption_duplicate_sim: float = 0.999
@@ -553,7 +556,11 @@ def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> Pix
     if "pattern_pixel" in config.signals or config.report_all:
         pattern = pixel_pattern(images, seed=config.seed)
     if "phase_pixel" in config.signals or config.report_all:
-        phase = phase_locked_patterns(images, seed=config.seed).scores
+        # a pool too small to hold a pattern's tail has none to find: every score 0
+        if len(images) < PHASE_MIN_IMAGES:
+            phase = np.zeros(len(images))
+        else:
+            phase = phase_locked_patterns(images, seed=config.seed).scores
     return PixelEvidence(keys, neighbours, aligned, recurrence, pattern, phase)
 
 

@@ -41,7 +41,11 @@ import numpy as np
 
 from otcclip.pixels import gray_u8
 
-__all__ = ["PhaseLock", "phase_locked_patterns"]
+__all__ = ["MIN_IMAGES", "PhaseLock", "phase_locked_patterns"]
+
+# Fewer images than this have no tail to lock: a pattern needs a handful of images far out
+# at its frequencies before their phases can agree.
+MIN_IMAGES = 16
 
 
 @dataclass
@@ -111,14 +115,14 @@ def phase_locked_patterns(
     """
     gray = gray_u8(images)
     n = len(gray)
-    if n < 16:
-        raise ValueError(f"phase-locked patterns need at least 16 images, got {n}")
+    if n < MIN_IMAGES:
+        raise ValueError(f"phase-locked patterns need at least {MIN_IMAGES} images, got {n}")
     if not 0.0 < tail < 0.5:
         raise ValueError(f"tail must be a share in (0, 0.5), got {tail!r}")
     if not 0.0 < min_coherence <= 1.0:
         raise ValueError(f"min_coherence must be in (0, 1], got {min_coherence!r}")
-    if patterns < 1 or members < 1 or min_count < 1 or fit_rows < 16:
-        raise ValueError("patterns, members and min_count must be >= 1 and fit_rows >= 16")
+    if patterns < 1 or members < 1 or min_count < 1 or fit_rows < MIN_IMAGES:
+        raise ValueError("patterns, members and min_count must be >= 1 and fit_rows >= MIN_IMAGES")
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, fit_rows), replace=False))
     spec = _spectra(gray[sample])
