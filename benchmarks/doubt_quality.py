@@ -80,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Keep each checkpoint's embeddings here (npz), to rerun fusions fast.",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="Any other DoubtConfig field (repeatable), e.g. --set phase_scale=own.",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="Write every figure here too.")
     return p.parse_args(argv)
@@ -151,6 +158,31 @@ def attack_rows(table, manifests) -> dict[str, np.ndarray]:
     return out
 
 
+def config_overrides(items: list[str]) -> dict:
+    """--set FIELD=VALUE pairs as DoubtConfig keyword arguments, typed like the field's
+    default (a bool from true/false, numbers as numbers)."""
+    import dataclasses
+
+    from otcclip.doubt import DoubtConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DoubtConfig)}
+    out: dict = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in defaults:
+            raise SystemExit(f"--set wants FIELD=VALUE with a DoubtConfig field, got {item!r}")
+        default = defaults[name]
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--set {name} wants true or false, got {text!r}")
+            out[name] = text.lower() in ("true", "1")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            out[name] = type(default)(text)
+        else:
+            out[name] = text
+    return out
+
+
 def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> list[dict]:
     from otcclip.attacks import load_manifests
     from otcclip.data import read_pairs
@@ -170,6 +202,7 @@ def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> lis
         options["max_share"] = args.max_share
     if args.tail is not None:
         options["tail"] = args.tail
+    options.update(config_overrides(args.set))
     base = DoubtConfig(**options)
     t0 = time.perf_counter()
     pixels = pixel_evidence(table.images, base)

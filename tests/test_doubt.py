@@ -141,11 +141,27 @@ def test_mismatched_embeddings_are_refused():
         ({"min_share": 0.5, "max_share": 0.2}, "min_share"),
         ({"duplicate_sim": 2.0}, "cosine"),
         ({"fusion": "mean"}, "fusion must be"),
+        ({"phase_scale": "z"}, "phase_scale must be"),
     ],
 )
 def test_config_refuses_bad_knobs(options, message):
     with pytest.raises(ValueError, match=message):
         DoubtConfig(**options)
+
+
+def test_the_phase_signal_on_its_own_scale_is_fused_as_it_comes():
+    # a pattern-scaled score: most images 0, a tail, and 20 images beyond the cut 3
+    rng = np.random.default_rng(0)
+    phase = np.where(rng.random(1000) < 0.3, rng.exponential(0.8, 1000), 0.0)
+    phase[:20] = 3.5
+    signals = {"phase_pixel": phase}
+    only = {"signals": ("phase_pixel",), "min_share": 0.0}
+    rescaled = doubt.decide(signals, None, DoubtConfig(**only))
+    own = doubt.decide(signals, None, DoubtConfig(**only, phase_scale="own"))
+    np.testing.assert_array_equal(own.z["phase_pixel"], phase)
+    assert own.doubted[:20].all() and own.doubted.sum() == (phase > 3).sum()
+    # rescaled by its own 95th percentile, the same images fall under the cut
+    assert not rescaled.doubted[:20].all()
 
 
 def test_leaving_out_a_family_drops_exactly_its_signals():

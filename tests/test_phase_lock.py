@@ -23,10 +23,20 @@ def sig_scenes():
     return _backdoored("sig")
 
 
+@pytest.fixture(scope="module")
+def blended_images(blended_scenes):  # tests/conftest.py: 1,200 scenes, 36 blended
+    table, poisoned = blended_scenes
+    return table.images, poisoned
+
+
+@pytest.mark.parametrize("template", [False, True])
 @pytest.mark.parametrize("kind", ["sig", "blended", "badnet"])
-def test_a_position_locked_trigger_is_found_from_the_pixels_alone(kind, sig_scenes):
-    images, poisoned = sig_scenes if kind == "sig" else _backdoored(kind)
-    result = phase_locked_patterns(images)
+def test_a_position_locked_trigger_is_found_from_the_pixels_alone(
+    kind, template, sig_scenes, blended_images
+):
+    scenes = {"sig": sig_scenes, "blended": blended_images}
+    images, poisoned = scenes[kind] if kind in scenes else _backdoored(kind)
+    result = phase_locked_patterns(images, template=template)
     assert result.scores.shape == (len(images),) and np.isfinite(result.scores).all()
     assert roc_auc_score(poisoned, result.scores) >= 0.98
     assert result.patterns and result.patterns[0]["coherence"] >= 0.5
@@ -38,6 +48,16 @@ def test_sig_is_locked_at_its_own_frequency(sig_scenes):
     patterns = phase_locked_patterns(images).patterns
     assert patterns[0]["bin"] == (0, 6)
     assert patterns[0]["flagged"] >= 0.5 * poisoned.sum()
+
+
+def test_the_matched_template_puts_a_spread_trigger_over_the_cut(blended_images):
+    # blended noise spreads over hundreds of bins; the mean of the 32 strongest leaves
+    # most of its images under the cut, the template (every significant bin) does not
+    images, poisoned = blended_images
+    bins = phase_locked_patterns(images).scores
+    matched = phase_locked_patterns(images, template=True).scores
+    assert (matched[poisoned] >= 3).mean() >= 0.9 > (bins[poisoned] >= 3).mean()
+    assert (matched[~poisoned] >= 3).mean() <= 0.005
 
 
 def test_clean_scenes_lock_no_pattern_and_score_zero(sig_scenes):
@@ -64,6 +84,8 @@ def test_bad_input_gets_a_clear_error(sig_scenes):
         phase_locked_patterns(images, tail=0.7)
     with pytest.raises(ValueError, match="min_coherence"):
         phase_locked_patterns(images, min_coherence=0.0)
+    with pytest.raises(ValueError, match="template_z"):
+        phase_locked_patterns(images, template=True, template_z=0.0)
     with pytest.raises(TypeError, match="uint8"):
         phase_locked_patterns(images.astype(np.float32))
 

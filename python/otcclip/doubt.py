@@ -102,6 +102,7 @@ SIGNALS: dict[str, str] = {
 }
 FAMILIES: tuple[str, ...] = ("cross", "density", "pixel", "consistency")
 BUDGETS: tuple[str, ...] = ("cut", "mixture")
+PHASE_SCALES: tuple[str, ...] = ("tail", "own")
 
 
 @dataclass
@@ -138,6 +139,12 @@ class DoubtConfig:
     reach: how many neighbours past k the consistency signals look through, so that
         copies of the pair's own image (which may not vouch) cannot fill the
         neighbourhood.
+    phase_template: score `phase_pixel` along each pattern's matched template
+        (`phase_locked_patterns(template=True)`) rather than the mean of its bins.
+    phase_scale: "tail" rescales `phase_pixel` like every signal (`tail_scale`); "own"
+        fuses it on its own scale, which already maps each pattern's median to 0 and
+        95th percentile to 1 before the maximum over patterns (rescaling that maximum
+        again pulled a fifth of SIG's images under the cut; TUNING.md, session 12).
     threads: rayon threads for the self-joins (None: the engine's default).
     seed: seeds the mixture's initialisation.
     """
@@ -168,6 +175,8 @@ class DoubtConfig:
     copy_ncc: float = 0.95
     tile_min_std: float = 40.0
     report_all: bool = False
+    phase_template: bool = False
+    phase_scale: str = "tail"
     threads: int | None = None
     seed: int = 0
 
@@ -199,6 +208,10 @@ class DoubtConfig:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         if isinstance(self.thumb, bool) or not isinstance(self.thumb, int) or self.thumb < 2:
             raise ValueError(f"thumb must be an int >= 2, got {self.thumb!r}")
+        if self.phase_scale not in PHASE_SCALES:
+            raise ValueError(
+                f"phase_scale must be one of {', '.join(PHASE_SCALES)}, got {self.phase_scale!r}"
+            )
 
     def without(self, family: str) -> DoubtConfig:
         """The same config with one family of signals left out (an ablation)."""
@@ -375,7 +388,9 @@ def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> Pix
         if len(images) < PHASE_MIN_IMAGES:
             phase = np.zeros(len(images))
         else:
-            phase = phase_locked_patterns(images, seed=config.seed).scores
+            phase = phase_locked_patterns(
+                images, seed=config.seed, template=config.phase_template
+            ).scores
     return PixelEvidence(keys, neighbours, aligned, recurrence, pattern, phase)
 
 
@@ -743,7 +758,11 @@ def decide(
     """
     if config.fusion == "max_tail":
         z = {
-            name: tail_scale(values, config.tail, SCALE_FLOOR.get(name, 0.0))
+            name: (
+                np.asarray(values, dtype=np.float64)
+                if name == "phase_pixel" and config.phase_scale == "own"
+                else tail_scale(values, config.tail, SCALE_FLOOR.get(name, 0.0))
+            )
             for name, values in signals.items()
         }
     else:

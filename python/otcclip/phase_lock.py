@@ -21,10 +21,12 @@ rewrite it:
    scale (`tail_scale`: the median at 0, the 95th percentile at 1); the images beyond
    `cut` there are that bin's flagged set. A trigger's bins flag its images; on the
    clean pairs of fashion-scenes no locked bin flags `min_count` images.
-4. Bins whose flagged sets overlap (Jaccard >= 0.5) are one pattern; the strongest
-   `patterns` of them are kept (at least `min_count` flagged images each), and an image
-   scores the largest, over patterns, of its mean scaled projection on the pattern's
-   `members` strongest bins.
+4. A bin whose flagged images lie mostly (>= 50%) inside a stronger bin's flagged set
+   joins that bin's pattern; the strongest `patterns` patterns are kept (at least
+   `min_count` flagged images each), and an image scores the largest, over patterns, of
+   its mean scaled projection on the pattern's `members` strongest bins, or, with
+   `template`, of its projection on the pattern's matched template (the mean spectrum of
+   the images it flags). Either is put back on the common scale per pattern.
 
 On the development data it finds the blended, SIG, BadNet and adaptive-patch triggers
 (AUROC 1.000) and flags no clean-only image; it is blind to WaNet's sub-pixel warp
@@ -108,10 +110,17 @@ def phase_locked_patterns(
     fit_rows: int = 20000,
     seed: int = 0,
     block: int = 4096,
+    template: bool = False,
+    template_z: float = 4.0,
 ) -> PhaseLock:
     """Score each image by how far it sits along a phase-locked pattern (see the module).
 
     images: (N, H, W) or (N, H, W, 3) uint8.
+    template: score along each pattern's matched template instead of the mean of its
+        member bins: the mean whitened spectrum of the sample images the pattern flags,
+        less the mean of all, over every bin where that difference is significant
+        (|t| sqrt(flagged) >= `template_z`). A trigger that locks one bin (SIG's
+        sinusoid) leaves weaker harmonics the template adds (TUNING.md, session 12).
     """
     gray = gray_u8(images)
     n = len(gray)
@@ -121,6 +130,8 @@ def phase_locked_patterns(
         raise ValueError(f"tail must be a share in (0, 0.5), got {tail!r}")
     if not 0.0 < min_coherence <= 1.0:
         raise ValueError(f"min_coherence must be in (0, 1], got {min_coherence!r}")
+    if template_z <= 0:
+        raise ValueError(f"template_z must be > 0, got {template_z!r}")
     if patterns < 1 or members < 1 or min_count < 1 or fit_rows < MIN_IMAGES:
         raise ValueError("patterns, members and min_count must be >= 1 and fit_rows >= MIN_IMAGES")
     rng = np.random.default_rng(seed)
@@ -139,12 +150,11 @@ def phase_locked_patterns(
     if not len(locked):
         return PhaseLock(np.zeros(n), [])
     proj = (z[:, locked] * direction[locked]).real.astype(np.float64)
-    del z
     median = np.median(proj, axis=0)
     spread = np.maximum(np.quantile(proj, 0.95, axis=0) - median, 1e-12)
     flagged = (proj - median) / spread > cut
     count = flagged.sum(axis=0)
-    chosen: list[tuple[np.ndarray, float, float]] = []  # member bins, the pattern's scale
+    chosen: list[_Pattern] = []
     found: list[dict] = []
     free = np.ones(len(locked), bool)
     for j in np.argsort(-count, kind="stable"):
@@ -158,9 +168,13 @@ def phase_locked_patterns(
         group = group[np.argsort(-count[group], kind="stable")][:members]
         # a pattern's own scale: averaging its bins narrows the scenes' spread, so its
         # mean is put back on the common scale (median 0, 95th percentile 1)
-        mean = ((proj[:, group] - median[group]) / spread[group]).mean(axis=1)
-        low, high = np.quantile(mean, [0.5, 0.95])
-        chosen.append((group, float(low), max(float(high - low), 1e-12)))
+        cols = locked[group]
+        pattern = _BinMean(cols, direction[cols], median[group], spread[group]).scaled(
+            proj[:, group]
+        )
+        if template:
+            pattern = _matched_template(z, pattern.score_whitened(z) > cut, template_z) or pattern
+        chosen.append(pattern)
         row, col = divmod(int(fit.bins[locked[j]]), gray.shape[2] // 2 + 1)
         found.append(
             {
@@ -170,16 +184,74 @@ def phase_locked_patterns(
                 "coherence": float(coherence[locked[j]]),
             }
         )
+    del z
     if not chosen:
         return PhaseLock(np.zeros(n), [])
     scores = np.zeros(n)  # an image on no pattern's side scores 0
     for start in range(0, n, block):  # bounded memory: the spectra of one block at a time
         zb = _whiten(_spectra(gray[start : start + block]), fit)
-        for group, low, width in chosen:
-            cols = locked[group]
-            pb = (zb[:, cols] * direction[cols]).real
-            mean = ((pb - median[group]) / spread[group]).mean(axis=1)
+        for pattern in chosen:
             scores[start : start + block] = np.maximum(
-                scores[start : start + block], (mean - low) / width
+                scores[start : start + block], pattern.score_whitened(zb)
             )
     return PhaseLock(scores, found)
+
+
+@dataclass
+class _BinMean:
+    """A pattern scored by the mean of its member bins' scaled projections, that mean put
+    back on the common scale (median 0, 95th percentile 1): averaging narrows the scenes'
+    spread, which would otherwise hide a trigger's images under the cut."""
+
+    cols: np.ndarray  # columns of the whitened spectrum
+    direction: np.ndarray  # each bin's locked phase (unit complex)
+    median: np.ndarray
+    spread: np.ndarray
+    low: float = 0.0
+    width: float = 1.0
+
+    def _mean(self, proj: np.ndarray) -> np.ndarray:
+        return ((proj - self.median) / self.spread).mean(axis=1)
+
+    def scaled(self, proj: np.ndarray) -> _BinMean:
+        """This pattern with its scale read on the sample's projections `proj`."""
+        low, high = np.quantile(self._mean(proj), [0.5, 0.95])
+        self.low, self.width = float(low), max(float(high - low), 1e-12)
+        return self
+
+    def score_whitened(self, z: np.ndarray) -> np.ndarray:
+        proj = (z[:, self.cols] * self.direction).real
+        return (self._mean(proj) - self.low) / self.width
+
+
+@dataclass
+class _Template:
+    """A pattern scored by a matched filter: the projection on its template, on the
+    common scale of the fitted sample."""
+
+    cols: np.ndarray
+    weights: np.ndarray  # the template's conjugate over its significant bins
+    low: float
+    width: float
+
+    def score_whitened(self, z: np.ndarray) -> np.ndarray:
+        proj = (z[:, self.cols] * self.weights).real.sum(axis=1, dtype=np.float64)
+        return (proj - self.low) / self.width
+
+
+_Pattern = _BinMean | _Template
+
+
+def _matched_template(z: np.ndarray, flagged: np.ndarray, z_min: float) -> _Template | None:
+    """The template of the sample images a pattern flags (None: too few to average)."""
+    count = int(flagged.sum())
+    if count < 2:
+        return None
+    diff = z[flagged].mean(axis=0, dtype=np.complex128) - z.mean(axis=0, dtype=np.complex128)
+    cols = np.flatnonzero(np.abs(diff) * np.sqrt(count) >= z_min)
+    if not len(cols):
+        return None
+    weights = np.conj(diff[cols]).astype(np.complex64)
+    proj = (z[:, cols] * weights).real.sum(axis=1, dtype=np.float64)
+    low, high = np.quantile(proj, [0.5, 0.95])
+    return _Template(cols, weights, float(low), max(float(high - low), 1e-12))
