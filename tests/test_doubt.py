@@ -142,6 +142,7 @@ def test_mismatched_embeddings_are_refused():
         ({"duplicate_sim": 2.0}, "cosine"),
         ({"fusion": "mean"}, "fusion must be"),
         ({"phase_scale": "z"}, "phase_scale must be"),
+        ({"phase_template": True}, "phase_template must be"),
     ],
 )
 def test_config_refuses_bad_knobs(options, message):

@@ -29,7 +29,7 @@ def blended_images(blended_scenes):  # tests/conftest.py: 1,200 scenes, 36 blend
     return table.images, poisoned
 
 
-@pytest.mark.parametrize("template", [False, True])
+@pytest.mark.parametrize("template", ["off", "narrow", "all"])
 @pytest.mark.parametrize("kind", ["sig", "blended", "badnet"])
 def test_a_position_locked_trigger_is_found_from_the_pixels_alone(
     kind, template, sig_scenes, blended_images
@@ -55,7 +55,7 @@ def test_the_matched_template_puts_a_spread_trigger_over_the_cut(blended_images)
     # most of its images under the cut, the template (every significant bin) does not
     images, poisoned = blended_images
     bins = phase_locked_patterns(images).scores
-    matched = phase_locked_patterns(images, template=True).scores
+    matched = phase_locked_patterns(images, template="all").scores
     assert (matched[poisoned] >= 3).mean() >= 0.9 > (bins[poisoned] >= 3).mean()
     assert (matched[~poisoned] >= 3).mean() <= 0.005
 
@@ -85,7 +85,9 @@ def test_bad_input_gets_a_clear_error(sig_scenes):
     with pytest.raises(ValueError, match="min_coherence"):
         phase_locked_patterns(images, min_coherence=0.0)
     with pytest.raises(ValueError, match="template_z"):
-        phase_locked_patterns(images, template=True, template_z=0.0)
+        phase_locked_patterns(images, template="all", template_z=0.0)
+    with pytest.raises(ValueError, match="template must be one of"):
+        phase_locked_patterns(images, template=True)
     with pytest.raises(TypeError, match="uint8"):
         phase_locked_patterns(images.astype(np.float32))
 

@@ -52,6 +52,7 @@ import numpy as np
 
 from otcclip import otmatch
 from otcclip.phase_lock import MIN_IMAGES as PHASE_MIN_IMAGES
+from otcclip.phase_lock import TEMPLATES as PHASE_TEMPLATES
 from otcclip.phase_lock import phase_locked_patterns
 
 # the model-free pixel detectors live in otcclip.pixels; re-exported here, where they
@@ -139,8 +140,9 @@ class DoubtConfig:
     reach: how many neighbours past k the consistency signals look through, so that
         copies of the pair's own image (which may not vouch) cannot fill the
         neighbourhood.
-    phase_template: score `phase_pixel` along each pattern's matched template
-        (`phase_locked_patterns(template=True)`) rather than the mean of its bins.
+    phase_template: which of `phase_pixel`'s patterns are scored along their matched
+        template rather than the mean of their bins (`phase_locked_patterns`'s
+        `template`: "off", "narrow", "all").
     phase_scale: "tail" rescales `phase_pixel` like every signal (`tail_scale`); "own"
         fuses it on its own scale, which already maps each pattern's median to 0 and
         95th percentile to 1 before the maximum over patterns (rescaling that maximum
@@ -175,7 +177,7 @@ class DoubtConfig:
     copy_ncc: float = 0.95
     tile_min_std: float = 40.0
     report_all: bool = False
-    phase_template: bool = False
+    phase_template: str = "off"
     phase_scale: str = "tail"
     threads: int | None = None
     seed: int = 0
@@ -208,6 +210,11 @@ class DoubtConfig:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         if isinstance(self.thumb, bool) or not isinstance(self.thumb, int) or self.thumb < 2:
             raise ValueError(f"thumb must be an int >= 2, got {self.thumb!r}")
+        if self.phase_template not in PHASE_TEMPLATES:
+            raise ValueError(
+                f"phase_template must be one of {', '.join(PHASE_TEMPLATES)}, "
+                f"got {self.phase_template!r}"
+            )
         if self.phase_scale not in PHASE_SCALES:
             raise ValueError(
                 f"phase_scale must be one of {', '.join(PHASE_SCALES)}, got {self.phase_scale!r}"

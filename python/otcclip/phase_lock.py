@@ -43,11 +43,12 @@ import numpy as np
 
 from otcclip.pixels import gray_u8
 
-__all__ = ["MIN_IMAGES", "PhaseLock", "phase_locked_patterns"]
+__all__ = ["MIN_IMAGES", "TEMPLATES", "PhaseLock", "phase_locked_patterns"]
 
 # Fewer images than this have no tail to lock: a pattern needs a handful of images far out
 # at its frequencies before their phases can agree.
 MIN_IMAGES = 16
+TEMPLATES: tuple[str, ...] = ("off", "narrow", "all")
 
 
 @dataclass
@@ -110,17 +111,20 @@ def phase_locked_patterns(
     fit_rows: int = 20000,
     seed: int = 0,
     block: int = 4096,
-    template: bool = False,
+    template: str = "off",
     template_z: float = 4.0,
 ) -> PhaseLock:
     """Score each image by how far it sits along a phase-locked pattern (see the module).
 
     images: (N, H, W) or (N, H, W, 3) uint8.
-    template: score along each pattern's matched template instead of the mean of its
-        member bins: the mean whitened spectrum of the sample images the pattern flags,
-        less the mean of all, over every bin where that difference is significant
-        (|t| sqrt(flagged) >= `template_z`). A trigger that locks one bin (SIG's
-        sinusoid) leaves weaker harmonics the template adds (TUNING.md, session 12).
+    template: which patterns are scored along their matched template instead of the
+        mean of their member bins (TEMPLATES): "off" none, "narrow" those that lock fewer
+        than `members` bins, "all" every one. The template is the mean whitened spectrum
+        of the sample images the pattern flags, less the mean of all, over every bin
+        where that difference is significant (|t| sqrt(flagged) >= `template_z`). A
+        trigger that locks one bin (SIG's sinusoid) leaves weaker harmonics the template
+        adds; one that locks many (a patch) has strong bins enough, and summing hundreds
+        of weak ones adds the scenes' spread (TUNING.md, session 12).
     """
     gray = gray_u8(images)
     n = len(gray)
@@ -130,6 +134,8 @@ def phase_locked_patterns(
         raise ValueError(f"tail must be a share in (0, 0.5), got {tail!r}")
     if not 0.0 < min_coherence <= 1.0:
         raise ValueError(f"min_coherence must be in (0, 1], got {min_coherence!r}")
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     if template_z <= 0:
         raise ValueError(f"template_z must be > 0, got {template_z!r}")
     if patterns < 1 or members < 1 or min_count < 1 or fit_rows < MIN_IMAGES:
@@ -172,7 +178,7 @@ def phase_locked_patterns(
         pattern = _BinMean(cols, direction[cols], median[group], spread[group]).scaled(
             proj[:, group]
         )
-        if template:
+        if template == "all" or (template == "narrow" and len(group) < members):
             pattern = _matched_template(z, pattern.score_whitened(z) > cut, template_z) or pattern
         chosen.append(pattern)
         row, col = divmod(int(fit.bins[locked[j]]), gray.shape[2] // 2 + 1)
