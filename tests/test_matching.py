@@ -373,6 +373,47 @@ def test_a_bank_prunes_against_its_own_rows_and_still_scores_the_own_caption(bun
     np.testing.assert_array_equal(whole.candidates, exact.candidates)
 
 
+@pytest.mark.parametrize("bank", [None, 10])
+def test_a_round_from_embeddings_equals_the_models_round_at_alpha_one(bundle, bank):
+    images, captions, _, _, _ = poisoned_world()
+    own = np.arange(len(images), dtype=np.int64)
+    config = MatchConfig(k=3, alpha=1.0, margin=0.01, bank=bank, seed=2)
+    by_model = match_round(bundle, images, captions, own, config)
+    # the round's own embeddings, scaled (any norm is accepted) and as float64
+    by_embeddings = matching.match_embeddings(
+        3.0 * by_model.image_embeddings.astype(np.float64), by_model.pool_embeddings, own, config
+    )
+    for name in ("caption", "best", "candidates", "changed", "suspicious"):
+        np.testing.assert_array_equal(getattr(by_embeddings, name), getattr(by_model, name))
+    for name in ("global_score", "own_global_score", "best_score"):
+        np.testing.assert_allclose(
+            getattr(by_embeddings, name), getattr(by_model, name), rtol=1e-6, atol=1e-6
+        )
+    assert np.isnan(by_embeddings.ot_score).all()
+    assert by_embeddings.report["pruned_against"] == (bank or len(captions))
+
+
+def test_a_round_from_embeddings_refuses_bad_input():
+    rng = np.random.default_rng(0)
+    img, pool = rng.normal(size=(5, 4)), rng.normal(size=(7, 4))
+    with pytest.raises(ValueError, match="alpha = 1"):
+        matching.match_embeddings(img, pool, None, MatchConfig(k=2, alpha=0.5))
+    with pytest.raises(ValueError, match="one model"):
+        matching.match_embeddings(img, pool[:, :3], None, MatchConfig(k=2, alpha=1.0))
+    with pytest.raises(ValueError, match="larger than the pool"):
+        matching.match_embeddings(img, pool, None, MatchConfig(k=8, alpha=1.0))
+    bad = img.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"rows \[2\]"):
+        matching.match_embeddings(bad, pool, None, MatchConfig(k=2, alpha=1.0))
+    with pytest.raises(ValueError, match="all-zero rows"):
+        matching.match_embeddings(np.zeros((5, 4)), pool, None, MatchConfig(k=2, alpha=1.0))
+    with pytest.raises(TypeError, match="2-D float"):
+        matching.match_embeddings(img[0], pool, None, MatchConfig(k=2, alpha=1.0))
+    with pytest.raises(ValueError, match="own"):
+        matching.match_embeddings(img, pool, np.arange(4), MatchConfig(k=2, alpha=1.0))
+
+
 def test_report_without_ground_truth_has_no_poison_shares(bundle):
     images, captions, *_ = poisoned_world()
     res = match_round(bundle, images, captions, np.arange(24), MatchConfig(k=3))

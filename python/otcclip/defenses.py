@@ -307,6 +307,8 @@ class OTCCLIPDefense(Defense):
         self.rounds = 0
         self.pixels: Any = None  # doubt.PixelEvidence, computed once, kept in the state
         self.screened: np.ndarray | None = None  # left out of the warm-up by the pixels
+        # round_embeddings=training: the training pass's embeddings per pair
+        self.kept: Any = None  # matching_state.MatchingState
 
     def setup(self, ctx: TrainContext) -> None:
         from otcclip.otmatch import History
@@ -320,6 +322,10 @@ class OTCCLIPDefense(Defense):
         self.history.record(0, ctx.table.ids, ctx.table.ids)
         self.rounds = 0
         self.screened = None
+        if self.config.round_embeddings == "training":
+            from otcclip.matching_state import MatchingState
+
+            self.kept = MatchingState(n, int(ctx.bundle.embed_dim))
 
     def match_config(self, round_index: int = 0) -> Any:
         """The matching knobs of a round; a bank (`match_bank`) is drawn anew each round."""
@@ -349,7 +355,7 @@ class OTCCLIPDefense(Defense):
         assert self.assignment is not None, "setup() first"
         info: dict[str, Any] = {}
         if self.intervenes(epoch):
-            info = self._round(ctx)
+            info = self._round(ctx, epoch)
         elif self.rounds == 0 and self.screened is None and self.screens():
             info = self._screen(ctx)
         positions = np.flatnonzero(self.assignment >= 0).astype(np.int64)
@@ -364,9 +370,7 @@ class OTCCLIPDefense(Defense):
             info=info,
         )
 
-    def _round(self, ctx: TrainContext) -> dict[str, Any]:
-        from otcclip.matching import match_round
-
+    def _round(self, ctx: TrainContext, epoch: int) -> dict[str, Any]:
         assert self.assignment is not None and self.doubted is not None, "setup() first"
         c = self.config
         table = ctx.table
@@ -377,24 +381,19 @@ class OTCCLIPDefense(Defense):
             own = np.where(self.assignment >= 0, self.assignment, original)
         elif c.rematch_from == "sticky":
             own = np.where(self.doubted & (self.assignment >= 0), self.assignment, original)
-        with_classes = table.image_classes is not None and table.caption_classes is not None
-        result = match_round(
-            ctx.bundle,
-            table.images,
-            table.captions,
-            own,
-            self.match_config(self.rounds),
-            poisoned=ctx.poisoned,
-            image_classes=table.image_classes if with_classes else None,
-            caption_classes=table.caption_classes if with_classes else None,
-            progress=ctx.progress,
-        )
+        if self.kept is not None:
+            result = self._match_kept(ctx, own, epoch)
+        else:
+            result = self._match_model(ctx, own)
         caption = np.asarray(result.caption, dtype=np.int64).copy()
         doubted_now = caption != own
         doubt_report: dict[str, Any] = {}
         if c.doubt == "fused":
             doubted_now, doubt_report = self._fused_doubt(ctx, result, own)
-            caption = np.where(doubted_now, np.asarray(result.best, dtype=np.int64), own)
+            best = np.asarray(result.best, dtype=np.int64)
+            if self.kept is not None and c.on_doubt == "repair":
+                best = self._rescore(ctx, own, doubted_now, best, result)
+            caption = np.where(doubted_now, best, own)
         if c.on_doubt == "drop":
             caption = np.where(doubted_now, -1, own)
             if c.rematch_from == "sticky":
@@ -415,6 +414,89 @@ class OTCCLIPDefense(Defense):
         report.update(_applied(ctx, doubted_now, self.assignment))
         report["seconds_by_stage"] = result.report.get("seconds", {})
         return report
+
+    def _match_model(self, ctx: TrainContext, own: np.ndarray) -> Any:
+        """The round with every pair embedded again by the model (`match_round`)."""
+        from otcclip.matching import match_round
+
+        table = ctx.table
+        with_classes = table.image_classes is not None and table.caption_classes is not None
+        return match_round(
+            ctx.bundle,
+            table.images,
+            table.captions,
+            own,
+            self.match_config(self.rounds),
+            poisoned=ctx.poisoned,
+            image_classes=table.image_classes if with_classes else None,
+            caption_classes=table.caption_classes if with_classes else None,
+            progress=ctx.progress,
+        )
+
+    def _match_kept(self, ctx: TrainContext, own: np.ndarray, epoch: int) -> Any:
+        """The round from the training pass's embeddings (`round_embeddings="training"`).
+
+        The pairs the last epoch did not train are embedded now, in eval mode, and
+        stamped as the last epoch's; then the pruning and the cosine lead come from the
+        kept embeddings (`match_embeddings`), with no pass over the data of its own.
+        """
+        import dataclasses
+        import time
+
+        from otcclip.matching import match_embeddings
+        from otcclip.models import embed_images, embed_texts
+
+        assert self.kept is not None
+        table, c = ctx.table, self.config
+        start = time.perf_counter()
+        images = self.kept.stale_images(epoch)
+        if len(images):
+            emb = embed_images(ctx.bundle, table.images[images], batch_size=c.match_batch)
+            self.kept.write_images(images, emb, epoch - 1)
+        captions = self.kept.stale_captions(epoch)
+        if len(captions):
+            texts = [table.captions[i] for i in captions]
+            emb = embed_texts(ctx.bundle, texts, batch_size=c.match_batch)
+            self.kept.write_captions(captions, emb, epoch - 1)
+        refresh = time.perf_counter() - start
+        image_emb, caption_emb = self.kept.embeddings()
+        config = dataclasses.replace(self.match_config(self.rounds), alpha=1.0)
+        result = match_embeddings(image_emb, caption_emb, own, config)
+        result.report["seconds"] = {"refresh": refresh, **result.report.get("seconds", {})}
+        result.report["refreshed_images"] = int(len(images))
+        result.report["refreshed_captions"] = int(len(captions))
+        return result
+
+    def _rescore(
+        self,
+        ctx: TrainContext,
+        own: np.ndarray,
+        doubted: np.ndarray,
+        best: np.ndarray,
+        result: Any,
+    ) -> np.ndarray:
+        """The doubted pairs' best candidate by the full score (OT included), computed
+        for those pairs only: their images and their candidates' tokens, nothing else."""
+        import dataclasses
+
+        from otcclip.matching import match_round
+
+        rows = np.flatnonzero(doubted)
+        config = self.match_config(self.rounds)
+        if not len(rows) or config.alpha >= 1:
+            return best
+        sub = match_round(
+            ctx.bundle,
+            ctx.table.images[rows],
+            ctx.table.captions,
+            own[rows],
+            dataclasses.replace(config, cache_tokens=False),
+            pool_embeddings=result.pool_embeddings,
+        )
+        out = best.copy()
+        out[rows] = np.asarray(sub.best, dtype=np.int64)
+        result.report["seconds"]["rescore"] = float(sum(sub.report["seconds"].values()))
+        return out
 
     def doubt_config(self) -> Any:
         from otcclip.doubt import DoubtConfig
@@ -574,6 +656,20 @@ class OTCCLIPDefense(Defense):
         progress = batch.epoch + batch.step / steps  # epochs done (epoch is 0-based)
         return c.lambda_inter * min(1.0, progress / c.inter_ramp)
 
+    def after_step(self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features) -> None:
+        """Keep the step's global embeddings for the next round (round_embeddings=training).
+
+        The features are the global batch's (gathered), so every process keeps the same
+        state. The caption written is the one trained, at its own row (a re-paired
+        image's caption is another pair's own caption).
+        """
+        if self.kept is None:
+            return
+        image = feats.image[0][0].float().cpu().numpy()
+        text = feats.text[0][0].float().cpu().numpy()
+        self.kept.write_images(batch.positions, image, batch.epoch)
+        self.kept.write_captions(plan.caption[batch.positions], text, batch.epoch)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "assignment": self.assignment,
@@ -582,6 +678,7 @@ class OTCCLIPDefense(Defense):
             "rounds": self.rounds,
             "screened": self.screened,
             "pixels": None if self.pixels is None else self.pixels.state_dict(),
+            "kept": None if self.kept is None else self.kept.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -605,6 +702,11 @@ class OTCCLIPDefense(Defense):
             from otcclip.doubt import PixelEvidence
 
             self.pixels = PixelEvidence.from_state(pixels)
+        kept = state.get("kept")
+        if kept is not None:
+            from otcclip.matching_state import MatchingState
+
+            self.kept = MatchingState.from_state(kept)
 
 
 def steps_per_epoch(ctx: TrainContext) -> int:

@@ -56,6 +56,7 @@ __all__ = [
     "CaptionBank",
     "match_round",
     "match_image_batches",
+    "match_embeddings",
     "embed_pool",
     "score_candidates",
 ]
@@ -402,6 +403,78 @@ def match_image_batches(
     _check_classes(image_classes, caption_classes, done, m)
     local = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     return _finish(local, own, pool, config, timer, (None, image_classes, caption_classes), m)
+
+
+def match_embeddings(
+    image_embeddings: np.ndarray,
+    pool_embeddings: np.ndarray,
+    own: np.ndarray | None,
+    config: MatchConfig | None = None,
+) -> MatchResult:
+    """A round from global embeddings already at hand: the top-k pruning and the
+    assignment by cosine alone (the round at alpha = 1), with no model and no OT.
+
+    Why: a trainer that keeps each pair's embeddings from its own forward passes
+    (`otcclip.matching_state`) needs no embedding pass of its own for the round, and a
+    user with embeddings from elsewhere needs no model. image_embeddings (N, D) and
+    pool_embeddings (M, D), float, finite, any norm (normalised here); own: as in
+    match_round. The fine-grained OT needs the model's tokens: score the pairs that
+    need it with `match_round` (config.alpha < 1 is refused here).
+    """
+    config = config or MatchConfig(alpha=1.0)
+    if config.alpha < 1:
+        raise ValueError(
+            f"match_embeddings scores by cosine alone (alpha = 1), got alpha = {config.alpha}; "
+            "the OT term needs the model's tokens: use match_round"
+        )
+    timer = _Timer()
+    images = _unit_float_rows("image_embeddings", image_embeddings)
+    pool = PoolFeatures(_unit_float_rows("pool_embeddings", pool_embeddings))
+    n, m = len(images), len(pool)
+    if images.shape[1] != pool.embeddings.shape[1]:
+        raise ValueError(
+            f"image embeddings are {images.shape[1]} wide, pool embeddings "
+            f"{pool.embeddings.shape[1]}: they must come from one model"
+        )
+    if config.k > m:
+        raise ValueError(f"k = {config.k} is larger than the pool ({m} captions)")
+    own = _check_index_array("own", own, n, m)
+    bank = _bank(pool, config)
+    k = config.k
+    with timer("prune"):
+        searched = pool.embeddings if bank is None else bank[1]
+        cand, sim = otmatch.topk(images, searched, k, config.threads)
+        if bank is not None:
+            cand = bank[0][cand]
+    cos = np.empty((n, k + (own is not None)), np.float32)
+    cos[:, :k] = sim
+    if own is not None:
+        mine = np.maximum(own, 0)
+        cos[:, k] = np.einsum("nd,nd->n", images, pool.embeddings[mine])
+        cos[own < 0, k] = np.nan
+    local = {
+        "candidates": np.asarray(cand, np.int64),
+        "cos": cos,
+        "ot": np.full_like(cos, np.nan),
+        "embeddings": images,
+    }
+    return _finish(local, own, pool, config, timer, (None, None, None), m)
+
+
+def _unit_float_rows(name: str, x: np.ndarray) -> np.ndarray:
+    """float32 (N, D), C-contiguous, rows of length 1; a clear error for anything else."""
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{name} must be a 2-D float numpy array (N, D)")
+    if not len(x) or not x.shape[1]:
+        raise ValueError(f"{name} is empty: {x.shape}")
+    x = np.asarray(x, np.float32)
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        raise ValueError(f"{name} has NaN or infinite values in rows {bad[:5].tolist()}")
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norm == 0).any():
+        raise ValueError(f"{name} has all-zero rows {np.flatnonzero(norm[:, 0] == 0)[:5].tolist()}")
+    return np.ascontiguousarray(x / norm)
 
 
 def _finish(

@@ -114,6 +114,8 @@ _RESUMABLE_FIELDS = frozenset(
 )
 
 
+ROUND_EMBEDDINGS = ("model", "training")
+
 # Recorded only when set (see TrainConfig.to_dict): the results table compares configs.
 _OMITTED_AT_DEFAULT = frozenset(
     {
@@ -138,6 +140,7 @@ _OMITTED_AT_DEFAULT = frozenset(
         "workers",
         "prefetch",
         "match_bank",
+        "round_embeddings",
     }
 )
 
@@ -229,6 +232,9 @@ class TrainConfig:
     match_batch: int = 256
     # a round's pruning from a random bank of this many captions (None: exact top-k)
     match_bank: int | None = None
+    # where a round takes the global embeddings: "model" (embed every pair again) or
+    # "training" (kept from the training pass, `otcclip.matching_state`)
+    round_embeddings: str = "model"
     # RoCLIP
     bank_size: int = 4096
     # SafeCLIP
@@ -300,6 +306,16 @@ class TrainConfig:
             raise ValueError(
                 f"match_bank must be an integer >= k = {self.k} (the candidates it must hold), "
                 f"got {self.match_bank!r}"
+            )
+        if self.round_embeddings not in ROUND_EMBEDDINGS:
+            raise ValueError(
+                f"round_embeddings must be one of {', '.join(ROUND_EMBEDDINGS)}, "
+                f"got {self.round_embeddings!r}"
+            )
+        if self.round_embeddings == "training" and self.doubt != "fused":
+            raise ValueError(
+                "round_embeddings=training needs doubt=fused: the paper's rule doubts every "
+                "pair by its OT score, which needs the model's tokens for every pair"
             )
         if self.threads is not None and _bad_int(self.threads, 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")

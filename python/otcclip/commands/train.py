@@ -358,6 +358,16 @@ _SCHEDULE_HELP = (
     "README; approximate). [default: exact]",
 )
 @click.option(
+    "--round-embeddings",
+    type=click.Choice(["model", "training"]),
+    default="model",
+    show_default=True,
+    help="OTCCLIP: where a round takes each pair's global embeddings: embed every pair "
+    "again (model), or keep them from the training pass and re-embed only the pairs the "
+    "last epoch left out (training; needs --doubt fused; the cross-modal signal is then "
+    "the global-cosine lead, and only repaired pairs are scored by OT).",
+)
+@click.option(
     "--bank-size",
     type=click.IntRange(min=1),
     default=4096,
