@@ -105,3 +105,40 @@ def test_rounds_from_the_training_pass_embed_only_what_it_did_not_train(tmp_path
     assert all(r["refreshed_images"] <= 192 // 4 for r in rounds)
     with pytest.raises(ValueError, match="needs doubt=fused"):
         dataclasses.replace(config, doubt="match").validate()
+
+
+@pytest.mark.slow
+def test_repairing_from_kept_embeddings_scores_only_the_doubted_pairs(tmp_path, monkeypatch):
+    """Under on_doubt=repair the OT round runs on the doubted pairs' images alone, with the
+    kept caption embeddings as its pool (no pass over all images or captions)."""
+    import otcclip.matching as matching
+    from otcclip.train import TrainConfig, train
+
+    calls: list[tuple[int, int]] = []
+    real = matching.match_round
+
+    def counted(bundle, images, captions, own, config=None, **kwargs):
+        assert kwargs.get("pool_embeddings") is not None and not config.cache_tokens
+        calls.append((len(images), len(captions)))
+        return real(bundle, images, captions, own, config, **kwargs)
+
+    monkeypatch.setattr(matching, "match_round", counted)
+    config = TrainConfig(
+        scenes=192,
+        model="otc-vit-tiny",
+        epochs=2,
+        batch_size=32,
+        defense="otcclip",
+        warmup_epochs=1,
+        match_every=1,
+        on_doubt="repair",
+        round_embeddings="training",
+        progress=False,
+        threads=1,
+        out=str(tmp_path),
+    )
+    result = train(config)
+    round_ = next(m["defense"] for m in result.metrics if "round" in m.get("defense", {}))
+    doubted = round_["doubt_doubted"]
+    assert doubted > 0 and calls == [(doubted, 192)]
+    assert "rescore" in round_["seconds_by_stage"]

@@ -114,6 +114,7 @@ OTCCLIP_ONLY = frozenset(
         "doubt_k",
         "doubt_min_share",
         "pixel_screen",
+        "round_embeddings",
     }
 )
 

@@ -10,6 +10,13 @@ Only the pairs the last epoch did not train (a pair left out by the doubt, or sc
 out of the warm-up) are re-embedded at the round, in eval mode, and so are the captions
 no trained image carried. Embeddings are kept in float16 (N x D each, as issue 16 sizes
 the state) and stamped with the epoch that wrote them. Rows are the trainer's table rows.
+
+What changes against a round that embeds everything again (`round_embeddings="model"`):
+the embeddings of one round come from the model at different steps of the last epoch
+(and from view 0 of the training step, augmented when L_intra augments it), and the
+cross-modal doubt signal is the global-cosine lead, since the fine-grained OT needs tokens
+the training pass does not keep; with `on_doubt="repair"` only the doubted pairs are
+scored by OT, to pick their new caption.
 """
 
 from __future__ import annotations
