@@ -428,19 +428,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("rounds", ["model", "training"])
+def test_two_processes_train_like_one_on_the_same_global_batch(rounds, tmp_path):
     """Same global batches, so the same loss curve (to float summation order) and,
-    after the epoch-2 matching round, the same caption assignment."""
+    after the epoch-2 matching round, the same caption assignment; with the rounds from
+    the training pass too (every process keeps the gathered batch's embeddings)."""
     out = tmp_path / "ddp.npz"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        __file__, "ddp", str(out),
+        __file__, "ddp", str(out), rounds,
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    single = train(_tiny(**_DDP_CONFIG))
+    single = train(_tiny(**_DDP_CONFIG, round_embeddings=rounds))
     with np.load(out) as two:
         np.testing.assert_allclose(two["losses"], single.step_losses, rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(two["assignment"], single.assignment)
@@ -486,12 +488,12 @@ def _kill_worker(run: str, marker: str, defense: str) -> None:
     train(_tiny(out=run, **config), [_PauseAt(_KILL_AT[defense], Path(marker))])
 
 
-def _ddp_worker(out: str) -> None:
+def _ddp_worker(out: str, rounds: str) -> None:
     from otcclip import distributed as dist
 
     torch.set_num_threads(THREADS)
     dist.init_from_env("gloo")
-    result = train(_tiny(**_DDP_CONFIG))
+    result = train(_tiny(**_DDP_CONFIG, round_embeddings=rounds))
     if dist.is_main():
         weights = {f"w.{k}": v.numpy() for k, v in result.bundle.model.state_dict().items()}
         np.savez(out, losses=np.array(result.step_losses), assignment=result.assignment, **weights)
@@ -503,7 +505,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "kill":
         _kill_worker(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "ddp":
-        _ddp_worker(sys.argv[2])
+        _ddp_worker(sys.argv[2], sys.argv[3])
 
 
 # --------------------------------------------------------------------------- a diverging run
