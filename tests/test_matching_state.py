@@ -67,22 +67,14 @@ def test_a_state_needs_rows_and_width():
         MatchingState(3, True)
 
 
-@pytest.mark.slow
-def test_rounds_from_the_training_pass_embed_only_what_it_did_not_train(tmp_path, monkeypatch):
-    """With round_embeddings=training no round embeds the whole data: the first re-embeds
-    the pairs the warm-up screened out, the next ones the pairs the last round left out;
-    the OT round (match_round) never runs when doubted pairs are dropped."""
-    import otcclip.matching as matching
-    from otcclip.train import TrainConfig, train
+def _kept_run(tmp_path, **settings):
+    """A small OTCCLIP run (192 scenes, a round every epoch after one of warm-up) with
+    its rounds from the training pass."""
+    from otcclip.train import TrainConfig
 
-    def no_round(*args, **kwargs):
-        raise AssertionError("the model's round ran")
-
-    monkeypatch.setattr(matching, "match_round", no_round)
-    config = TrainConfig(
+    return TrainConfig(
         scenes=192,
         model="otc-vit-tiny",
-        epochs=3,
         batch_size=32,
         defense="otcclip",
         warmup_epochs=1,
@@ -91,7 +83,23 @@ def test_rounds_from_the_training_pass_embed_only_what_it_did_not_train(tmp_path
         progress=False,
         threads=1,
         out=str(tmp_path),
+        **settings,
     )
+
+
+@pytest.mark.slow
+def test_rounds_from_the_training_pass_embed_only_what_it_did_not_train(tmp_path, monkeypatch):
+    """With round_embeddings=training no round embeds the whole data: the first re-embeds
+    the pairs the warm-up screened out, the next ones the pairs the last round left out;
+    the OT round (match_round) never runs when doubted pairs are dropped."""
+    import otcclip.matching as matching
+    from otcclip.train import train
+
+    def no_round(*args, **kwargs):
+        raise AssertionError("the model's round ran")
+
+    monkeypatch.setattr(matching, "match_round", no_round)
+    config = _kept_run(tmp_path, epochs=3)
     result = train(config)
     rounds = [m["defense"] for m in result.metrics if "round" in m.get("defense", {})]
     assert [r["round"] for r in rounds] == [1, 2]
@@ -112,7 +120,7 @@ def test_repairing_from_kept_embeddings_scores_only_the_doubted_pairs(tmp_path, 
     """Under on_doubt=repair the OT round runs on the doubted pairs' images alone, with the
     kept caption embeddings as its pool (no pass over all images or captions)."""
     import otcclip.matching as matching
-    from otcclip.train import TrainConfig, train
+    from otcclip.train import train
 
     calls: list[tuple[int, int]] = []
     real = matching.match_round
@@ -123,21 +131,7 @@ def test_repairing_from_kept_embeddings_scores_only_the_doubted_pairs(tmp_path, 
         return real(bundle, images, captions, own, config, **kwargs)
 
     monkeypatch.setattr(matching, "match_round", counted)
-    config = TrainConfig(
-        scenes=192,
-        model="otc-vit-tiny",
-        epochs=2,
-        batch_size=32,
-        defense="otcclip",
-        warmup_epochs=1,
-        match_every=1,
-        on_doubt="repair",
-        round_embeddings="training",
-        progress=False,
-        threads=1,
-        out=str(tmp_path),
-    )
-    result = train(config)
+    result = train(_kept_run(tmp_path, epochs=2, on_doubt="repair"))
     round_ = next(m["defense"] for m in result.metrics if "round" in m.get("defense", {}))
     doubted = round_["doubt_doubted"]
     assert doubted > 0 and calls == [(doubted, 192)]

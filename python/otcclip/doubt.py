@@ -210,15 +210,11 @@ class DoubtConfig:
             raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
         if isinstance(self.thumb, bool) or not isinstance(self.thumb, int) or self.thumb < 2:
             raise ValueError(f"thumb must be an int >= 2, got {self.thumb!r}")
-        if self.phase_template not in PHASE_TEMPLATES:
-            raise ValueError(
-                f"phase_template must be one of {', '.join(PHASE_TEMPLATES)}, "
-                f"got {self.phase_template!r}"
-            )
-        if self.phase_scale not in PHASE_SCALES:
-            raise ValueError(
-                f"phase_scale must be one of {', '.join(PHASE_SCALES)}, got {self.phase_scale!r}"
-            )
+        for name, choices in (("phase_template", PHASE_TEMPLATES), ("phase_scale", PHASE_SCALES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
 
     def without(self, family: str) -> DoubtConfig:
         """The same config with one family of signals left out (an ablation)."""
