@@ -144,7 +144,7 @@ def phase_locked_patterns(
     sample = np.sort(rng.choice(n, size=min(n, fit_rows), replace=False))
     spec = _spectra(gray[sample])
     fit = _fit_axes(spec)
-    z = _whiten(spec, fit)
+    z: np.ndarray | None = _whiten(spec, fit)
     del spec
     m = min(len(z) - 1, max(8, int(tail * len(z))))
     far = np.argpartition(-np.abs(z), m, axis=0)[:m]
@@ -156,6 +156,8 @@ def phase_locked_patterns(
     if not len(locked):
         return PhaseLock(np.zeros(n), [])
     proj = (z[:, locked] * direction[locked]).real.astype(np.float64)
+    if template == "off":
+        z = None  # only a template reads the whitened sample again: free it now
     median = np.median(proj, axis=0)
     spread = np.maximum(np.quantile(proj, 0.95, axis=0) - median, 1e-12)
     flagged = (proj - median) / spread > cut
@@ -175,10 +177,10 @@ def phase_locked_patterns(
         # a pattern's own scale: averaging its bins narrows the scenes' spread, so its
         # mean is put back on the common scale (median 0, 95th percentile 1)
         cols = locked[group]
-        pattern = _BinMean(cols, direction[cols], median[group], spread[group]).scaled(
-            proj[:, group]
+        pattern: _Pattern = _BinMean.fit(
+            cols, direction[cols], median[group], spread[group], proj[:, group]
         )
-        if template == "all" or (template == "narrow" and len(group) < members):
+        if z is not None and (template == "all" or len(group) < members):
             pattern = _matched_template(z, pattern.score_whitened(z) > cut, template_z) or pattern
         chosen.append(pattern)
         row, col = divmod(int(fit.bins[locked[j]]), gray.shape[2] // 2 + 1)
@@ -190,7 +192,7 @@ def phase_locked_patterns(
                 "coherence": float(coherence[locked[j]]),
             }
         )
-    del z
+    z = None
     if not chosen:
         return PhaseLock(np.zeros(n), [])
     scores = np.zeros(n)  # an image on no pattern's side scores 0
@@ -213,17 +215,24 @@ class _BinMean:
     direction: np.ndarray  # each bin's locked phase (unit complex)
     median: np.ndarray
     spread: np.ndarray
-    low: float = 0.0
-    width: float = 1.0
+    low: float
+    width: float
+
+    @classmethod
+    def fit(
+        cls,
+        cols: np.ndarray,
+        direction: np.ndarray,
+        median: np.ndarray,
+        spread: np.ndarray,
+        proj: np.ndarray,
+    ) -> _BinMean:
+        """The pattern with its scale read on the sample's projections `proj`."""
+        low, width = _common_scale(((proj - median) / spread).mean(axis=1))
+        return cls(cols, direction, median, spread, low, width)
 
     def _mean(self, proj: np.ndarray) -> np.ndarray:
         return ((proj - self.median) / self.spread).mean(axis=1)
-
-    def scaled(self, proj: np.ndarray) -> _BinMean:
-        """This pattern with its scale read on the sample's projections `proj`."""
-        low, high = np.quantile(self._mean(proj), [0.5, 0.95])
-        self.low, self.width = float(low), max(float(high - low), 1e-12)
-        return self
 
     def score_whitened(self, z: np.ndarray) -> np.ndarray:
         proj = (z[:, self.cols] * self.direction).real
@@ -259,5 +268,11 @@ def _matched_template(z: np.ndarray, flagged: np.ndarray, z_min: float) -> _Temp
         return None
     weights = np.conj(diff[cols]).astype(np.complex64)
     proj = (z[:, cols] * weights).real.sum(axis=1, dtype=np.float64)
-    low, high = np.quantile(proj, [0.5, 0.95])
-    return _Template(cols, weights, float(low), max(float(high - low), 1e-12))
+    return _Template(cols, weights, *_common_scale(proj))
+
+
+def _common_scale(values: np.ndarray) -> tuple[float, float]:
+    """(median, 95th percentile - median) of a pattern's sample scores: the offset and
+    width that put it on the doubt's common scale."""
+    low, high = np.quantile(values, [0.5, 0.95])
+    return float(low), max(float(high - low), 1e-12)
