@@ -340,6 +340,45 @@ def test_the_fused_rows_name_their_signals_and_older_unnamed_runs_keep_their_own
     assert table.run_state(fused) == "stale"
 
 
+def test_phase_knobs_are_named_where_the_doubt_reads_phase_pixel_and_older_runs_keep_theirs(
+    tmp_path,
+):
+    """A fused run that read phase_pixel with its knobs unset trained the template-less,
+    tail-scaled score of session 12: it reruns. A row whose doubt never reads phase_pixel
+    (no-pixel) does not depend on the knobs, so it stands whatever they were."""
+    from otcclip.demo import train_config
+    from otcclip.doubt import DoubtConfig
+
+    table = _load_script()
+    args = table._parser().parse_args(["--scenes", "200", "--out", str(tmp_path)])
+    base = table.demo_config(args)
+    rows = table.select_rows(
+        table.table_rows(train_config(base, "otcclip")), ["otcclip", "no-pixel"]
+    )
+    fused, no_pixel = table.plan_runs(tmp_path, base, rows, [0])
+    assert fused.spec["train"]["doubt_phase_template"] == DoubtConfig().phase_template
+    assert fused.spec["train"]["doubt_phase_scale"] == DoubtConfig().phase_scale
+    assert "--doubt-phase-template" in fused.spec["command"]
+    _assert_command_reproduces(fused.spec["command"], fused.spec)
+    assert no_pixel.spec["train"].get("doubt_phase_template") is None
+    for run in (fused, no_pixel):
+        old = json.loads(json.dumps(run.spec))
+        for key in table.PHASE_BEFORE_TEMPLATE:
+            old["train"].pop(key, None)  # recorded before session 13
+        run.directory.mkdir(parents=True)
+        (run.directory / table.RUN_SPEC).write_text(json.dumps(old))
+        (run.directory / "summary.json").write_text(json.dumps({"config": old["train"]}))
+    expected = "done" if DoubtConfig().phase_template == "off" else "stale"
+    assert [table.run_state(r) for r in (fused, no_pixel)] == [expected, "done"]
+    recorded = dict(fused.spec["train"], **table.PHASE_BEFORE_TEMPLATE)
+    (fused.directory / table.RUN_SPEC).write_text(json.dumps(dict(fused.spec, train=recorded)))
+    (fused.directory / "summary.json").write_text(json.dumps({"config": recorded}))
+    assert table.run_state(fused) == "stale"
+    (fused.directory / table.RUN_SPEC).write_text(json.dumps(fused.spec))
+    (fused.directory / "summary.json").write_text(json.dumps({"config": fused.spec["train"]}))
+    assert table.run_state(fused) == "done"
+
+
 @pytest.mark.parametrize(("backdoor", "result"), [(0.025, "met"), (0.027, "NOT met")])
 def test_the_backdoor_bar_is_the_clean_models_rate_plus_one_point(tmp_path, backdoor, result):
     table = _load_script()

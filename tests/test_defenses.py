@@ -381,6 +381,19 @@ def test_otcclip_refuses_unknown_round_modes(kw, match):
         make_defense(_config("otcclip", **kw))
 
 
+def test_the_phase_knobs_reach_the_doubt_and_default_to_its_own():
+    from otcclip.doubt import DoubtConfig
+
+    default = make_defense(_config("otcclip")).doubt_config()
+    assert (default.phase_template, default.phase_scale) == (
+        DoubtConfig().phase_template,
+        DoubtConfig().phase_scale,
+    )
+    kw = {"doubt_phase_template": "all", "doubt_phase_scale": "tail"}
+    chosen = make_defense(_config("otcclip", **kw)).doubt_config()
+    assert (chosen.phase_template, chosen.phase_scale) == ("all", "tail")
+
+
 def test_otcclip_state_survives_a_restart(monkeypatch):
     first = np.arange(N)[::-1].copy()
     monkeypatch.setattr("otcclip.matching.match_round", _Recorder([first]))

@@ -157,7 +157,7 @@ def test_the_phase_signal_on_its_own_scale_is_fused_as_it_comes():
     phase[:20] = 3.5
     signals = {"phase_pixel": phase}
     only = {"signals": ("phase_pixel",), "min_share": 0.0}
-    rescaled = doubt.decide(signals, None, DoubtConfig(**only))
+    rescaled = doubt.decide(signals, None, DoubtConfig(**only, phase_scale="tail"))
     own = doubt.decide(signals, None, DoubtConfig(**only, phase_scale="own"))
     np.testing.assert_array_equal(own.z["phase_pixel"], phase)
     assert own.doubted[:20].all() and own.doubted.sum() == (phase > 3).sum()

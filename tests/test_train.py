@@ -82,6 +82,8 @@ def test_data_order_is_a_pure_function_of_seed_and_epoch():
         ({"defense": "safeclip", "safe_start": 2.0}, "safe_start"),
         ({"defense": "otcclip", "ot_duplicate_cos": 1.5}, "ot_duplicate_cos"),
         ({"defense": "otcclip", "max_repair": -0.1}, "max_repair"),
+        ({"defense": "otcclip", "doubt_phase_scale": "z"}, "doubt_phase_scale must be one of"),
+        ({"defense": "otcclip", "doubt_phase_template": "x"}, "doubt_phase_template must be"),
     ],
 )
 def test_bad_settings_are_refused_before_training(change, message, tmp_path):

@@ -111,6 +111,8 @@ OTCCLIP_ONLY = frozenset(
         "max_repair",
         "doubt",
         "doubt_signals",
+        "doubt_phase_template",
+        "doubt_phase_scale",
         "doubt_k",
         "doubt_min_share",
         "pixel_screen",
@@ -130,25 +132,44 @@ BEFORE_THE_SETTING: dict[str, Any] = {
 
 # The fused doubt's signals before session 12 made phase_pixel a default: a recorded run
 # that left doubt_signals unset (None) trained these. The table now records the signals
-# it asks for by name (`resolved_signals`), so a change of DoubtConfig's default reruns
+# it asks for by name (`resolved_doubt`), so a change of DoubtConfig's default reruns
 # the rows it touches and no others.
 SIGNALS_BEFORE_PHASE = "cross,copies_pixel,recurrence_pixel,consistency_caption,consistency_image"
+
+# phase_pixel's knobs before session 13 made the narrow template and the own scale the
+# default: a recorded fused run with phase_pixel and these unset trained these values.
+PHASE_BEFORE_TEMPLATE = {"doubt_phase_template": "off", "doubt_phase_scale": "tail"}
+
+
+def _reads_phase(train: dict[str, Any]) -> bool:
+    signals = train.get("doubt_signals") or ""
+    return train.get("doubt") == "fused" and "phase_pixel" in signals.split(",")
 
 
 def _with_older_settings(train: dict[str, Any]) -> dict[str, Any]:
     out = {**BEFORE_THE_SETTING, **train}
     if out.get("doubt_signals") is None:
         out["doubt_signals"] = SIGNALS_BEFORE_PHASE
+    for key, before in PHASE_BEFORE_TEMPLATE.items():
+        # a run whose doubt never read phase_pixel did not depend on its knobs
+        out[key] = (out.get(key) or before) if _reads_phase(out) else None
     return out
 
 
-def resolved_signals(tc: Any) -> Any:
-    """`tc` with the fused doubt's signals named, when it fuses them by default."""
+def resolved_doubt(tc: Any) -> Any:
+    """`tc` with the fused doubt's signals, and phase_pixel's knobs where it reads them,
+    named, where they are left to DoubtConfig's default."""
     from otcclip.doubt import DoubtConfig
 
-    if tc.defense != "otcclip" or tc.doubt != "fused" or tc.doubt_signals is not None:
+    if tc.defense != "otcclip" or tc.doubt != "fused":
         return tc
-    return dataclasses.replace(tc, doubt_signals=",".join(DoubtConfig().signals))
+    default = DoubtConfig()
+    signals = tc.doubt_signals or ",".join(default.signals)
+    named = {"doubt_signals": signals}
+    if "phase_pixel" in signals.split(","):
+        named["doubt_phase_template"] = tc.doubt_phase_template or default.phase_template
+        named["doubt_phase_scale"] = tc.doubt_phase_scale or default.phase_scale
+    return dataclasses.replace(tc, **named)
 
 
 def _not_compared(spec: dict[str, Any]) -> frozenset[str]:

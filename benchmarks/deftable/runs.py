@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deftable.data import _read_json, data_dir, data_spec
-from deftable.rows import Row, _not_compared, _with_older_settings, resolved_signals
+from deftable.rows import Row, _not_compared, _with_older_settings, resolved_doubt
 
 FORMAT = "otcclip-defense-table/1"
 RUN_SPEC = "table_run.json"  # what the run was asked to do (compared to decide skip/rerun)
@@ -71,7 +71,7 @@ def plan_runs(out: Path, base: Any, rows: list[Row], seeds: Sequence[int]) -> li
                 threads=base.threads,
                 progress=False,
             )
-            tc = resolved_signals(tc)
+            tc = resolved_doubt(tc)
             tc.validate()
             asr_from = data_dir(out, "poisoned", seed) if row.variant == "clean" else None
             spec = {

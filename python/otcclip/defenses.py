@@ -511,6 +511,10 @@ class OTCCLIPDefense(Defense):
         }
         if c.doubt_signals:
             options["signals"] = tuple(s.strip() for s in c.doubt_signals.split(",") if s.strip())
+        if c.doubt_phase_template is not None:
+            options["phase_template"] = c.doubt_phase_template
+        if c.doubt_phase_scale is not None:
+            options["phase_scale"] = c.doubt_phase_scale
         return DoubtConfig(**options)
 
     def screens(self) -> bool:

@@ -177,8 +177,8 @@ class DoubtConfig:
     copy_ncc: float = 0.95
     tile_min_std: float = 40.0
     report_all: bool = False
-    phase_template: str = "off"
-    phase_scale: str = "tail"
+    phase_template: str = "narrow"
+    phase_scale: str = "own"
     threads: int | None = None
     seed: int = 0
 

@@ -141,6 +141,9 @@ _OMITTED_AT_DEFAULT = frozenset(
         "prefetch",
         "match_bank",
         "round_embeddings",
+        # issue 13, session 13
+        "doubt_phase_template",
+        "doubt_phase_scale",
     }
 )
 
@@ -226,6 +229,9 @@ class TrainConfig:
     max_repair: float = 0.25
     doubt: str = "fused"
     doubt_signals: str | None = None
+    # phase_pixel's template and scale (otcclip.doubt.DoubtConfig; None: its default)
+    doubt_phase_template: str | None = None
+    doubt_phase_scale: str | None = None
     doubt_k: int = 16
     doubt_min_share: float = 0.005
     pixel_screen: bool = True
@@ -344,11 +350,23 @@ class TrainConfig:
                 f"doubt_min_share must be in [0, max_repair={self.max_repair}], "
                 f"got {self.doubt_min_share}"
             )
+        self._validate_phase()
         self._validate_stream()
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory (out) to resume from")
         if self.resume_from is not None and not self.resume:
             raise ValueError("resume_from needs resume")
+
+    def _validate_phase(self) -> None:
+        from otcclip.doubt import PHASE_SCALES, PHASE_TEMPLATES
+
+        for name, choices in (
+            ("doubt_phase_template", PHASE_TEMPLATES),
+            ("doubt_phase_scale", PHASE_SCALES),
+        ):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
     def _validate_stream(self) -> None:
         if _bad_int(self.workers, 0):

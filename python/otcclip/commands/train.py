@@ -272,6 +272,21 @@ _SCHEDULE_HELP = (
     "[default: otcclip.doubt.DoubtConfig's].",
 )
 @click.option(
+    "--doubt-phase-template",
+    type=click.Choice(["off", "narrow", "all"]),
+    default=None,
+    help="Which of the phase_pixel signal's patterns are scored along their matched "
+    "template ('narrow': those that lock few frequency bins, such as SIG's sine) "
+    "[default: otcclip.doubt.DoubtConfig's].",
+)
+@click.option(
+    "--doubt-phase-scale",
+    type=click.Choice(["own", "tail"]),
+    default=None,
+    help="'own' fuses phase_pixel on its own per-pattern scale; 'tail' rescales it like "
+    "every other signal [default: otcclip.doubt.DoubtConfig's].",
+)
+@click.option(
     "--doubt-k",
     type=click.IntRange(min=1),
     default=16,
