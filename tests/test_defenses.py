@@ -158,7 +158,7 @@ def test_a_match_bank_reaches_every_round_drawn_anew(monkeypatch):
         _config("otcclip", match_bank=3).validate()
 
 
-@pytest.mark.parametrize("defense", ["otcclip", "safeclip", "filter"])
+@pytest.mark.parametrize("defense", ["safeclip", "filter"])
 def test_defenses_that_need_every_pair_refuse_a_stream(defense):
     d = make_defense(_config(defense))
     assert not d.streams

@@ -89,8 +89,21 @@ def _stream_rows(shards: Path, table, world: int = 1):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"defense": "otcclip"}, "--stream trains with --defense none or roclip only.*planned"),
+        ({"defense": "filter"}, "--stream trains with --defense none, roclip, otcclip only"),
         ({"defense": "safeclip"}, "random access to all of them"),
+        ({"defense": "otcclip"}, "needs --round-embeddings training"),
+        (
+            {"defense": "otcclip", "round_embeddings": "training", "on_doubt": "repair"},
+            "needs --on-doubt drop",
+        ),
+        (
+            {
+                "defense": "otcclip",
+                "round_embeddings": "training",
+                "doubt_signals": "cross,phase_pixel",
+            },
+            "cannot compute the pixel signals phase_pixel",
+        ),
         ({"data": None, "scenes": 64}, "--scenes builds its pairs in memory"),
         ({"workers": -1}, "workers must be an integer >= 0"),
         ({"prefetch": 0}, "prefetch must be an integer >= 1"),
@@ -104,12 +117,12 @@ def test_what_cannot_stream_is_refused_before_training(change, message):
 def test_the_command_documents_and_checks_the_stream(tmp_path, shards):
     runner = CliRunner()
     help_text = runner.invoke(main, ["train", "--help"]).output
-    for flag in ("--stream", "--workers", "--prefetch", "--defense none or roclip"):
+    for flag in ("--stream", "--workers", "--prefetch", "--round-embeddings training"):
         assert flag in help_text
     # the command's default defense is otcclip: the refusal names the fix
     args = ["train", "--data", str(shards), "--stream", "--out", str(tmp_path / "run")]
     result = runner.invoke(main, args)
-    assert result.exit_code == 2 and "Use --defense none" in result.output
+    assert result.exit_code == 2 and "needs --round-embeddings training" in result.output
     csv = tmp_path / "pairs.csv"
     csv.write_text("filepath,title\na.png,a bag\n")
     args = ["train", "--data", str(csv), "--stream", "--defense", "none"]
@@ -149,6 +162,44 @@ def test_roclip_streams_as_memory_does_on_the_same_batches(shards):
     epochs = [m for m in streamed.metrics if "phase" in m]
     assert [m["phase"] for m in epochs] == ["clip", "nearest"]
     assert epochs[-1]["defense"]["bank_fill"] == 64  # filled by the first epoch's batches
+
+
+# the fused doubt without the pixel signals, so that the in-memory run doubts alike
+_OTC_STREAM = {
+    "defense": "otcclip",
+    "round_embeddings": "training",
+    "warmup_epochs": 1,
+    "match_every": 1,
+    "k": 8,
+    "doubt_signals": "cross,consistency_caption,consistency_image",
+}
+
+
+def test_otcclip_streams_its_rounds_from_the_kept_embeddings(tmp_path, shards):
+    """The warm-up trains as the in-memory OTCCLIP does on the same batches (L_inter
+    included). The round then judges every pair streamed, from the embeddings the
+    training pass kept by id; the pairs it doubts stream past masked out of the losses
+    and are named in the checkpoint's state."""
+    streamed = train(_config(shards, out=str(tmp_path / "run"), **_OTC_STREAM))
+    table = read_pairs(shards)
+    rows = _stream_rows(shards, table)
+    # no round in memory: epoch_rows would hand it the rows its round left out
+    no_round = {**_OTC_STREAM, "match_every": 0}
+    memory = train(_config(None, scenes=1, **no_round), table=table, epoch_rows=rows)
+    warm = PAIRS // BATCH
+    np.testing.assert_allclose(
+        streamed.step_losses[:warm], memory.step_losses[:warm], rtol=0, atol=1e-5
+    )
+    epochs = [m for m in streamed.metrics if "phase" in m]
+    assert [m["phase"] for m in epochs] == ["warmup", "matched"]
+    report = epochs[1]["defense"]
+    assert report["round"] == 1 and report["judged"] == PAIRS
+    assert report["oldest_embedding_epoch"] == 0
+    assert np.ceil(0.005 * PAIRS) <= report["sitting_out"] <= 0.25 * PAIRS
+    state = load_checkpoint(tmp_path / "run").state["defense"]["streamed"]
+    left_out = np.asarray(state["left_out"], bool)
+    assert int(left_out.sum()) == report["sitting_out"]
+    assert sorted(np.asarray(state["slots"]["ids"]).tolist()) == sorted(table.ids.tolist())
 
 
 def _assert_data_wait(metrics: list[dict]) -> None:
@@ -194,11 +245,15 @@ _KILL_AT = 13  # epoch 2, step 5: the last checkpoint (every 3 steps) is at step
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(tmp_path, shards):
+@pytest.mark.parametrize("defense", ["none", "otcclip"])
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(tmp_path, shards, defense):
+    """With otcclip the kill falls in the matched epoch: the kept embeddings, the slots and
+    the pairs left out come back with the checkpoint."""
+    kw = _OTC_STREAM if defense == "otcclip" else {}
     killed, marker = tmp_path / "killed", tmp_path / "reached"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, __file__, "kill", str(shards), str(killed), str(marker)],
+        [sys.executable, __file__, "kill", str(shards), str(killed), str(marker), defense],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -220,9 +275,9 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(tmp_pat
     assert 0 < saved.state["data_seconds"] < saved.state["seconds"]
 
     with pytest.raises(DataError, match="resume with --workers 2"):
-        train(_config(shards, out=str(killed), resume=True, checkpoint_every=3, workers=1))
-    resumed = train(_config(shards, out=str(killed), resume=True, checkpoint_every=3))
-    reference = train(_config(shards, out=str(tmp_path / "reference"), checkpoint_every=3))
+        train(_config(shards, out=str(killed), resume=True, checkpoint_every=3, workers=1, **kw))
+    resumed = train(_config(shards, out=str(killed), resume=True, checkpoint_every=3, **kw))
+    reference = train(_config(shards, out=str(tmp_path / "reference"), checkpoint_every=3, **kw))
     np.testing.assert_allclose(resumed.step_losses, reference.step_losses, rtol=0, atol=1e-6)
     _assert_data_wait(resumed.metrics)  # the killed run's wait carried over to its epoch
     ref_state = reference.bundle.model.state_dict()
@@ -262,6 +317,26 @@ def test_two_processes_stream_the_global_batches_the_rule_deals_them(tmp_path, s
             np.testing.assert_allclose(two[f"w.{name}"], value.numpy(), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_two_processes_stream_otcclip_to_one_verdict(tmp_path, shards):
+    """Each process keeps the gathered batch's embeddings, so both hold the same state and
+    their rounds leave out the same pairs, which every rank then masks alike."""
+    out = tmp_path / "ddp-otc.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        __file__, "ddp-otc", str(shards), str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    with np.load(out) as both:
+        assert both["judged"].tolist() == [PAIRS, PAIRS]
+        np.testing.assert_array_equal(both["ids0"], both["ids1"])
+        np.testing.assert_array_equal(both["left_out0"], both["left_out1"])
+        assert 0 < both["left_out0"].sum() <= 0.25 * PAIRS
+
+
 # --------------------------------------------------------------------------- workers
 
 
@@ -278,9 +353,11 @@ class _PauseAt(Callback):
             time.sleep(600)
 
 
-def _kill_worker(shards: str, run: str, marker: str) -> None:
+def _kill_worker(shards: str, run: str, marker: str, defense: str) -> None:
     torch.set_num_threads(THREADS)
-    train(_config(Path(shards), out=run, checkpoint_every=3), [_PauseAt(_KILL_AT, Path(marker))])
+    kw = _OTC_STREAM if defense == "otcclip" else {}
+    config = _config(Path(shards), out=run, checkpoint_every=3, **kw)
+    train(config, [_PauseAt(_KILL_AT, Path(marker))])
 
 
 def _ddp_worker(shards: str, out: str) -> None:
@@ -296,8 +373,39 @@ def _ddp_worker(shards: str, out: str) -> None:
     dist.destroy()
 
 
+def _ddp_otc_worker(shards: str, out: str) -> None:
+    """Streamed OTCCLIP on two processes; each rank's round state, gathered to rank 0."""
+    from otcclip import distributed as dist
+    from otcclip.defenses import OTCCLIPDefense
+
+    torch.set_num_threads(THREADS)
+    dist.init_from_env("gloo")
+    defenses = []
+    plan = OTCCLIPDefense.stream_plan
+
+    def stream_plan(self, ctx, epoch):
+        defenses.append(self)
+        return plan(self, ctx, epoch)
+
+    OTCCLIPDefense.stream_plan = stream_plan  # to read this rank's defense after training
+    result = train(_config(Path(shards), device="cpu", **_OTC_STREAM))
+    state = defenses[-1].streamed
+    judged = result.metrics[-1]["defense"]["judged"]
+    parts = dist.all_gather_object((judged, state.slots.ids, state.left_out))
+    if dist.is_main():
+        np.savez(
+            out,
+            judged=np.array([p[0] for p in parts]),
+            ids0=parts[0][1], ids1=parts[1][1], left_out0=parts[0][2], left_out1=parts[1][2],
+        )  # fmt: skip
+    dist.barrier()
+    dist.destroy()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "kill":
-        _kill_worker(sys.argv[2], sys.argv[3], sys.argv[4])
+        _kill_worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5])
     elif sys.argv[1] == "ddp":
         _ddp_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "ddp-otc":
+        _ddp_otc_worker(sys.argv[2], sys.argv[3])

@@ -199,6 +199,10 @@ class Defense:
             positions=np.arange(n, dtype=np.int64), caption=np.arange(n, dtype=np.int64)
         )
 
+    @classmethod
+    def check_stream(cls, config: TrainConfig) -> None:
+        """Refuse, with how to fix it, settings this defense cannot honour on a stream."""
+
     def stream_plan(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         """The epoch's plan when the pairs are streamed: the stream decides which pairs, in
         what order, so the plan holds no rows; only its phase and augmentation count."""
@@ -284,6 +288,34 @@ class OTCCLIPDefense(Defense):
     """
 
     name = "otcclip"
+    # with round_embeddings="training" and on_doubt="drop" (`check_stream`,
+    # `otcclip.stream_rounds`)
+    streams = True
+
+    @classmethod
+    def check_stream(cls, config: TrainConfig) -> None:
+        from otcclip.doubt import SIGNALS
+
+        if config.round_embeddings != "training":
+            raise ValueError(
+                "--stream with --defense otcclip needs --round-embeddings training: a stream "
+                "cannot embed every pair again for a round, so the round reads the "
+                "embeddings the training pass kept"
+            )
+        if config.on_doubt != "drop":
+            raise ValueError(
+                "--stream with --defense otcclip needs --on-doubt drop: re-pairing needs the "
+                "chosen caption's pair at hand, which a stream does not hold"
+            )
+        if config.doubt == "fused" and config.doubt_signals:
+            pixel = [
+                s for s in config.doubt_signals.split(",") if SIGNALS.get(s.strip()) == "pixel"
+            ]
+            if pixel:
+                raise ValueError(
+                    f"--stream cannot compute the pixel signals {', '.join(pixel)}: they need "
+                    "every image at once. Leave them out of --doubt-signals"
+                )
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
@@ -309,13 +341,25 @@ class OTCCLIPDefense(Defense):
         self.screened: np.ndarray | None = None  # left out of the warm-up by the pixels
         # round_embeddings=training: the training pass's embeddings per pair
         self.kept: Any = None  # matching_state.MatchingState
+        self.streamed: Any = None  # stream_rounds.StreamedRounds, on a stream
 
     def setup(self, ctx: TrainContext) -> None:
         from otcclip.otmatch import History
 
-        n = len(ctx.table)
+        n = ctx.pairs
         if self.config.k > n:
             raise ValueError(f"k = {self.config.k} candidates, but the data has only {n} captions")
+        if ctx.table is None:
+            from otcclip.stream_rounds import StreamedRounds
+
+            self.streamed = StreamedRounds(n, int(ctx.bundle.embed_dim))
+            self.rounds = 0
+            if self.config.doubt == "fused" and not self.config.doubt_signals:
+                ctx.log(
+                    "streamed rounds doubt without the pixel signals (they need every image "
+                    f"at once): {', '.join(self.doubt_config().signals)}"
+                )
+            return
         self.assignment = np.arange(n, dtype=np.int64)
         self.doubted = np.zeros(n, dtype=bool)
         self.history = History()
@@ -369,6 +413,68 @@ class OTCCLIPDefense(Defense):
             text_views=2 if intra else 1,
             info=info,
         )
+
+    def stream_plan(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        assert self.streamed is not None, "setup() on a stream first"
+        info = self._stream_round(ctx, epoch) if self.intervenes(epoch) else {}
+        intra = self.config.lambda_intra > 0
+        none = np.zeros(0, dtype=np.int64)
+        return EpochPlan(
+            positions=none,
+            caption=none,
+            phase="matched" if self.rounds else "warmup",
+            augment_images=intra,
+            image_views=2 if intra else 1,
+            text_views=2 if intra else 1,
+            info=info,
+        )
+
+    def _stream_round(self, ctx: TrainContext, epoch: int) -> dict[str, Any]:
+        """A round on a stream (`otcclip.stream_rounds`): the pairs streamed so far, judged
+        from their kept embeddings by slot; the doubted sit out until the next round."""
+        import dataclasses
+        import time
+
+        from otcclip.attacks import poisoned_ids
+        from otcclip.matching import match_embeddings
+
+        assert self.streamed is not None
+        c, s = self.config, self.streamed
+        start = time.perf_counter()
+        slots = s.judged()
+        if len(slots) <= c.k:
+            raise ValueError(
+                f"epoch {epoch + 1}: only {len(slots)} pairs streamed so far, too few for a "
+                f"round with k = {c.k}"
+            )
+        image_emb, caption_emb = s.embeddings(slots)
+        own = np.arange(len(slots), dtype=np.int64)
+        config = dataclasses.replace(self.match_config(self.rounds), alpha=1.0)
+        result = match_embeddings(image_emb, caption_emb, own, config)
+        poisoned = np.isin(s.slots.ids[slots], poisoned_ids(ctx.manifests))
+        if c.doubt == "fused":
+            doubted_now, doubt_report = self._fused_doubt(
+                ctx, result, own, poisoned=poisoned if ctx.manifests else None
+            )
+        else:
+            doubted_now, doubt_report = np.asarray(result.caption) != own, {}
+        s.apply(slots, doubted_now, sticky=c.rematch_from == "sticky")
+        self.rounds += 1
+        report = {k: v for k, v in result.report.items() if _is_number(v)}
+        report.update({k: v for k, v in doubt_report.items() if _is_number(v)})
+        report["round"] = self.rounds
+        report["judged"] = int(len(slots))
+        report["oldest_embedding_epoch"] = s.oldest(slots)
+        report["sitting_out"] = int(s.left_out.sum())
+        report["doubted_ever"] = int(s.doubted.sum())
+        if ctx.manifests:
+            report["left_out_poisoned"] = int((doubted_now & poisoned).sum())
+            report["left_out_clean"] = int((doubted_now & ~poisoned).sum())
+        report["seconds_by_stage"] = {
+            **result.report.get("seconds", {}),
+            "round": time.perf_counter() - start,
+        }
+        return report
 
     def _round(self, ctx: TrainContext, epoch: int) -> dict[str, Any]:
         assert self.assignment is not None and self.doubted is not None, "setup() first"
@@ -511,6 +617,11 @@ class OTCCLIPDefense(Defense):
         }
         if c.doubt_signals:
             options["signals"] = tuple(s.strip() for s in c.doubt_signals.split(",") if s.strip())
+        elif c.stream:  # pixel evidence needs every image at once (`otcclip.stream_rounds`)
+            from otcclip.doubt import SIGNALS
+
+            kept = tuple(s for s in DoubtConfig().signals if SIGNALS[s] != "pixel")
+            options["signals"] = kept
         if c.doubt_phase_template is not None:
             options["phase_template"] = c.doubt_phase_template
         if c.doubt_phase_scale is not None:
@@ -573,18 +684,26 @@ class OTCCLIPDefense(Defense):
         return report
 
     def _fused_doubt(
-        self, ctx: TrainContext, result: Any, own: np.ndarray
+        self,
+        ctx: TrainContext,
+        result: Any,
+        own: np.ndarray,
+        *,
+        poisoned: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Which pairs the fused doubt score leaves out (`otcclip.doubt`), and its report.
 
         The round's cross-modal lead (best candidate over the own caption) is one
         signal; the others read the embeddings the round already computed and the
         pixels, so the doubt adds no embedding pass. The poison mask, where known,
-        only feeds the report.
+        only feeds the report (`poisoned`, by the round's rows: a stream's slots).
         """
         import time
 
         from otcclip.doubt import doubt_scores
+
+        if poisoned is None and self.streamed is None:
+            poisoned = ctx.poisoned
 
         start = time.perf_counter()
         lead = np.nan_to_num(
@@ -598,15 +717,15 @@ class OTCCLIPDefense(Defense):
             result.image_embeddings,
             np.ascontiguousarray(result.pool_embeddings[own]),
             config,
-            pixels=self.pixel_evidence(ctx),
+            pixels=None if self.streamed is not None else self.pixel_evidence(ctx),
             lead=lead,
         )
         report: dict[str, Any] = {f"doubt_{k}": v for k, v in verdict.report.items()}
         report["doubt_seconds"] = time.perf_counter() - start
-        if ctx.poisoned is not None:
-            hit = verdict.doubted & ctx.poisoned
+        if poisoned is not None:
+            hit = verdict.doubted & poisoned
             report["doubt_precision"] = _share(int(hit.sum()), int(verdict.doubted.sum()))
-            report["doubt_recall"] = _share(int(hit.sum()), int(ctx.poisoned.sum()))
+            report["doubt_recall"] = _share(int(hit.sum()), int(poisoned.sum()))
         return verdict.doubted, report
 
     def loss(
@@ -614,8 +733,13 @@ class OTCCLIPDefense(Defense):
     ) -> dict[str, Tensor]:
         c = self.config
         (ig, ip), (tg, tw, tm) = feats.image[0], feats.text[0]
+        valid = None  # on a stream, the pairs a round left out stream past, masked out
+        if self.streamed is not None:
+            valid = torch.from_numpy(self.streamed.trains(batch.positions)).to(ig.device)
         parts = {
-            "clip": clip_loss(ig, tg, feats.logit_scale, rows=batch.rows, ids=batch.caption_ids)
+            "clip": clip_loss(
+                ig, tg, feats.logit_scale, rows=batch.rows, valid=valid, ids=batch.caption_ids
+            )
         }
         scale = feats.logit_scale if c.ot_scale is None else c.ot_scale
         ot = {
@@ -624,10 +748,12 @@ class OTCCLIPDefense(Defense):
             "iters": c.iters,
             "rho": c.ot_rho,
             "rows": batch.rows,
+            "valid": valid,
             "duplicate_cos": c.ot_duplicate_cos,
         }
         if c.lambda_inter > 0:
-            parts["inter"] = self.inter_weight(batch, len(plan.positions)) * ot_info_nce(
+            epoch_rows = len(plan.positions) if self.streamed is None else ctx.pairs
+            parts["inter"] = self.inter_weight(batch, epoch_rows) * ot_info_nce(
                 ip,
                 tw,
                 ig,
@@ -667,10 +793,14 @@ class OTCCLIPDefense(Defense):
         state. The caption written is the one trained, at its own row (a re-paired
         image's caption is another pair's own caption).
         """
-        if self.kept is None:
+        if self.kept is None and self.streamed is None:
             return
         image = feats.image[0][0].float().cpu().numpy()
         text = feats.text[0][0].float().cpu().numpy()
+        if self.streamed is not None:  # a stream trains each pair with its own caption
+            self.streamed.write(batch.positions, image, text, batch.epoch)
+            return
+        assert self.kept is not None
         self.kept.write_images(batch.positions, image, batch.epoch)
         self.kept.write_captions(plan.caption[batch.positions], text, batch.epoch)
 
@@ -683,11 +813,18 @@ class OTCCLIPDefense(Defense):
             "screened": self.screened,
             "pixels": None if self.pixels is None else self.pixels.state_dict(),
             "kept": None if self.kept is None else self.kept.state_dict(),
+            "streamed": None if self.streamed is None else self.streamed.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from otcclip.otmatch import History
 
+        if state.get("streamed") is not None:
+            from otcclip.stream_rounds import StreamedRounds
+
+            self.streamed = StreamedRounds.from_state(state["streamed"])
+            self.rounds = int(state["rounds"])
+            return
         self.assignment = np.asarray(state["assignment"], dtype=np.int64)
         original = np.arange(len(self.assignment), dtype=np.int64)
         # checkpoints from before `doubted` was kept: what differs from the original

@@ -147,6 +147,11 @@ class DoubtConfig:
         fuses it on its own scale, which already maps each pattern's median to 0 and
         95th percentile to 1 before the maximum over patterns (rescaling that maximum
         again pulled a fifth of SIG's images under the cut; TUNING.md, session 12).
+        "narrow" and "own" together find 98% of SIG's poisons at the end of the warm-up
+        (81.5% by default) but screen more clean pairs from the warm-up on the table's
+        BadNet data, and cost its OTCCLIP row 2.2 points of zero-shot on three seeds of
+        three (TUNING.md, session 13): opt-in (`otcclip train --doubt-phase-template
+        narrow --doubt-phase-scale own`), not the default.
     threads: rayon threads for the self-joins (None: the engine's default).
     seed: seeds the mixture's initialisation.
     """
@@ -177,8 +182,8 @@ class DoubtConfig:
     copy_ncc: float = 0.95
     tile_min_std: float = 40.0
     report_all: bool = False
-    phase_template: str = "narrow"
-    phase_scale: str = "own"
+    phase_template: str = "off"
+    phase_scale: str = "tail"
     threads: int | None = None
     seed: int = 0
 

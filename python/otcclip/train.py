@@ -380,14 +380,16 @@ class TrainConfig:
             return
         cls = DEFENSES.get(self.defense)
         if cls is not None and not cls.streams:
-            streaming = " or ".join(name for name, c in DEFENSES.items() if c.streams)
+            streaming = ", ".join(name for name, c in DEFENSES.items() if c.streams)
             raise ValueError(
                 f"--stream trains with --defense {streaming} only, not {self.defense!r}: the "
-                "other defenses (safeclip, otcclip, filter) embed, re-pair or screen every "
-                "pair between epochs, which needs random access to all of them; streaming "
-                f"for them is planned. Use --defense {streaming}, or drop --stream to read "
-                "the data into memory"
+                "other defenses (safeclip, filter) split or screen every pair between "
+                "epochs, which needs random access to all of them; streaming for them is "
+                f"planned. Use --defense {streaming}, or drop --stream to read the data "
+                "into memory"
             )
+        if cls is not None:
+            cls.check_stream(self)
         if self.data is None:
             raise ValueError(
                 "--stream reads shards or parquet from --data; --scenes builds its pairs in "

@@ -42,9 +42,11 @@ _SCHEDULE_HELP = (
     is_flag=True,
     help="Stream the pairs of --data (a shard folder, a poison directory written with "
     "--format shards, or parquet) through DataLoader workers instead of reading them into "
-    "memory: memory holds about batch x prefetch x workers pairs. --defense none or roclip "
-    "only, for now (the other defenses need random access to every pair); shards need their "
-    "shards.json. A run resumes with the same --workers and process count.",
+    "memory: memory holds about batch x prefetch x workers pairs. --defense none, roclip, "
+    "or otcclip with --round-embeddings training (its rounds then doubt from the kept "
+    "embeddings, without the pixel signals); safeclip and filter need random access to "
+    "every pair. Shards need their shards.json. A run resumes with the same --workers and "
+    "process count.",
 )
 @click.option(
     "--workers",
@@ -276,7 +278,8 @@ _SCHEDULE_HELP = (
     type=click.Choice(["off", "narrow", "all"]),
     default=None,
     help="Which of the phase_pixel signal's patterns are scored along their matched "
-    "template ('narrow': those that lock few frequency bins, such as SIG's sine) "
+    "template ('narrow': those that lock few frequency bins, such as SIG's sine; with "
+    "--doubt-phase-scale own it finds more of a SIG backdoor, at some clean pairs) "
     "[default: otcclip.doubt.DoubtConfig's].",
 )
 @click.option(
