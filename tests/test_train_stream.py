@@ -294,20 +294,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(mode: str, shards: Path, out: Path) -> None:
+    """This file's worker `mode` on two gloo processes (see the bottom)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        __file__, mode, str(shards), str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
 @pytest.mark.slow
 def test_two_processes_stream_the_global_batches_the_rule_deals_them(tmp_path, shards):
     """Two processes read disjoint units (another order than one process's, by design);
     their global batches, each rank's local batch in rank order, train as one process
     in memory trains on those batches."""
     out = tmp_path / "ddp.npz"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        __file__, "ddp", str(shards), str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    _torchrun("ddp", shards, out)
     table = read_pairs(shards)
     rows = _stream_rows(shards, table, world=2)
     single = train(_config(None, scenes=1, device="cpu"), table=table, epoch_rows=rows)
@@ -322,14 +327,7 @@ def test_two_processes_stream_otcclip_to_one_verdict(tmp_path, shards):
     """Each process keeps the gathered batch's embeddings, so both hold the same state and
     their rounds leave out the same pairs, which every rank then masks alike."""
     out = tmp_path / "ddp-otc.npz"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        __file__, "ddp-otc", str(shards), str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    _torchrun("ddp-otc", shards, out)
     with np.load(out) as both:
         assert both["judged"].tolist() == [PAIRS, PAIRS]
         np.testing.assert_array_equal(both["ids0"], both["ids1"])
