@@ -97,6 +97,10 @@ def _stream_rows(shards: Path, table, world: int = 1):
             "needs --on-doubt drop",
         ),
         (
+            {"defense": "otcclip", "round_embeddings": "training", "warmup_epochs": 0},
+            "needs --warmup-epochs >= 1",
+        ),
+        (
             {
                 "defense": "otcclip",
                 "round_embeddings": "training",

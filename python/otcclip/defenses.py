@@ -307,6 +307,12 @@ class OTCCLIPDefense(Defense):
                 "--stream with --defense otcclip needs --on-doubt drop: re-pairing needs the "
                 "chosen caption's pair at hand, which a stream does not hold"
             )
+        if schedule(cls.name, config)["warmup_epochs"] < 1:
+            raise ValueError(
+                "--stream with --defense otcclip needs --warmup-epochs >= 1: a streamed round "
+                "judges the pairs from the embeddings training kept, so one epoch must have "
+                "streamed them first"
+            )
         if config.doubt == "fused" and config.doubt_signals:
             pixel = [
                 s for s in config.doubt_signals.split(",") if SIGNALS.get(s.strip()) == "pixel"
