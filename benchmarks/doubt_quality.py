@@ -186,7 +186,7 @@ def config_overrides(items: list[str]) -> dict:
 def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> list[dict]:
     from otcclip.attacks import load_manifests
     from otcclip.data import read_pairs
-    from otcclip.doubt import DoubtConfig, compute_signals, decide, pixel_evidence
+    from otcclip.doubt import DoubtConfig, compute_signals, decide, pixel_evidence, pixel_screen
 
     table = read_pairs(poison_dir / "train.parquet")
     manifests, _ = load_manifests(poison_dir)
@@ -230,6 +230,7 @@ def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> lis
             entry["recall"] = float(d.doubted[r].mean())
             per_attack[label] = entry
         doubted = d.doubted
+        screened = pixel_screen(pixels, config).doubted
         results.append(
             {
                 "poison_dir": str(poison_dir),
@@ -246,10 +247,31 @@ def measure(poison_dir: Path, checkpoint: Path, args: argparse.Namespace) -> lis
                 "seconds_doubt": t_signals + t_decide,
                 "fused_signals": list(config.signals),
                 "per_attack": per_attack,
+                "screen": _screen_quality(screened, poisoned_any),
                 "report": d.report,
             }
         )
     return results
+
+
+def _screen_quality(screened: np.ndarray, poisoned: np.ndarray) -> dict:
+    """What the warm-up's pixel-only screen leaves out (it runs before any round)."""
+    hit = int((screened & poisoned).sum())
+    return {
+        "screened": int(screened.sum()),
+        "precision": hit / screened.sum() if screened.any() else float("nan"),
+        "recall": hit / poisoned.sum() if poisoned.any() else float("nan"),
+        "clean_screened": int((screened & ~poisoned).sum()),
+    }
+
+
+def _screen_line(r: dict) -> str:
+    q = r["screen"]
+    return (
+        f"warm-up screen (pixels only) @ {r['poison_dir']}: {q['screened']} screened, "
+        f"{q['clean_screened']} of them clean, precision {100 * q['precision']:.1f}%, "
+        f"recall {100 * q['recall']:.1f}% (reported, no bar)"
+    )
 
 
 def print_result(r: dict) -> None:
@@ -262,6 +284,7 @@ def print_result(r: dict) -> None:
         f"embed {r['seconds_embed']:.1f} s, pixels (once per dataset) {r['seconds_pixels']:.1f} s, "
         f"doubt {r['seconds_doubt']:.1f} s"
     )
+    print(_screen_line(r))
     head = "attack".ljust(26) + "".join(n[:11].rjust(12) for n in names) + "  recall@budget"
     print(head)
     for label, e in r["per_attack"].items():
@@ -272,6 +295,7 @@ def print_result(r: dict) -> None:
 def bars(results: list[dict]) -> list[str]:
     lines = []
     for r in results:
+        lines.append(_screen_line(r))
         for label, e in r["per_attack"].items():
             if "label-consistent" in label:
                 lines.append(

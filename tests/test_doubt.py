@@ -308,3 +308,16 @@ def test_the_phase_signal_is_zero_on_a_pool_too_small_to_hold_a_pattern(blended_
     np.testing.assert_array_equal(ev.phase, np.zeros(12))
     with pytest.raises(ValueError, match="at least 16 images"):
         phase_locked_patterns(few)
+
+
+def test_the_pixel_screen_reads_only_the_pixel_signals_and_none_without_them():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(300, 16, 16), dtype=np.uint8)
+    images[:6] = images[0]  # six copies of one image: 2% of the pairs
+    config = DoubtConfig(signals=("cross", "copies_pixel"))
+    pixels = doubt.pixel_evidence(images, config)
+    screen = doubt.pixel_screen(pixels, config)
+    assert set(screen.signals) == {"copies_pixel"}
+    assert screen.doubted[:6].all() and not screen.doubted[6:].any()
+    nothing = doubt.pixel_screen(pixels, DoubtConfig(signals=("cross",)))
+    assert not nothing.doubted.any() and nothing.report["doubted"] == 0

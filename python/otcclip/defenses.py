@@ -661,21 +661,13 @@ class OTCCLIPDefense(Defense):
         signal. The fusion, cut and cap are the round's, over the pixel signals, with
         no least share: data without copies or patches loses nothing to the screen.
         """
-        import dataclasses
         import time
 
-        from otcclip.doubt import SIGNALS, decide, pixel_signals
+        from otcclip.doubt import pixel_screen
 
         assert self.assignment is not None and self.doubted is not None, "setup() first"
         start = time.perf_counter()
-        config = self.doubt_config()
-        wanted = tuple(s for s in config.signals if SIGNALS[s] == "pixel")
-        pixels = self.pixel_evidence(ctx)
-        verdict = decide(
-            pixel_signals(pixels, config, wanted),
-            pixels,
-            dataclasses.replace(config, signals=wanted, min_share=0.0),
-        )
+        verdict = pixel_screen(self.pixel_evidence(ctx), self.doubt_config())
         self.screened = verdict.doubted.copy()
         self.doubted |= self.screened
         self.assignment = np.where(self.screened, -1, self.assignment)

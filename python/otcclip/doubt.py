@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -84,6 +84,7 @@ __all__ = [
     "compute_signals",
     "decide",
     "doubt_scores",
+    "pixel_screen",
 ]
 
 # signal -> family; a family can be switched off as a whole (the table's ablations)
@@ -753,6 +754,26 @@ def doubt_scores(
         image_emb, caption_emb, config, pixels=pixels, lead=lead, wanted=wanted
     )
     return decide(signals, pixels, config)
+
+
+def pixel_screen(pixels: PixelEvidence, config: DoubtConfig) -> Doubt:
+    """The pairs the pixel signals alone doubt: OTCCLIP's warm-up screen.
+
+    Those signals need no model, so the trainer leaves these pairs out of the warm-up
+    (`pixel_screen`) rather than let it learn a target's copies or a patch first. The
+    fusion, cut and cap are a round's, over `config`'s pixel signals, with no least share:
+    data without copies or patches loses nothing. No pixel signal: nothing is doubted.
+    """
+    wanted = tuple(s for s in config.signals if SIGNALS[s] == "pixel")
+    if not wanted:
+        n = len(pixels)
+        none = np.zeros(n, dtype=bool)
+        return Doubt(np.zeros(n), none, math.inf, {}, {}, none.copy(), {"doubted": 0})
+    return decide(
+        pixel_signals(pixels, config, wanted),
+        pixels,
+        replace(config, signals=wanted, min_share=0.0),
+    )
 
 
 def decide(
