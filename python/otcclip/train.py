@@ -672,7 +672,8 @@ def train(
     `config.data` / `config.scenes` (tests, notebooks). `epoch_rows(epoch)`: the table
     rows of an epoch in training order, instead of `batch_order`'s (to replay another
     order, e.g. a stream's, in memory). With `config.stream` the pairs are streamed
-    (`otcclip.data.loader`), defenses none and roclip only (`Defense.streams`).
+    (`otcclip.data.loader`), defenses none, roclip and otcclip only (`Defense.streams`;
+    otcclip with its rounds from the kept embeddings, `otcclip.stream_rounds`).
     """
     if table is not None:
         config = dataclasses.replace(config, data=None, scenes=None)
