@@ -344,8 +344,9 @@ def test_phase_knobs_are_named_where_the_doubt_reads_phase_pixel_and_older_runs_
     tmp_path,
 ):
     """A fused run that read phase_pixel with its knobs unset trained the template-less,
-    tail-scaled score of session 12: it reruns. A row whose doubt never reads phase_pixel
-    (no-pixel) does not depend on the knobs, so it stands whatever they were."""
+    tail-scaled score of session 12: it stands while that is the default and reruns
+    otherwise, as does a run recorded with other knobs. A row whose doubt never reads
+    phase_pixel (no-pixel) does not depend on the knobs, so it stands whatever they were."""
     from otcclip.demo import train_config
     from otcclip.doubt import DoubtConfig
 
@@ -368,9 +369,17 @@ def test_phase_knobs_are_named_where_the_doubt_reads_phase_pixel_and_older_runs_
         run.directory.mkdir(parents=True)
         (run.directory / table.RUN_SPEC).write_text(json.dumps(old))
         (run.directory / "summary.json").write_text(json.dumps({"config": old["train"]}))
-    expected = "done" if DoubtConfig().phase_template == "off" else "stale"
+    default = DoubtConfig()
+    before = table.PHASE_BEFORE_TEMPLATE
+    same = (default.phase_template, default.phase_scale) == (
+        before["doubt_phase_template"],
+        before["doubt_phase_scale"],
+    )
+    expected = "done" if same else "stale"
     assert [table.run_state(r) for r in (fused, no_pixel)] == [expected, "done"]
-    recorded = dict(fused.spec["train"], **table.PHASE_BEFORE_TEMPLATE)
+    # recorded with another template: the fused run reruns, whatever today's default
+    other = next(t for t in ("off", "narrow", "all") if t != default.phase_template)
+    recorded = dict(fused.spec["train"], doubt_phase_template=other)
     (fused.directory / table.RUN_SPEC).write_text(json.dumps(dict(fused.spec, train=recorded)))
     (fused.directory / "summary.json").write_text(json.dumps({"config": recorded}))
     assert table.run_state(fused) == "stale"
