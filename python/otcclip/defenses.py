@@ -363,7 +363,8 @@ class OTCCLIPDefense(Defense):
             if self.config.doubt == "fused" and not self.config.doubt_signals:
                 ctx.log(
                     "streamed rounds doubt without the pixel signals (they need every image "
-                    f"at once): {', '.join(self.doubt_config().signals)}"
+                    f"at once): {', '.join(self.doubt_config().signals)}. Without them a "
+                    "patch backdoor is not caught (README, 'OTCCLIP on a stream')"
                 )
             return
         self.assignment = np.arange(n, dtype=np.int64)
