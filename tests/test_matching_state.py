@@ -26,6 +26,10 @@ def test_writes_are_normalised_float16_and_stamped_by_epoch():
     assert state.stale_captions(1).tolist() == []
     with pytest.raises(ValueError, match="never written"):
         state.embeddings()
+    with pytest.raises(ValueError, match=r"1 rows were never written \(first: \[3\]\)"):
+        state.embeddings(np.array([2, 3]))
+    images, _ = state.embeddings(np.array([2, 0]))  # the written rows alone, in that order
+    np.testing.assert_allclose(images, [[0, 1, 0], [0.6, 0, 0.8]], atol=1e-3)
     state.write_images(np.array([1, 3, 4]), np.ones((3, 3)), epoch=1)
     images, captions = state.embeddings()
     assert images.dtype == np.float32

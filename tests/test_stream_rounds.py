@@ -29,7 +29,7 @@ def test_a_round_leaves_out_the_doubted_until_the_next_and_sticky_keeps_them_out
     state.write(ids, rng.normal(size=(5, 3)), rng.normal(size=(5, 3)), epoch=0)
     np.testing.assert_array_equal(state.judged(), [0, 1, 2, 3, 4])
     assert state.kept.image_epoch[5] == NEVER
-    image, caption = state.embeddings(state.judged())
+    image, caption = state.kept.embeddings(state.judged())
     np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1, atol=1e-3)
     np.testing.assert_allclose(np.linalg.norm(caption, axis=1), 1, atol=1e-3)
 

@@ -136,8 +136,8 @@ BEFORE_THE_SETTING: dict[str, Any] = {
 # the rows it touches and no others.
 SIGNALS_BEFORE_PHASE = "cross,copies_pixel,recurrence_pixel,consistency_caption,consistency_image"
 
-# phase_pixel's knobs before session 13 made the narrow template and the own scale the
-# default: a recorded fused run with phase_pixel and these unset trained these values.
+# phase_pixel's knobs before session 13 named them (TrainConfig.doubt_phase_*): a recorded
+# fused run that read phase_pixel with these unset trained these values.
 PHASE_BEFORE_TEMPLATE = {"doubt_phase_template": "off", "doubt_phase_scale": "tail"}
 
 

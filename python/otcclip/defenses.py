@@ -359,7 +359,6 @@ class OTCCLIPDefense(Defense):
             from otcclip.stream_rounds import StreamedRounds
 
             self.streamed = StreamedRounds(n, int(ctx.bundle.embed_dim))
-            self.rounds = 0
             if self.config.doubt == "fused" and not self.config.doubt_signals:
                 ctx.log(
                     "streamed rounds doubt without the pixel signals (they need every image "
@@ -454,7 +453,7 @@ class OTCCLIPDefense(Defense):
                 f"epoch {epoch + 1}: only {len(slots)} pairs streamed so far, too few for a "
                 f"round with k = {c.k}"
             )
-        image_emb, caption_emb = s.embeddings(slots)
+        image_emb, caption_emb = s.kept.embeddings(slots)
         own = np.arange(len(slots), dtype=np.int64)
         config = dataclasses.replace(self.match_config(self.rounds), alpha=1.0)
         result = match_embeddings(image_emb, caption_emb, own, config)
@@ -701,7 +700,7 @@ class OTCCLIPDefense(Defense):
 
         from otcclip.doubt import doubt_scores
 
-        if poisoned is None and self.streamed is None:
+        if poisoned is None:  # a stream holds no table rows: its round passes its own
             poisoned = ctx.poisoned
 
         start = time.perf_counter()

@@ -72,16 +72,18 @@ class MatchingState:
         """Rows whose caption was not written in `epoch` - 1 or later."""
         return np.flatnonzero(self.caption_epoch < epoch - 1)
 
-    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        """(images, captions), float32 (N, D) each, rows of length 1 (a row never written
-        is all zeros: write or refresh it first)."""
-        unwritten = np.flatnonzero((self.image_epoch == NEVER) | (self.caption_epoch == NEVER))
+    def embeddings(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(images, captions), float32 (N, D) each (or of `rows` only), rows of length 1
+        (a row never written is all zeros: write or refresh it first)."""
+        pick = slice(None) if rows is None else np.asarray(rows, np.int64)
+        never = (self.image_epoch[pick] == NEVER) | (self.caption_epoch[pick] == NEVER)
+        unwritten = np.arange(len(self))[pick][never]
         if len(unwritten):
             raise ValueError(
                 f"{len(unwritten)} rows were never written (first: {unwritten[:5].tolist()}); "
                 "refresh the stale rows before the round"
             )
-        return _unit(self.image), _unit(self.caption)
+        return _unit(self.image[pick]), _unit(self.caption[pick])
 
     def state_dict(self) -> dict[str, Any]:
         return {

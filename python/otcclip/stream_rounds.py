@@ -121,12 +121,6 @@ class StreamedRounds:
         written = (self.kept.image_epoch[:n] != NEVER) & (self.kept.caption_epoch[:n] != NEVER)
         return np.flatnonzero(written)
 
-    def embeddings(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(images, captions) float32 of `slots`, L2-normalised."""
-        image = self.kept.image[slots].astype(np.float32)
-        caption = self.kept.caption[slots].astype(np.float32)
-        return _unit(image), _unit(caption)
-
     def oldest(self, slots: np.ndarray) -> int:
         """The oldest epoch that wrote an embedding of `slots` (how stale a round reads)."""
         if not len(slots):
@@ -160,8 +154,3 @@ class StreamedRounds:
                 raise ValueError(f"stream state: {name} holds {value.shape}, not one per slot")
             getattr(out, name)[:] = value
         return out
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norm, 1e-12))
