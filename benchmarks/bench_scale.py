@@ -2,23 +2,29 @@
 
 Issue 16: pairs are streamed, not held. For each size N (default 20,000, 100,000 and
 400,000 fashion-scenes pairs) this writes clean shards once with the documented
-command (`otcclip poison --scenes N --format shards`, cached under --cache), then in a
-fresh process per size, so that each size's peak memory is its own:
+command (`otcclip poison --scenes N --format shards`, cached under --cache), then
+measures in a fresh process per size, so that each size's peak memory is its own.
 
-- train: otc-vit-tiny, defense none, streamed (`train --stream`: DataLoader workers
-  decode and preprocess), one epoch or its first --max-steps steps. Printed: training
-  pairs per second (steps x batch / step seconds), the share of step time spent waiting
-  for the next batch (the trainer's `data_wait_share`), also after the first step (whose
-  wait starts the workers, each reading a whole shard before its first batch), and peak
-  RSS of the trainer and of its largest worker;
-- round: one OTCCLIP matching round over the N pairs on the engine path the defense's
-  round runs (embed the captions and images, top-k pruning, OT scoring, assignment,
-  with the defense's own matching settings), fed the images decoded from the shards
-  batch by batch (`matching.match_image_batches`, which equals `match_round` on the
-  same images in one array). The trainer itself cannot run OTCCLIP rounds on a
-  stream yet (issue 16 item 2: its round takes the in-memory table); this measures
-  what that round costs at N without the table. Its memory grows with N by design:
-  the pool's float16 word tokens and the N x D embeddings.
+`--defense otcclip` (the default: the issue's measure) runs the trainer's streamed OTCCLIP
+(`train --stream --defense otcclip --round-embeddings training`, otc-vit-tiny from
+scratch, one warm-up epoch, a round before the second): the pixel pass and the warm-up's
+screen (`otcclip.stream_pixels`: every image read once, then the detectors by blocks), one
+epoch (DataLoader workers decode and preprocess; the training pass keeps every pair's
+embeddings), then the first round from those embeddings, stopped at the second epoch's
+first step. Printed: training pairs per second (steps x batch / step seconds), the share
+of step time spent waiting for the next batch (the trainer's `data_wait_share`), also
+after the first step (whose wait starts the workers, each reading a whole shard before
+its first batch), the time of the pixel pass and screen and of the round (as the trainer
+prepares those epochs), and peak RSS of the trainer and of its largest worker. The
+trainer's memory grows with N by design only through the kept N x D float16 embeddings and
+the pixel evidence (about 600 bytes a pair).
+
+`--defense none` is the session-12 measure: plain streamed training for one epoch or its
+first --max-steps steps; then, each in its own process, one OTCCLIP matching round that
+re-embeds every pair (the in-memory round's engine path, fed the shards' images batch by
+batch through `matching.match_image_batches`) and the pixel pass alone (its time, the part
+spent reading, the evidence it keeps, its peak RSS). `--skip-round` and `--skip-pixels`
+leave those out.
 
 The last line is the ratio of the training peak RSS at the largest size to the
 smallest (the larger of the trainer's and the worker's ratios): streaming keeps it
@@ -26,8 +32,9 @@ smallest (the larger of the trainer's and the worker's ratios): streaming keeps 
 learnt). torch and rayon get --threads threads each; build the extension in release
 mode (maturin develop --release, as scripts/setup.sh does): a debug build is far slower.
 
-    python benchmarks/bench_scale.py                               # minutes to hours on 2 cores
-    python benchmarks/bench_scale.py --sizes 2000 8000 --max-steps 20 --shard-size 500
+    python benchmarks/bench_scale.py                               # hours on 2 cores
+    python benchmarks/bench_scale.py --sizes 2000 8000 --shard-size 500
+    python benchmarks/bench_scale.py --defense none --max-steps 50 --skip-round
 """
 
 from __future__ import annotations
@@ -50,7 +57,16 @@ _LIMIT = 1.3
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 400_000])
-    parser.add_argument("--max-steps", type=int, default=None, help="train this many steps")
+    parser.add_argument(
+        "--defense",
+        choices=["otcclip", "none"],
+        default="otcclip",
+        help="otcclip: the trainer's streamed OTCCLIP, one epoch and its first round; none: "
+        "plain streamed training, the round and the pixel pass measured apart",
+    )
+    parser.add_argument(
+        "--max-steps", type=int, default=None, help="train this many steps (--defense none)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--prefetch", type=int, default=2, help="batches each worker prepares")
     parser.add_argument("--threads", type=int, default=1, help="torch and rayon threads")
@@ -62,7 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--skip-round", action="store_true", help="training only (the round takes longest)"
     )
-    parser.add_argument("--child", choices=["train", "round"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--skip-pixels", action="store_true", help="no pixel pass (streamed OTCCLIP's first step)"
+    )
+    parser.add_argument(
+        "--child", choices=["train", "round", "pixels", "otcclip"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     return parser
 
@@ -71,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _set_threads(args.threads)
     if args.child is not None:
-        result = _train(args) if args.child == "train" else _round(args)
+        children = {"train": _train, "round": _round, "pixels": _pixels, "otcclip": _otcclip}
+        result = children[args.child](args)
         print(_RESULT + json.dumps(result), flush=True)
         return 0
     _check(args)
@@ -79,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     peaks: list[tuple[int, float, float]] = []
     for n in args.sizes:
         data = _shards(n, args)
-        trained = _in_child("train", data, args)
-        matched = None if args.skip_round else _in_child("round", data, args)
-        print(_size_line(n, trained, matched, args), flush=True)
+        if args.defense == "otcclip":
+            trained = _in_child("otcclip", data, args)
+            print(_otcclip_line(n, trained, args), flush=True)
+        else:
+            trained = _in_child("train", data, args)
+            matched = None if args.skip_round else _in_child("round", data, args)
+            pixels = None if args.skip_pixels else _in_child("pixels", data, args)
+            print(_size_line(n, trained, matched, pixels, args), flush=True)
         peaks.append((n, trained["rss_trainer_mib"], trained["rss_worker_mib"]))
     print(_ratio_line(peaks))
     return 0
@@ -98,6 +125,8 @@ def _check(args: argparse.Namespace) -> None:
         raise SystemExit(f"every size must hold a batch of {args.batch_size} pairs")
     if args.max_steps is not None and args.max_steps < 1:
         raise SystemExit("--max-steps must be >= 1")
+    if args.defense == "otcclip" and args.max_steps is not None:
+        raise SystemExit("--max-steps would stop the epoch before its round: use --defense none")
     if len(args.sizes) < 2:
         raise SystemExit("give at least two --sizes: the last line compares the extremes")
 
@@ -109,18 +138,27 @@ def _print_header(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     span = "one epoch" if args.max_steps is None else f"the first {args.max_steps} steps"
-    print(
-        f"bench_scale: clean fashion-scenes shards ({args.shard_size} pairs per shard), model "
-        f"{args.model} from scratch, defense none streamed, batch {args.batch_size}, {span} "
-        f"per size, {args.workers} workers x prefetch {args.prefetch}; "
-        + (
-            "no matching round (--skip-round)"
-            if args.skip_round
-            else "then one OTCCLIP matching round over the same pairs (the defense's "
-            "settings, images read batch by batch)"
+    if args.defense == "otcclip":
+        print(
+            f"bench_scale: clean fashion-scenes shards ({args.shard_size} pairs per shard), "
+            f"model {args.model} from scratch, streamed OTCCLIP (--round-embeddings training): "
+            f"the pixel pass and screen, one epoch (batch {args.batch_size}, {args.workers} "
+            f"workers x prefetch {args.prefetch}), then its first round; a fresh process per size"
         )
-        + "; a fresh process per size"
-    )
+    else:
+        print(
+            f"bench_scale: clean fashion-scenes shards ({args.shard_size} pairs per shard), model "
+            f"{args.model} from scratch, defense none streamed, batch {args.batch_size}, {span} "
+            f"per size, {args.workers} workers x prefetch {args.prefetch}; "
+            + (
+                "no matching round (--skip-round)"
+                if args.skip_round
+                else "then one OTCCLIP matching round over the same pairs (the defense's "
+                "settings, images read batch by batch)"
+            )
+            + ("" if args.skip_pixels else ", then streamed OTCCLIP's pixel pass")
+            + "; a fresh process per size"
+        )
     print(
         f"threads: torch {torch.get_num_threads()}, rayon {os.environ['RAYON_NUM_THREADS']} "
         f"(engine kernel {otmatch.kernel_name()}; build the extension in release mode); load "
@@ -165,14 +203,12 @@ def _in_child(kind: str, data: Path, args: argparse.Namespace) -> dict[str, Any]
 
 
 class _Stop(Exception):
-    """Raised by the step recorder after --max-steps steps."""
+    """Raised by a step recorder: after --max-steps steps, or once the round is made."""
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     """Child: the streamed training run; step times, waits and peak memory."""
-    import gc
-
-    from otcclip.train import Callback, TrainConfig, train
+    from otcclip.train import Callback, train
 
     class Steps(Callback):
         def __init__(self) -> None:
@@ -185,12 +221,20 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
             if args.max_steps is not None and len(self.seconds) >= args.max_steps:
                 raise _Stop
 
-    config = TrainConfig(
+    steps = Steps()
+    with contextlib.suppress(_Stop):
+        train(_stream_config(args, defense="none", epochs=1), [steps])
+    return _measured(steps.seconds, steps.waits, args)
+
+
+def _stream_config(args: argparse.Namespace, **changes: Any) -> Any:
+    """The streamed run both training children make, with their own defense and epochs."""
+    from otcclip.train import TrainConfig
+
+    return TrainConfig(
         data=str(args.data),
         stream=True,
-        defense="none",
         model=args.model,
-        epochs=1,
         batch_size=args.batch_size,
         workers=args.workers,
         prefetch=args.prefetch,
@@ -198,20 +242,68 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         progress=False,
         log_every=10**9,
+        **changes,
     )
-    steps = Steps()
-    with contextlib.suppress(_Stop):
-        train(config, [steps])
+
+
+def _measured(seconds: list[float], waits: list[float], args: argparse.Namespace) -> dict:
+    """Step speed, the wait for data, and the peak memory of the trainer and its workers."""
+    import gc
+
     gc.collect()  # the stopped epoch's DataLoader: its workers are joined, then counted
-    step_s = sum(steps.seconds)
+    step_s = sum(seconds)
     return {
-        "steps": len(steps.seconds),
-        "pairs_per_s": len(steps.seconds) * args.batch_size / step_s,
-        "data_wait_share": sum(steps.waits) / step_s,
-        "first_wait_s": steps.waits[0],
-        "later_wait_share": sum(steps.waits[1:]) / max(sum(steps.seconds[1:]), 1e-9),
+        "steps": len(seconds),
+        "pairs_per_s": len(seconds) * args.batch_size / step_s,
+        "data_wait_share": sum(waits) / step_s,
+        "first_wait_s": waits[0],
+        "later_wait_share": sum(waits[1:]) / max(sum(seconds[1:]), 1e-9),
         "rss_trainer_mib": _peak_mib(resource.RUSAGE_SELF),
         "rss_worker_mib": _peak_mib(resource.RUSAGE_CHILDREN),
+    }
+
+
+def _otcclip(args: argparse.Namespace) -> dict[str, Any]:
+    """Child: the trainer's streamed OTCCLIP, one epoch and its first round; peak memory."""
+    from otcclip.train import Callback, train
+
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.waits: list[float] = []
+            self.plans: dict[int, tuple[dict[str, Any], float]] = {}
+
+        def on_epoch_start(
+            self, ctx: Any, epoch: int, info: dict[str, Any], seconds: float
+        ) -> None:
+            self.plans[epoch] = (dict(info), seconds)
+
+        def on_step_end(self, ctx: Any, info: dict[str, Any]) -> None:
+            if info["epoch"] > 1:  # the round is made: its epoch is not measured
+                raise _Stop
+            self.seconds.append(info["seconds"])
+            self.waits.append(info["data_seconds"])
+
+    config = _stream_config(
+        args,
+        defense="otcclip",
+        round_embeddings="training",
+        warmup_epochs=1,
+        match_every=1,
+        epochs=2,
+    )
+    recorder = Recorder()
+    with contextlib.suppress(_Stop):
+        train(config, [recorder])
+    screen, pass_s = recorder.plans[0]
+    round_info, round_s = recorder.plans[1]
+    return {
+        **_measured(recorder.seconds, recorder.waits, args),
+        "pass_s": pass_s,
+        "screened": int(screen.get("screened", 0)),
+        "round_s": round_s,
+        "judged": int(round_info["judged"]),
+        "left_out": int(round_info["sitting_out"]),
     }
 
 
@@ -252,6 +344,37 @@ def _round(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _pixels(args: argparse.Namespace) -> dict[str, Any]:
+    """Child: the pixel pass of a streamed OTCCLIP run over the shards' pairs."""
+    import tempfile
+
+    from otcclip.data import PairStream, pairs_in
+    from otcclip.doubt import DoubtConfig
+    from otcclip.stream_pixels import stream_pixel_evidence
+    from otcclip.stream_rounds import IdSlots
+
+    pairs = PairStream(pairs_in(args.data))
+    logged: list[str] = []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        evidence = stream_pixel_evidence(
+            pairs,
+            IdSlots(int(pairs.n_pairs or 0)),
+            DoubtConfig(threads=args.threads),
+            workdir=workdir,
+            workers=args.workers,
+            log=logged.append,
+        )
+    seconds = time.perf_counter() - start
+    read = float(logged[-1].split(" read in ")[1].split("s,")[0])
+    return {
+        "seconds": seconds,
+        "read_seconds": read,
+        "evidence_mib": sum(a.nbytes for a in evidence.state_dict().values()) / 2**20,
+        "rss_mib": _peak_mib(resource.RUSAGE_SELF),
+    }
+
+
 def _peak_mib(who: int) -> float:
     """Peak resident memory in MiB (Linux reports ru_maxrss in KiB; for RUSAGE_CHILDREN it is
     the largest of the reaped children, here the DataLoader workers)."""
@@ -259,7 +382,11 @@ def _peak_mib(who: int) -> float:
 
 
 def _size_line(
-    n: int, trained: dict[str, Any], matched: dict[str, Any] | None, args: argparse.Namespace
+    n: int,
+    trained: dict[str, Any],
+    matched: dict[str, Any] | None,
+    pixels: dict[str, Any] | None,
+    args: argparse.Namespace,
 ) -> str:
     worker = f" + largest worker {trained['rss_worker_mib']:.0f}" if args.workers else ""
     line = (
@@ -271,11 +398,32 @@ def _size_line(
         f"{trained['rss_trainer_mib']:.0f}{worker} MiB | "
     )
     if matched is None:
-        return line + "round not measured (--skip-round)"
-    stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(matched["stages"].items()))
+        line += "round not measured (--skip-round)"
+    else:
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in sorted(matched["stages"].items()))
+        line += (
+            f"round {matched['seconds']:.1f}s ({stages}; the rest reading shards), re-paired "
+            f"{matched['changed']}, peak RSS {matched['rss_mib']:.0f} MiB"
+        )
+    if pixels is None:
+        return line + " | pixel pass not measured (--skip-pixels)"
     return line + (
-        f"round {matched['seconds']:.1f}s ({stages}; the rest reading shards), re-paired "
-        f"{matched['changed']}, peak RSS {matched['rss_mib']:.0f} MiB"
+        f" | pixel pass {pixels['seconds']:.1f}s (reading {pixels['read_seconds']:.1f}s), "
+        f"evidence {pixels['evidence_mib']:.2f} MiB, peak RSS {pixels['rss_mib']:.0f} MiB"
+    )
+
+
+def _otcclip_line(n: int, measured: dict[str, Any], args: argparse.Namespace) -> str:
+    worker = f" + largest worker {measured['rss_worker_mib']:.0f}" if args.workers else ""
+    return (
+        f"N={n}: streamed OTCCLIP | pixel pass and screen {measured['pass_s']:.2f}s "
+        f"({measured['screened']} screened) | epoch {measured['steps']} steps x "
+        f"{args.batch_size}: {measured['pairs_per_s']:.0f} pairs/s, waiting on data "
+        f"{100 * measured['data_wait_share']:.1f}% of step time (the first step's "
+        f"{measured['first_wait_s']:.1f}s starts the workers; after it "
+        f"{100 * measured['later_wait_share']:.1f}%) | round {measured['round_s']:.2f}s "
+        f"({measured['judged']} judged, {measured['left_out']} left out) | peak RSS trainer "
+        f"{measured['rss_trainer_mib']:.0f}{worker} MiB"
     )
 
 

@@ -16,7 +16,14 @@ SIZE_LINE = re.compile(
     r"N=(\d+): train (\d+) steps x 32: (\d+) pairs/s, waiting on data ([\d.]+)% of step time "
     r"\(the first step's [\d.]+s starts the workers; after it [\d.]+%\), "
     r"peak RSS trainer (\d+) \+ largest worker (\d+) MiB \| round ([\d.]+)s \((.*); the rest "
-    r"reading shards\), re-paired (\d+), peak RSS (\d+) MiB"
+    r"reading shards\), re-paired (\d+), peak RSS (\d+) MiB \| pixel pass ([\d.]+)s "
+    r"\(reading ([\d.]+)s\), evidence ([\d.]+) MiB, peak RSS (\d+) MiB"
+)
+OTCCLIP_LINE = re.compile(
+    r"N=(\d+): streamed OTCCLIP \| pixel pass and screen ([\d.]+)s \((\d+) screened\) \| "
+    r"epoch (\d+) steps x 32: (\d+) pairs/s, waiting on data ([\d.]+)% of step time \(the "
+    r"first step's [\d.]+s starts the workers; after it [\d.]+%\) \| round ([\d.]+)s "
+    r"\((\d+) judged, (\d+) left out\) \| peak RSS trainer (\d+) \+ largest worker (\d+) MiB"
 )
 RATIO_LINE = re.compile(r"peak RSS ratio largest/smallest: ([\d.]+) \(<= 1.3: (met|NOT met)\)")
 
@@ -34,7 +41,8 @@ def _load_script():
 @pytest.mark.slow
 def test_tiny_sizes_print_a_measured_line_each_and_the_ratio_of_their_peaks(tmp_path, capsys):
     bench = _load_script()
-    args = ["--sizes", *map(str, SIZES), "--max-steps", "2", "--batch-size", "32"]
+    args = ["--sizes", *map(str, SIZES), "--max-steps", "2", "--batch-size", "32", "--defense"]
+    args += ["none"]
     args += ["--shard-size", "32", "--workers", "1", "--cache", str(tmp_path), "--threads", "1"]
     assert bench.main(args) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -47,6 +55,8 @@ def test_tiny_sizes_print_a_measured_line_each_and_the_ratio_of_their_peaks(tmp_
         assert int(match[3]) > 0 and 0 < float(match[4]) < 100
         assert int(match[5]) > 0 and int(match[6]) > 0 and int(match[10]) > 0
         assert float(match[7]) > 0 and "embed_images" in match[8] and "score" in match[8]
+        assert 0 < float(match[12]) < float(match[11]) and int(match[14]) > 0
+        assert float(match[13]) == pytest.approx(n * 624 / 2**20, rel=0.1, abs=0.01)  # ~600 B/pair
         peaks.append((int(match[5]), int(match[6])))
     # the shards were written once by the poison command and are reused
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -69,7 +79,7 @@ def test_the_verdict_compares_the_larger_of_the_trainer_and_worker_growth():
     assert bench._ratio_line(flat) == "peak RSS ratio largest/smallest: 1.20 (<= 1.3: met)"
 
 
-def test_a_size_without_the_round_says_so():
+def test_a_size_without_the_round_or_the_pixel_pass_says_so():
     bench = _load_script()
     trained = {
         "steps": 3,
@@ -80,10 +90,31 @@ def test_a_size_without_the_round_says_so():
         "rss_trainer_mib": 1000.0,
         "rss_worker_mib": 500.0,
     }
-    args = bench._parser().parse_args(["--batch-size", "32", "--skip-round"])
-    line = bench._size_line(2000, trained, None, args)
+    args = bench._parser().parse_args(["--batch-size", "32", "--skip-round", "--skip-pixels"])
+    line = bench._size_line(2000, trained, None, None, args)
     assert line == (
         "N=2000: train 3 steps x 32: 250 pairs/s, waiting on data 2.0% of step time (the first "
         "step's 0.5s starts the workers; after it 1.0%), peak RSS trainer 1000 + largest worker "
-        "500 MiB | round not measured (--skip-round)"
+        "500 MiB | round not measured (--skip-round) | pixel pass not measured (--skip-pixels)"
     )
+
+
+@pytest.mark.slow
+def test_the_default_measures_the_trainers_streamed_otcclip_epoch_and_round(tmp_path, capsys):
+    """One epoch of streamed OTCCLIP and its first round, in the trainer, per size."""
+    bench = _load_script()
+    args = ["--sizes", *map(str, SIZES), "--batch-size", "32", "--shard-size", "32"]
+    args += ["--workers", "1", "--cache", str(tmp_path), "--threads", "1"]
+    assert bench.main(args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "streamed OTCCLIP" in printed[0] and "then its first round" in printed[0]
+    for n, line in zip(SIZES, printed[2:4], strict=True):
+        match = OTCCLIP_LINE.fullmatch(line)
+        assert match, line
+        assert int(match[1]) == n and int(match[4]) == n // 32  # the whole epoch
+        assert float(match[2]) > 0 and float(match[7]) > 0 and int(match[5]) > 0
+        assert int(match[8]) == n  # every pair judged from its kept embeddings
+        assert 0 < int(match[9]) <= 0.25 * n and int(match[10]) > 0 and int(match[11]) > 0
+    assert RATIO_LINE.fullmatch(printed[4]), printed
+    with pytest.raises(SystemExit, match="use --defense none"):
+        bench.main([*args, "--max-steps", "3"])

@@ -276,6 +276,34 @@ def test_variants_of_one_image_share_a_verdict_and_count_as_copies():
     assert np.all(copies[60:] >= 4) and np.all(copies[1:60] == 0)
 
 
+def test_a_subset_of_the_evidence_keeps_copies_only_among_its_own_images():
+    """A streamed round judges only the pairs that have streamed: a copy outside them
+    can no longer count or share a verdict; per-image scores stay the whole set's."""
+    rng = np.random.default_rng(5)
+    scenes = np.full((40, 56, 56), 128, np.uint8)
+    for i in range(40):
+        y, x = rng.integers(0, 30, 2)
+        scenes[i, y : y + 20, x : x + 16] = _blocky(rng, 20, 16)
+    images = np.vstack([scenes, np.repeat(scenes[:1], 3, axis=0)])  # rows 0, 40-42: copies
+    config = DoubtConfig(pixel_k=4, signals=("copies_pixel", "recurrence_pixel", "phase_pixel"))
+    ev = doubt.pixel_evidence(images, config)
+    rows = np.array([42, 0, *range(1, 40)])  # 40 and 41 have not streamed
+    sub = ev.subset(rows)
+    assert len(sub) == len(rows) and np.array_equal(sub.keys, ev.keys[rows])
+    assert np.array_equal(sub.recurrence, ev.recurrence[rows])
+    assert np.array_equal(sub.phase, ev.phase[rows])
+    copies = doubt.pixel_signals(sub, config)["copies_pixel"]
+    assert copies[0] == copies[1] == 1  # 42 and 0 see each other, not 40 or 41
+    assert doubt.pixel_signals(ev, config)["copies_pixel"][42] == 3
+    index = sub.neighbours[0]
+    assert index.shape == (len(rows), 4) and index.max() < len(rows)
+    assert np.all(sub.aligned[index == np.arange(len(rows))[:, None]] == -1)
+    with pytest.raises(ValueError, match="must not repeat"):
+        ev.subset(np.array([1, 1]))
+    with pytest.raises(ValueError, match="images in 0..42"):
+        ev.subset(np.array([43]))
+
+
 @pytest.mark.parametrize(
     ("signal", "field"), [("pattern_pixel", "pattern"), ("phase_pixel", "phase")]
 )
@@ -321,3 +349,13 @@ def test_the_pixel_screen_reads_only_the_pixel_signals_and_none_without_them():
     assert screen.doubted[:6].all() and not screen.doubted[6:].any()
     nothing = doubt.pixel_screen(pixels, DoubtConfig(signals=("cross",)))
     assert not nothing.doubted.any() and nothing.report["doubted"] == 0
+
+
+def test_neighbour_dots_are_the_gathered_einsum_block_by_block():
+    """A block of rows at a time (memory bounded by the block, not N x k x D), same numbers."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 7)).astype(np.float32)
+    idx = rng.integers(0, 50, size=(50, 5))
+    whole = np.einsum("nd,nkd->nk", x, x[idx])
+    got = doubt.neighbour_dots(x, idx, block=8)
+    assert got.dtype == np.float32 and np.array_equal(got, whole)

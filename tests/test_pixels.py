@@ -1,5 +1,6 @@
 """otcclip.pixels: the model-free pixel detectors (keys, tile recurrence, aligned
-similarity, the blended pattern), and their re-export from otcclip.doubt."""
+similarity, the blended pattern), and their re-export from otcclip.doubt; their reading
+of a grey stack kept on disk a block at a time, with the results of the whole array."""
 
 from __future__ import annotations
 
@@ -82,3 +83,154 @@ def test_the_detectors_are_still_reachable_through_otcclip_doubt():
     for name in ("pixel_keys", "pixel_recurrence", "pixel_pattern", "aligned_similarity"):
         assert getattr(doubt, name) is getattr(pixels, name)
         assert name in doubt.__all__ and name in pixels.__all__
+
+
+class _CountingStack:
+    """A GreyStack over an array, as one on disk would be: every read returns a copy, and
+    the largest read is recorded; converting the whole stack at once fails."""
+
+    def __init__(self, gray: np.ndarray) -> None:
+        self._gray = gray
+        self.shape = gray.shape
+        self.dtype = gray.dtype
+        self.ndim = gray.ndim
+        self.largest_read = 0
+
+    def __len__(self) -> int:
+        return len(self._gray)
+
+    def __getitem__(self, rows: slice | np.ndarray) -> np.ndarray:
+        if isinstance(rows, slice):
+            count = len(range(*rows.indices(len(self))))
+        else:
+            assert isinstance(rows, np.ndarray) and rows.ndim == 1 and rows.dtype.kind in "iu"
+            count = len(rows)
+        self.largest_read = max(self.largest_read, count)
+        return np.array(self._gray[rows])
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole stack was read at once")
+
+
+def _old_aligned_similarity(images: np.ndarray, idx: np.ndarray, max_shift: int = 3):
+    """aligned_similarity before it went block by block: every spectrum at once, and the
+    whole inverse FFT. The reference the bounded version must agree with."""
+    import torch
+
+    gray = torch.from_numpy(pixels.gray_u8(images).astype(np.float32))
+    n, h, w = gray.shape
+    blurred = pixels._box_blur3(gray)
+    blurred -= blurred.mean(dim=(1, 2), keepdim=True)
+    blurred /= blurred.flatten(1).norm(dim=1).clamp_min(1e-6)[:, None, None]
+    size = (h + max_shift, w + max_shift)
+    spectra = torch.fft.rfft2(blurred, s=size)
+    r = max_shift
+    rows_kept = list(range(r + 1)) + list(range(size[0] - r, size[0]))
+    cols_kept = list(range(r + 1)) + list(range(size[1] - r, size[1]))
+    cand = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+    cc = torch.fft.irfft2(spectra[:, None] * spectra[cand].conj(), s=size)
+    return cc[..., rows_kept, :][..., cols_kept].flatten(2).amax(dim=2).numpy()
+
+
+def _old_pixel_recurrence(images: np.ndarray, tile: int = 4, min_std: float = 40.0):
+    """pixel_recurrence before it could spill: every tile's key counted at once."""
+    gray = pixels.gray_u8(images)
+    n, h, w = gray.shape
+    rows, ys, xs = np.nonzero(pixels._tile_std(gray, tile) >= min_std)
+    tiles = np.zeros((len(rows), -(-tile * tile // 8) * 8), np.uint8)
+    for j, (dy, dx) in enumerate((dy, dx) for dy in range(tile) for dx in range(tile)):
+        tiles[:, j] = gray[rows, ys + dy, xs + dx]
+    words = tiles.view(np.uint64)
+    key = np.full(len(rows), np.uint64(1469598103934665603))
+    for j in range(words.shape[1]):
+        key = (key ^ words[:, j]) * np.uint64(1099511628211)
+    key ^= (ys * w + xs).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    best = np.ones(n, np.float64)
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    np.maximum.at(best, rows, counts[inverse].astype(np.float64))
+    return best
+
+
+def _patched_images(seed: int = 0) -> np.ndarray:
+    """Noise with two patches recurring in place (6 and 3 images), one elsewhere, and
+    blank images: counts of 6, 3 and 1 to get exactly right."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (36, 20, 20), dtype=np.uint8)
+    checker = (np.indices((4, 4)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    images[:6, 14:18, 14:18] = checker
+    images[6:9, 1:6, 3:8] = rng.integers(0, 256, (5, 5), dtype=np.uint8)
+    images[9, 2:6, 2:6] = checker
+    images[30:] = 0
+    return images
+
+
+@pytest.mark.parametrize(("h", "w", "max_shift"), [(56, 56, 3), (20, 22, 3), (17, 24, 2)])
+def test_aligned_similarity_block_by_block_matches_all_spectra_at_once(h, w, max_shift):
+    from otcclip.attacks import vary_copies
+
+    rng = np.random.default_rng(h * w)
+    noise = rng.integers(0, 256, (20, h, w), dtype=np.uint8)
+    item = np.full((h, w), 128, np.uint8)
+    item[4 : 4 + 8, 4 : 4 + 12] = _blocky(rng, 8, 12)
+    variants = vary_copies(np.repeat(item[None], 7, axis=0), 2, 8.0, rng)
+    images = np.concatenate([noise, item[None], variants, np.full((2, h, w), 90, np.uint8)])
+    idx = rng.integers(0, len(images), (len(images), 5))  # repeats, and sometimes itself
+    idx[20:28] = np.arange(20, 25)  # the item with its variants
+    sims = pixels.aligned_similarity(images, idx, max_shift=max_shift, block=7)
+    assert sims.dtype == np.float32 and sims.shape == idx.shape
+    np.testing.assert_allclose(sims, _old_aligned_similarity(images, idx, max_shift), atol=1e-5)
+    assert sims[20, 1:].min() > 0.9  # the variants are still seen
+
+
+def test_pixel_recurrence_spilled_to_disk_counts_exactly_and_cleans_up(tmp_path, monkeypatch):
+    images = _patched_images()
+    spilled_into: list[int] = []
+    spill = pixels._spill
+
+    def counting_spill(directory, parts, key, owner):
+        spilled_into.append(parts)
+        spill(directory, parts, key, owner)
+
+    monkeypatch.setattr(pixels, "_spill", counting_spill)
+    in_memory = pixels.pixel_recurrence(images, block=5, spill_dir=tmp_path)
+    assert spilled_into == []
+    spilled = pixels.pixel_recurrence(images, block=5, memory=1 << 12, spill_dir=tmp_path)
+    assert len(spilled_into) == 8 and min(spilled_into) > 1  # every block went to disk
+    np.testing.assert_array_equal(spilled, in_memory)
+    np.testing.assert_array_equal(spilled, _old_pixel_recurrence(images))
+    np.testing.assert_array_equal(spilled[:9], [6] * 6 + [3] * 3)
+    np.testing.assert_array_equal(spilled[9:], 1)
+    assert list(tmp_path.iterdir()) == []  # the partitions went with their directory
+
+
+def test_gray_u8_passes_a_grey_stack_through_and_refuses_other_objects():
+    stack = _CountingStack(np.zeros((3, 8, 8), np.uint8))
+    assert pixels.gray_u8(stack) is stack and stack.largest_read == 0
+    with pytest.raises(TypeError, match="uint8"):
+        pixels.gray_u8(_CountingStack(np.zeros((3, 8, 8), np.float32)))
+    with pytest.raises(TypeError, match="uint8"):
+        pixels.gray_u8([[[0]]])
+
+
+def test_the_detectors_read_a_grey_stack_one_block_at_a_time(tmp_path):
+    images = _patched_images(1)
+    images[10:20] = np.kron(images[10:20, :5, :5], np.ones((4, 4), np.uint8))  # smooth scenes
+    idx = np.random.default_rng(0).integers(0, len(images), (len(images), 3))
+
+    def on_stack(detector, *args, **kwargs):
+        stack = _CountingStack(images)
+        return detector(stack, *args, **kwargs), stack.largest_read
+
+    keys, _ = on_stack(pixels.pixel_keys, 4)  # its blocks are larger than these images
+    np.testing.assert_array_equal(keys, pixels.pixel_keys(images, 4))
+    aligned, largest = on_stack(pixels.aligned_similarity, idx, block=4)
+    np.testing.assert_array_equal(aligned, pixels.aligned_similarity(images, idx, block=4))
+    assert largest <= 4 * (1 + idx.shape[1])  # a block and its candidates
+    for memory in (256 << 20, 1 << 12):  # in memory, then spilled to disk
+        recurrence, largest = on_stack(
+            pixels.pixel_recurrence, block=4, memory=memory, spill_dir=tmp_path
+        )
+        np.testing.assert_array_equal(recurrence, pixels.pixel_recurrence(images))
+        assert largest <= 4
+    pattern, _ = on_stack(pixels.pixel_pattern, components=4, fit_rows=16)
+    np.testing.assert_array_equal(pattern, pixels.pixel_pattern(images, 4, fit_rows=16))

@@ -100,14 +100,6 @@ def _stream_rows(shards: Path, table, world: int = 1):
             {"defense": "otcclip", "round_embeddings": "training", "warmup_epochs": 0},
             "needs --warmup-epochs >= 1",
         ),
-        (
-            {
-                "defense": "otcclip",
-                "round_embeddings": "training",
-                "doubt_signals": "cross,phase_pixel",
-            },
-            "cannot compute the pixel signals phase_pixel",
-        ),
         ({"data": None, "scenes": 64}, "--scenes builds its pairs in memory"),
         ({"workers": -1}, "workers must be an integer >= 0"),
         ({"prefetch": 0}, "prefetch must be an integer >= 1"),
@@ -168,7 +160,8 @@ def test_roclip_streams_as_memory_does_on_the_same_batches(shards):
     assert epochs[-1]["defense"]["bank_fill"] == 64  # filled by the first epoch's batches
 
 
-# the fused doubt without the pixel signals, so that the in-memory run doubts alike
+# no pixel signal fused: the warm-up is not screened, so it trains as the in-memory run
+# without rounds does (the round still reads the pixel pass's copies)
 _OTC_STREAM = {
     "defense": "otcclip",
     "round_embeddings": "training",
@@ -204,6 +197,48 @@ def test_otcclip_streams_its_rounds_from_the_kept_embeddings(tmp_path, shards):
     left_out = np.asarray(state["left_out"], bool)
     assert int(left_out.sum()) == report["sitting_out"]
     assert sorted(np.asarray(state["slots"]["ids"]).tolist()) == sorted(table.ids.tolist())
+
+
+def test_streamed_otcclip_screens_and_judges_by_the_pixels_of_one_pass(tmp_path, capsys):
+    """With the default signals a streamed run reads every image once before training
+    (`otcclip.stream_pixels`): the warm-up's screen leaves a patch trigger's pairs out,
+    the round judges with the pixel signals too, and the evidence is in the checkpoint."""
+    table = fashion_scenes(PAIRS, seed=1)
+    patched = np.arange(40, 48)
+    checker = (np.indices((6, 6)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    table.images[patched, 45:51, 45:51] = checker
+    folder = tmp_path / "shards"
+    write_shards(table, folder, shard_size=SHARD)
+    kw = {k: v for k, v in _OTC_STREAM.items() if k != "doubt_signals"}
+
+    class Plans(Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, dict, float]] = []
+
+        def on_epoch_start(self, ctx, epoch, info, seconds) -> None:
+            self.seen.append((epoch, dict(info), seconds))
+
+    plans = Plans()
+    stale = tmp_path / "run" / ".pixel-pass-rank0-killed"  # what a killed pass left
+    stale.mkdir(parents=True)
+    (stale / "pixel-pass.grey").write_bytes(b"\0" * 1024)
+    result = train(_config(folder, out=str(tmp_path / "run"), **kw), [plans])
+    assert not list((tmp_path / "run").glob(".pixel-pass-*"))
+    assert "pixel pass: 256 images of 56x56 px" in capsys.readouterr().err
+    epochs = [m for m in result.metrics if "phase" in m]
+    assert epochs[0]["defense"]["screened"] >= len(patched)
+    # a callback hears each plan as it is made: the screen (after the pass), then the round
+    assert [(e, "screened" in i, "judged" in i) for e, i, _ in plans.seen] == [
+        (0, True, False),
+        (1, False, True),
+    ]
+    assert all(seconds > 0 for *_, seconds in plans.seen)
+    state = load_checkpoint(tmp_path / "run").state["defense"]
+    ids = np.asarray(state["streamed"]["slots"]["ids"])
+    trigger = np.isin(ids, table.ids[patched])
+    assert np.asarray(state["screened"], bool)[trigger].all()
+    assert np.asarray(state["streamed"]["left_out"], bool)[trigger].all()
+    assert np.asarray(state["pixels"]["keys"]).shape[0] == PAIRS
 
 
 def _assert_data_wait(metrics: list[dict]) -> None:
@@ -250,9 +285,11 @@ _KILL_AT = 13  # epoch 2, step 5: the last checkpoint (every 3 steps) is at step
 
 @pytest.mark.slow
 @pytest.mark.parametrize("defense", ["none", "otcclip"])
-def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(tmp_path, shards, defense):
-    """With otcclip the kill falls in the matched epoch: the kept embeddings, the slots and
-    the pairs left out come back with the checkpoint."""
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(
+    tmp_path, shards, defense, capsys
+):
+    """With otcclip the kill falls in the matched epoch: the kept embeddings, the slots,
+    the pixel evidence and the pairs left out come back with the checkpoint."""
     kw = _OTC_STREAM if defense == "otcclip" else {}
     killed, marker = tmp_path / "killed", tmp_path / "reached"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -280,8 +317,13 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(tmp_pat
 
     with pytest.raises(DataError, match="resume with --workers 2"):
         train(_config(shards, out=str(killed), resume=True, checkpoint_every=3, workers=1, **kw))
+    capsys.readouterr()
     resumed = train(_config(shards, out=str(killed), resume=True, checkpoint_every=3, **kw))
+    assert "pixel pass" not in capsys.readouterr().err  # the evidence came with the state
     reference = train(_config(shards, out=str(tmp_path / "reference"), checkpoint_every=3, **kw))
+    if defense == "otcclip":
+        assert "pixel pass: 256 images" in capsys.readouterr().err
+    assert not list(killed.glob(".pixel-pass-*"))
     np.testing.assert_allclose(resumed.step_losses, reference.step_losses, rtol=0, atol=1e-6)
     _assert_data_wait(resumed.metrics)  # the killed run's wait carried over to its epoch
     ref_state = reference.bundle.model.state_dict()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,6 +91,8 @@ class TrainContext:
     image_side: int | None = None
     # the pairs an epoch trains (len(table), or the stream's count): set by the trainer
     n_pairs: int | None = None
+    # a streamed run's data (`data.loader.StreamFeed`): the pixel pass reads it whole
+    stream: Any = None
 
     @property
     def pairs(self) -> int:
@@ -294,8 +297,6 @@ class OTCCLIPDefense(Defense):
 
     @classmethod
     def check_stream(cls, config: TrainConfig) -> None:
-        from otcclip.doubt import SIGNALS
-
         if config.round_embeddings != "training":
             raise ValueError(
                 "--stream with --defense otcclip needs --round-embeddings training: a stream "
@@ -313,15 +314,6 @@ class OTCCLIPDefense(Defense):
                 "judges the pairs from the embeddings training kept, so one epoch must have "
                 "streamed them first"
             )
-        if config.doubt == "fused" and config.doubt_signals:
-            pixel = [
-                s for s in config.doubt_signals.split(",") if SIGNALS.get(s.strip()) == "pixel"
-            ]
-            if pixel:
-                raise ValueError(
-                    f"--stream cannot compute the pixel signals {', '.join(pixel)}: they need "
-                    "every image at once. Leave them out of --doubt-signals"
-                )
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
@@ -359,12 +351,7 @@ class OTCCLIPDefense(Defense):
             from otcclip.stream_rounds import StreamedRounds
 
             self.streamed = StreamedRounds(n, int(ctx.bundle.embed_dim))
-            if self.config.doubt == "fused" and not self.config.doubt_signals:
-                ctx.log(
-                    "streamed rounds doubt without the pixel signals (they need every image "
-                    f"at once): {', '.join(self.doubt_config().signals)}. Without them a "
-                    "patch backdoor is not caught (README, 'OTCCLIP on a stream')"
-                )
+            self.screened = None
             return
         self.assignment = np.arange(n, dtype=np.int64)
         self.doubted = np.zeros(n, dtype=bool)
@@ -422,7 +409,11 @@ class OTCCLIPDefense(Defense):
 
     def stream_plan(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         assert self.streamed is not None, "setup() on a stream first"
-        info = self._stream_round(ctx, epoch) if self.intervenes(epoch) else {}
+        info: dict[str, Any] = {}
+        if self.intervenes(epoch):
+            info = self._stream_round(ctx, epoch)
+        elif self.rounds == 0 and self.screened is None and self.screens():
+            info = self._stream_screen(ctx)
         intra = self.config.lambda_intra > 0
         none = np.zeros(0, dtype=np.int64)
         return EpochPlan(
@@ -459,8 +450,11 @@ class OTCCLIPDefense(Defense):
         result = match_embeddings(image_emb, caption_emb, own, config)
         poisoned = np.isin(s.slots.ids[slots], poisoned_ids(ctx.manifests))
         if c.doubt == "fused":
+            pixels = self.pixel_evidence(ctx)
+            if len(slots) != len(pixels):  # pairs no epoch has streamed yet wait
+                pixels = pixels.subset(slots)
             doubted_now, doubt_report = self._fused_doubt(
-                ctx, result, own, poisoned=poisoned if ctx.manifests else None
+                ctx, result, own, pixels=pixels, poisoned=poisoned if ctx.manifests else None
             )
         else:
             doubted_now, doubt_report = np.asarray(result.caption) != own, {}
@@ -501,7 +495,9 @@ class OTCCLIPDefense(Defense):
         doubted_now = caption != own
         doubt_report: dict[str, Any] = {}
         if c.doubt == "fused":
-            doubted_now, doubt_report = self._fused_doubt(ctx, result, own)
+            doubted_now, doubt_report = self._fused_doubt(
+                ctx, result, own, pixels=self.pixel_evidence(ctx)
+            )
             best = np.asarray(result.best, dtype=np.int64)
             if self.kept is not None and c.on_doubt == "repair":
                 best = self._rescore(ctx, own, doubted_now, best, result)
@@ -623,11 +619,6 @@ class OTCCLIPDefense(Defense):
         }
         if c.doubt_signals:
             options["signals"] = tuple(s.strip() for s in c.doubt_signals.split(",") if s.strip())
-        elif c.stream:  # pixel evidence needs every image at once (`otcclip.stream_rounds`)
-            from otcclip.doubt import SIGNALS
-
-            kept = tuple(s for s in DoubtConfig().signals if SIGNALS[s] != "pixel")
-            options["signals"] = kept
         if c.doubt_phase_template is not None:
             options["phase_template"] = c.doubt_phase_template
         if c.doubt_phase_scale is not None:
@@ -636,20 +627,62 @@ class OTCCLIPDefense(Defense):
 
     def screens(self) -> bool:
         """Whether the warm-up is screened: fused doubt with a pixel signal, `pixel_screen` on."""
-        from otcclip.doubt import SIGNALS
-
-        c = self.config
-        if c.doubt != "fused" or not c.pixel_screen:
-            return False
-        return any(SIGNALS[s] == "pixel" for s in self.doubt_config().signals)
+        return self.config.pixel_screen and self.reads_pixels()
 
     def pixel_evidence(self, ctx: TrainContext) -> Any:
         """The pixels' evidence (`doubt.pixel_evidence`): computed once per run, then kept."""
-        if self.pixels is None:
+        if self.pixels is not None:
+            return self.pixels
+        if self.streamed is None:
             from otcclip.doubt import pixel_evidence
 
             self.pixels = pixel_evidence(ctx.table.images, self.doubt_config())
+            return self.pixels
+        self.pixels = self._stream_pixel_pass(ctx)
         return self.pixels
+
+    def _stream_pixel_pass(self, ctx: TrainContext) -> Any:
+        """A stream's pixel evidence, by slot: every image read once (`otcclip.stream_pixels`).
+
+        The grey images wait on disk in the run's folder (or a temporary one) until the
+        evidence exists (what a pass killed midway left there goes when the next begins);
+        every process reads them all and computes the same evidence.
+        """
+        import shutil
+        import tempfile
+
+        from otcclip.stream_pixels import stream_pixel_evidence
+
+        assert self.streamed is not None and ctx.stream is not None, "a stream's setup() first"
+        c = self.config
+        ctx.log(
+            "pixel pass: reading every image once for the pixel signals "
+            f"({', '.join(s for s in self.doubt_config().signals if s.endswith('_pixel'))})"
+        )
+        prefix = f".pixel-pass-rank{ctx.rank}-"
+        if c.out is not None:
+            Path(c.out).mkdir(parents=True, exist_ok=True)
+            for stale in Path(c.out).glob(prefix + "*"):  # a pass killed before it ended
+                shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=c.out, prefix=prefix) as workdir:
+            return stream_pixel_evidence(
+                ctx.stream.pairs,
+                self.streamed.slots,
+                self.doubt_config(),
+                workdir=workdir,
+                workers=c.workers,
+                log=ctx.log,
+                progress=ctx.progress,
+            )
+
+    def reads_pixels(self) -> bool:
+        """Whether the fused doubt fuses a pixel signal (the warm-up can then be screened)."""
+        from otcclip.doubt import SIGNALS
+
+        c = self.config
+        return c.doubt == "fused" and any(
+            SIGNALS[s] == "pixel" for s in self.doubt_config().signals
+        )
 
     def _screen(self, ctx: TrainContext) -> dict[str, Any]:
         """Leave out of the warm-up the pairs the pixel signals alone doubt.
@@ -681,19 +714,51 @@ class OTCCLIPDefense(Defense):
             report["screen_recall"] = _share(hit, int(ctx.poisoned.sum()))
         return report
 
+    def _stream_screen(self, ctx: TrainContext) -> dict[str, Any]:
+        """The warm-up's pixel screen on a stream: by slot, after the pixel pass
+        (`_screen` says why). The screened pairs stream past masked out of the losses."""
+        import time
+
+        from otcclip.attacks import poisoned_ids
+        from otcclip.doubt import pixel_screen
+
+        assert self.streamed is not None
+        pixels = self.pixel_evidence(ctx)
+        start = time.perf_counter()
+        s = self.streamed
+        verdict = pixel_screen(pixels, self.doubt_config())
+        n = len(verdict.doubted)
+        self.screened = np.zeros(len(s.left_out), bool)
+        self.screened[:n] = verdict.doubted
+        s.doubted |= self.screened
+        s.left_out |= self.screened
+        report: dict[str, Any] = {
+            "screened": int(self.screened.sum()),
+            "screen_seconds": time.perf_counter() - start,
+        }
+        if ctx.manifests:  # the report only
+            poisoned = np.isin(s.slots.ids[:n], poisoned_ids(ctx.manifests))
+            hit = int((verdict.doubted & poisoned).sum())
+            report["screen_precision"] = _share(hit, int(verdict.doubted.sum()))
+            report["screen_recall"] = _share(hit, int(poisoned.sum()))
+        return report
+
     def _fused_doubt(
         self,
         ctx: TrainContext,
         result: Any,
         own: np.ndarray,
         *,
+        pixels: Any = None,
         poisoned: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Which pairs the fused doubt score leaves out (`otcclip.doubt`), and its report.
 
         The round's cross-modal lead (best candidate over the own caption) is one
         signal; the others read the embeddings the round already computed and the
-        pixels, so the doubt adds no embedding pass. The poison mask, where known,
+        pixels' evidence (`pixels`, by the round's rows: its copies share verdicts and
+        do not vouch for each other even where no pixel signal is fused), so the doubt
+        adds no embedding pass. The poison mask, where known,
         only feeds the report (`poisoned`, by the round's rows: a stream's slots).
         """
         import time
@@ -715,7 +780,7 @@ class OTCCLIPDefense(Defense):
             result.image_embeddings,
             np.ascontiguousarray(result.pool_embeddings[own]),
             config,
-            pixels=None if self.streamed is not None else self.pixel_evidence(ctx),
+            pixels=pixels,
             lead=lead,
         )
         report: dict[str, Any] = {f"doubt_{k}": v for k, v in verdict.report.items()}
@@ -822,6 +887,7 @@ class OTCCLIPDefense(Defense):
 
             self.streamed = StreamedRounds.from_state(state["streamed"])
             self.rounds = int(state["rounds"])
+            self._load_pixels(state)
             return
         self.assignment = np.asarray(state["assignment"], dtype=np.int64)
         original = np.arange(len(self.assignment), dtype=np.int64)
@@ -834,6 +900,14 @@ class OTCCLIPDefense(Defense):
         )
         self.history = History.from_bytes(bytes(state["history"]))
         self.rounds = int(state["rounds"])
+        self._load_pixels(state)
+        kept = state.get("kept")
+        if kept is not None:
+            from otcclip.matching_state import MatchingState
+
+            self.kept = MatchingState.from_state(kept)
+
+    def _load_pixels(self, state: dict[str, Any]) -> None:
         screened = state.get("screened")
         self.screened = None if screened is None else np.asarray(screened, dtype=bool).copy()
         pixels = state.get("pixels")
@@ -841,11 +915,6 @@ class OTCCLIPDefense(Defense):
             from otcclip.doubt import PixelEvidence
 
             self.pixels = PixelEvidence.from_state(pixels)
-        kept = state.get("kept")
-        if kept is not None:
-            from otcclip.matching_state import MatchingState
-
-            self.kept = MatchingState.from_state(kept)
 
 
 def steps_per_epoch(ctx: TrainContext) -> int:

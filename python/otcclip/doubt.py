@@ -45,6 +45,7 @@ any label.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -57,7 +58,13 @@ from otcclip.phase_lock import phase_locked_patterns
 
 # the model-free pixel detectors live in otcclip.pixels; re-exported here, where they
 # were first defined, so that `doubt.pixel_keys` and the like keep working
-from otcclip.pixels import aligned_similarity, pixel_keys, pixel_pattern, pixel_recurrence
+from otcclip.pixels import (
+    GreyStack,
+    aligned_similarity,
+    pixel_keys,
+    pixel_pattern,
+    pixel_recurrence,
+)
 
 __all__ = [
     "FAMILIES",
@@ -66,6 +73,7 @@ __all__ = [
     "Doubt",
     "knn",
     "local_outlier_scores",
+    "neighbour_dots",
     "PixelEvidence",
     "pixel_evidence",
     "aligned_similarity",
@@ -355,6 +363,33 @@ class PixelEvidence:
                 state[name] = getattr(self, name)
         return state
 
+    def subset(self, rows: np.ndarray) -> PixelEvidence:
+        """The evidence of the images `rows` only, as if the others were not there for the
+        verdicts: a neighbour outside `rows` can no longer be a copy (its aligned similarity
+        becomes -1) or share a verdict. Per-image scores (recurrence, pattern, phase) keep
+        what the whole data set says. A streamed round judges only the pairs that have
+        streamed (`otcclip.stream_rounds`)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n = len(self)
+        if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= n)):
+            raise ValueError(f"rows must be a 1-D array of images in 0..{n - 1}")
+        if len(np.unique(rows)) != len(rows):
+            raise ValueError("rows must not repeat")
+        position = np.full(n, -1, np.int64)
+        position[rows] = np.arange(len(rows))
+        index = position[self.neighbours[0][rows]]
+        outside = index < 0
+        aligned = np.where(outside, np.float32(-1.0), self.aligned[rows])
+        index = np.where(outside, np.arange(len(rows))[:, None], index)  # itself: no copy
+        return PixelEvidence(
+            self.keys[rows],
+            (index, self.neighbours[1][rows]),
+            aligned,
+            self.recurrence[rows],
+            None if self.pattern is None else self.pattern[rows],
+            None if self.phase is None else self.phase[rows],
+        )
+
     @staticmethod
     def from_state(state: Mapping[str, np.ndarray]) -> PixelEvidence:
         keys = np.asarray(state["keys"], dtype=np.float32)
@@ -378,8 +413,15 @@ class PixelEvidence:
         return PixelEvidence(keys, (index, sim), aligned, recurrence, **optional)
 
 
-def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> PixelEvidence:
-    """Pixel keys, their neighbours and the tile recurrence of `images` (uint8)."""
+def pixel_evidence(
+    images: np.ndarray | GreyStack,
+    config: DoubtConfig | None = None,
+    *,
+    spill_dir: str | os.PathLike[str] | None = None,
+) -> PixelEvidence:
+    """Pixel keys, their neighbours and the tile recurrence of `images` (uint8, or a
+    `pixels.GreyStack` read by blocks); the tiles' count spills under `spill_dir` (the
+    system's temporary directory by default) when it outgrows memory."""
     config = config or DoubtConfig()
     keys = pixel_keys(images, config.thumb)
     if config.pixel_k > len(keys) - 1:
@@ -388,7 +430,7 @@ def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> Pix
         )
     neighbours = knn(keys, config.pixel_k, threads=config.threads, name="pixel keys")
     aligned = aligned_similarity(images, neighbours[0], config.max_shift)
-    recurrence = pixel_recurrence(images, config.tile, config.tile_min_std)
+    recurrence = pixel_recurrence(images, config.tile, config.tile_min_std, spill_dir=spill_dir)
     pattern = phase = None
     if "pattern_pixel" in config.signals or config.report_all:
         pattern = pixel_pattern(images, seed=config.seed)
@@ -404,6 +446,19 @@ def pixel_evidence(images: np.ndarray, config: DoubtConfig | None = None) -> Pix
 
 
 # --------------------------------------------------------------------------- signals
+
+
+def neighbour_dots(x: np.ndarray, idx: np.ndarray, block: int = 4096) -> np.ndarray:
+    """(N, k): the dot product of each row of x with each of its neighbours' rows, x[idx[i, j]].
+
+    A block of rows at a time: gathering every row's neighbours at once is N x k x D floats
+    (3 GiB for 100,000 pixel keys at k = 64), which grew a round's memory with N.
+    """
+    out = np.empty(idx.shape, dtype=np.result_type(x.dtype, np.float32))
+    for start in range(0, len(idx), block):
+        rows = slice(start, start + block)
+        out[rows] = np.einsum("nd,nkd->nk", x[rows], x[idx[rows]])
+    return out
 
 
 def _consistency(
@@ -425,7 +480,7 @@ def _consistency(
     if exclude is not None:
         keep &= ~exclude
     keep &= np.cumsum(keep, axis=1) <= k
-    agree = np.einsum("nd,nkd->nk", other_space, other_space[idx])
+    agree = neighbour_dots(other_space, idx)
     count = keep.sum(axis=1)
     mean = np.where(count > 0, (agree * keep).sum(axis=1) / np.maximum(count, 1), 0.0)
     return -mean.astype(np.float64)
@@ -435,7 +490,7 @@ def _copies(idx: np.ndarray, keys: np.ndarray | None, threshold: float) -> np.nd
     """Which neighbours (N, k) are pixel copies of the row (thumbnail cosine >= threshold)."""
     if keys is None:
         return None
-    return np.einsum("nd,nkd->nk", keys, keys[idx]) >= threshold
+    return neighbour_dots(keys, idx) >= threshold
 
 
 def compute_signals(
@@ -510,7 +565,7 @@ def compute_signals(
         wide = cap_wide
         copies = _copies(wide[0], keys, config.duplicate_sim)
         if copies is None:  # no pixels: images near-identical in embedding count as copies
-            copies = np.einsum("nd,nkd->nk", image_emb, image_emb[wide[0]]) >= 0.99
+            copies = neighbour_dots(image_emb, wide[0]) >= 0.99
         out["consistency_caption"] = _consistency(
             image_emb, *wide, k, config.caption_duplicate_sim, copies
         )

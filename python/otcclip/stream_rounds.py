@@ -7,9 +7,10 @@ the training pass kept (`matching_state.MatchingState`), in slots given to ids a
 first arrive (`IdSlots`), and a doubted pair sits out by id.
 
 What differs from the in-memory round:
-- No pixel signals: pixel evidence needs every image at once. The fused doubt reads the
-  cross-modal lead and the neighbourhood consistency signals. The defense's stream
-  default leaves the pixel family out, and names it in the log.
+- The pixel evidence comes from a pass of its own before the first epoch
+  (`otcclip.stream_pixels`): every image read once, kept on disk as grey levels while
+  the detectors read it by blocks. The pass gives every pair its slot, in the order it
+  reads; the warm-up's screen and every round read the evidence by slot.
 - A doubted pair still streams past. Its features are computed with the batch and kept
   (so no pair goes stale), but it is masked out of the losses. The batch then holds
   fewer pairs that train, instead of the in-memory path's full batches of kept pairs.

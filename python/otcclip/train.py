@@ -439,6 +439,13 @@ class Callback:
     def on_train_start(self, ctx: TrainContext) -> None:
         pass
 
+    def on_epoch_start(
+        self, ctx: TrainContext, epoch: int, info: dict[str, Any], seconds: float
+    ) -> None:
+        """The epoch's plan is made: `info` is what the defense reported preparing it (a
+        round's report, a screen's), `seconds` what that took. Not called again when a
+        resumed run continues an epoch it had planned."""
+
     def on_step_end(self, ctx: TrainContext, info: dict[str, Any]) -> None:
         pass
 
@@ -741,6 +748,7 @@ def train(
         log=_logger(rank),
         image_side=None if feed is None else feed.image_side,
         n_pairs=n_pairs,
+        stream=feed,
     )
     defense.setup(ctx)
     loop = _Loop()
@@ -782,6 +790,11 @@ def train(
             loop.prepare_seconds = time.perf_counter() - start
             loop.sums, loop.steps_done, loop.seconds, loop.step = {}, 0, 0.0, 0
             loop.data_seconds = 0.0
+            for cb in callbacks:
+                hook = getattr(cb, "on_epoch_start", None)  # newer than some callbacks
+                if hook is not None:
+                    with _isolated_rng():
+                        hook(ctx, epoch, loop.plan.info, loop.prepare_seconds)
         plan = loop.plan
         order, streamed, steps = None, None, epoch_steps[epoch]
         if feed is not None:

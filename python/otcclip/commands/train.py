@@ -44,7 +44,8 @@ _SCHEDULE_HELP = (
     "--format shards, or parquet) through DataLoader workers instead of reading them into "
     "memory: memory holds about batch x prefetch x workers pairs. --defense none, roclip, "
     "or otcclip with --round-embeddings training (its rounds then doubt from the kept "
-    "embeddings, without the pixel signals); safeclip and filter need random access to "
+    "embeddings, and a pass before the first epoch reads every image once for the pixel "
+    "signals); safeclip and filter need random access to "
     "every pair. Shards need their shards.json. A run resumes with the same --workers and "
     "process count.",
 )
