@@ -390,35 +390,32 @@ class OTCCLIPDefense(Defense):
 
     def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         assert self.assignment is not None, "setup() first"
-        info: dict[str, Any] = {}
-        if self.intervenes(epoch):
-            info = self._round(ctx, epoch)
-        elif self.rounds == 0 and self.screened is None and self.screens():
-            info = self._screen(ctx)
+        info = self._prepare(ctx, epoch)
         positions = np.flatnonzero(self.assignment >= 0).astype(np.int64)
-        intra = self.config.lambda_intra > 0
-        return EpochPlan(
-            positions=positions,
-            caption=self.assignment.copy(),
-            phase="matched" if self.rounds else "warmup",
-            augment_images=intra,
-            image_views=2 if intra else 1,
-            text_views=2 if intra else 1,
-            info=info,
-        )
+        return self._plan(positions, self.assignment.copy(), info)
 
     def stream_plan(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         assert self.streamed is not None, "setup() on a stream first"
-        info: dict[str, Any] = {}
+        info = self._prepare(ctx, epoch)
+        none = np.zeros(0, dtype=np.int64)  # a stream's plan names no rows
+        return self._plan(none, none, info)
+
+    def _prepare(self, ctx: TrainContext, epoch: int) -> dict[str, Any]:
+        """What comes before an epoch: a round when one is due, else the warm-up's screen
+        once (with a pixel signal fused), else nothing; returns its report."""
         if self.intervenes(epoch):
-            info = self._stream_round(ctx, epoch)
-        elif self.rounds == 0 and self.screened is None and self.screens():
-            info = self._stream_screen(ctx)
+            return (
+                self._round(ctx, epoch) if self.streamed is None else self._stream_round(ctx, epoch)
+            )
+        if self.rounds == 0 and self.screened is None and self.screens():
+            return self._screen(ctx)
+        return {}
+
+    def _plan(self, positions: np.ndarray, caption: np.ndarray, info: dict) -> EpochPlan:
         intra = self.config.lambda_intra > 0
-        none = np.zeros(0, dtype=np.int64)
         return EpochPlan(
-            positions=none,
-            caption=none,
+            positions=positions,
+            caption=caption,
             phase="matched" if self.rounds else "warmup",
             augment_images=intra,
             image_views=2 if intra else 1,
@@ -693,53 +690,39 @@ class OTCCLIPDefense(Defense):
         (DESIGN.md, section 8). The first round judges every pair afresh with every
         signal. The fusion, cut and cap are the round's, over the pixel signals, with
         no least share: data without copies or patches loses nothing to the screen.
+        On a stream the screen is by slot, after the pixel pass, and the screened pairs
+        stream past masked out of the losses.
         """
         import time
 
         from otcclip.doubt import pixel_screen
 
-        assert self.assignment is not None and self.doubted is not None, "setup() first"
         start = time.perf_counter()
-        verdict = pixel_screen(self.pixel_evidence(ctx), self.doubt_config())
-        self.screened = verdict.doubted.copy()
-        self.doubted |= self.screened
-        self.assignment = np.where(self.screened, -1, self.assignment)
+        doubted = pixel_screen(self.pixel_evidence(ctx), self.doubt_config()).doubted
+        if self.streamed is None:
+            assert self.assignment is not None and self.doubted is not None, "setup() first"
+            self.screened = doubted.copy()
+            self.doubted |= self.screened
+            self.assignment = np.where(self.screened, -1, self.assignment)
+            poisoned = ctx.poisoned
+        else:
+            from otcclip.attacks import poisoned_ids
+
+            s = self.streamed
+            self.screened = np.zeros(len(s.left_out), bool)
+            self.screened[: len(doubted)] = doubted
+            s.doubted |= self.screened
+            s.left_out |= self.screened
+            poisoned = None  # by slot, from the manifest, for the report only
+            if ctx.manifests:
+                poisoned = np.isin(s.slots.ids[: len(doubted)], poisoned_ids(ctx.manifests))
         report: dict[str, Any] = {
-            "screened": int(self.screened.sum()),
+            "screened": int(doubted.sum()),
             "screen_seconds": time.perf_counter() - start,
         }
-        if ctx.poisoned is not None:
-            hit = int((self.screened & ctx.poisoned).sum())
-            report["screen_precision"] = _share(hit, int(self.screened.sum()))
-            report["screen_recall"] = _share(hit, int(ctx.poisoned.sum()))
-        return report
-
-    def _stream_screen(self, ctx: TrainContext) -> dict[str, Any]:
-        """The warm-up's pixel screen on a stream: by slot, after the pixel pass
-        (`_screen` says why). The screened pairs stream past masked out of the losses."""
-        import time
-
-        from otcclip.attacks import poisoned_ids
-        from otcclip.doubt import pixel_screen
-
-        assert self.streamed is not None
-        pixels = self.pixel_evidence(ctx)
-        start = time.perf_counter()
-        s = self.streamed
-        verdict = pixel_screen(pixels, self.doubt_config())
-        n = len(verdict.doubted)
-        self.screened = np.zeros(len(s.left_out), bool)
-        self.screened[:n] = verdict.doubted
-        s.doubted |= self.screened
-        s.left_out |= self.screened
-        report: dict[str, Any] = {
-            "screened": int(self.screened.sum()),
-            "screen_seconds": time.perf_counter() - start,
-        }
-        if ctx.manifests:  # the report only
-            poisoned = np.isin(s.slots.ids[:n], poisoned_ids(ctx.manifests))
-            hit = int((verdict.doubted & poisoned).sum())
-            report["screen_precision"] = _share(hit, int(verdict.doubted.sum()))
+        if poisoned is not None:
+            hit = int((doubted & poisoned).sum())
+            report["screen_precision"] = _share(hit, int(doubted.sum()))
             report["screen_recall"] = _share(hit, int(poisoned.sum()))
         return report
 

@@ -127,11 +127,7 @@ class _GreyBatches(IterableDataset):
                 pair = self.pairs.decode(raw, unit)
                 image = gray_u8(pair.image[None])[0]
                 if grey and image.shape != grey[0].shape:
-                    raise DataError(
-                        f"{unit.name}: id {pair.id}: image of {image.shape[1]}x{image.shape[0]} "
-                        f"px, others of {grey[0].shape[1]}x{grey[0].shape[0]}: the pixel "
-                        "signals compare images of one size; pass --image-size to fit them all"
-                    )
+                    raise _size_error(f"{unit.name}: id {pair.id}", image.shape, grey[0].shape)
                 ids.append(pair.id)
                 grey.append(image)
                 if len(ids) == _BATCH:
@@ -141,6 +137,13 @@ class _GreyBatches(IterableDataset):
                 yield np.asarray(ids, np.int64), np.stack(grey)
         except DataError as err:
             yield err
+
+
+def _size_error(where: str, got: tuple[int, ...], others: tuple[int, ...]) -> DataError:
+    return DataError(
+        f"{where}: image of {got[1]}x{got[0]} px, others of {others[1]}x{others[0]}: the "
+        "pixel signals compare images of one size; pass --image-size to fit them all"
+    )
 
 
 def _whole(pairs: PairStream) -> PairStream:
@@ -177,12 +180,8 @@ def read_grey(
             ids, grey = item
             if grey_file is None:
                 grey_file = GreyFile(path, n, *grey.shape[1:])
-            elif grey.shape[1:] != grey_file.shape[1:]:
-                raise DataError(
-                    f"id {int(ids[0])}: images of {grey.shape[2]}x{grey.shape[1]} px and of "
-                    f"{grey_file.shape[2]}x{grey_file.shape[1]}: the pixel signals compare "
-                    "images of one size; pass --image-size to fit them all"
-                )
+            elif grey.shape[1:] != grey_file.shape[1:]:  # another worker's size
+                raise _size_error(f"id {int(ids[0])}", grey.shape[1:], grey_file.shape[1:])
             at = slots.assign(ids)
             for part in np.split(np.arange(len(at)), np.flatnonzero(np.diff(at) != 1) + 1):
                 grey_file.write(int(at[part[0]]), grey[part])
