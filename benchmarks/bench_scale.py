@@ -15,9 +15,10 @@ first step. Printed: training pairs per second (steps x batch / step seconds), t
 of step time spent waiting for the next batch (the trainer's `data_wait_share`), also
 after the first step (whose wait starts the workers, each reading a whole shard before
 its first batch), the time of the pixel pass and screen and of the round (as the trainer
-prepares those epochs), and peak RSS of the trainer and of its largest worker. The
-trainer's memory grows with N by design only through the kept N x D float16 embeddings and
-the pixel evidence (about 600 bytes a pair).
+prepares those epochs), and peak RSS of the trainer and of its largest child process: the
+pixel pass runs in a process of its own (its peak is printed too), the DataLoader workers
+fork from the trainer. The trainer's memory grows with N by design only through the kept
+N x D float16 embeddings and the pixel evidence (about 600 bytes a pair).
 
 `--defense none` is the session-12 measure: plain streamed training for one epoch or its
 first --max-steps steps; then, each in its own process, one OTCCLIP matching round that
@@ -27,7 +28,7 @@ spent reading, the evidence it keeps, its peak RSS). `--skip-round` and `--skip-
 leave those out.
 
 The last line is the ratio of the training peak RSS at the largest size to the
-smallest (the larger of the trainer's and the worker's ratios): streaming keeps it
+smallest (the larger of the trainer's and the largest child's ratios): streaming keeps it
 <= 1.3. The model is created from scratch (timings do not depend on what it has
 learnt). torch and rayon get --threads threads each; build the extension in release
 mode (maturin develop --release, as scripts/setup.sh does): a debug build is far slower.
@@ -300,6 +301,7 @@ def _otcclip(args: argparse.Namespace) -> dict[str, Any]:
     return {
         **_measured(recorder.seconds, recorder.waits, args),
         "pass_s": pass_s,
+        "rss_pass_mib": float(screen.get("pixel_pass_peak_rss_mib", 0.0)),
         "screened": int(screen.get("screened", 0)),
         "round_s": round_s,
         "judged": int(round_info["judged"]),
@@ -354,30 +356,28 @@ def _pixels(args: argparse.Namespace) -> dict[str, Any]:
     from otcclip.stream_rounds import IdSlots
 
     pairs = PairStream(pairs_in(args.data))
-    logged: list[str] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
-        evidence = stream_pixel_evidence(
+        done = stream_pixel_evidence(
             pairs,
             IdSlots(int(pairs.n_pairs or 0)),
             DoubtConfig(threads=args.threads),
             workdir=workdir,
             workers=args.workers,
-            log=logged.append,
+            log=lambda line: None,
         )
-    seconds = time.perf_counter() - start
-    read = float(logged[-1].split(" read in ")[1].split("s,")[0])
     return {
-        "seconds": seconds,
-        "read_seconds": read,
-        "evidence_mib": sum(a.nbytes for a in evidence.state_dict().values()) / 2**20,
-        "rss_mib": _peak_mib(resource.RUSAGE_SELF),
+        "seconds": time.perf_counter() - start,
+        "read_seconds": done.read_seconds,
+        "evidence_mib": sum(a.nbytes for a in done.evidence.state_dict().values()) / 2**20,
+        "rss_mib": max(_peak_mib(resource.RUSAGE_SELF), done.peak_rss_mib or 0.0),
     }
 
 
 def _peak_mib(who: int) -> float:
     """Peak resident memory in MiB (Linux reports ru_maxrss in KiB; for RUSAGE_CHILDREN it is
-    the largest of the reaped children, here the DataLoader workers)."""
+    the largest of the reaped descendants: the DataLoader workers and the pixel pass's
+    process with its own workers)."""
     return resource.getrusage(who).ru_maxrss / 1024
 
 
@@ -414,7 +414,10 @@ def _size_line(
 
 
 def _otcclip_line(n: int, measured: dict[str, Any], args: argparse.Namespace) -> str:
-    worker = f" + largest worker {measured['rss_worker_mib']:.0f}" if args.workers else ""
+    worker = (
+        f" + largest child {measured['rss_worker_mib']:.0f} MiB (the pixel pass's process "
+        f"{measured['rss_pass_mib']:.0f} MiB, or a DataLoader worker)"
+    )
     return (
         f"N={n}: streamed OTCCLIP | pixel pass and screen {measured['pass_s']:.2f}s "
         f"({measured['screened']} screened) | epoch {measured['steps']} steps x "
@@ -423,7 +426,7 @@ def _otcclip_line(n: int, measured: dict[str, Any], args: argparse.Namespace) ->
         f"{measured['first_wait_s']:.1f}s starts the workers; after it "
         f"{100 * measured['later_wait_share']:.1f}%) | round {measured['round_s']:.2f}s "
         f"({measured['judged']} judged, {measured['left_out']} left out) | peak RSS trainer "
-        f"{measured['rss_trainer_mib']:.0f}{worker} MiB"
+        f"{measured['rss_trainer_mib']:.0f} MiB{worker}"
     )
 
 

@@ -23,7 +23,8 @@ OTCCLIP_LINE = re.compile(
     r"N=(\d+): streamed OTCCLIP \| pixel pass and screen ([\d.]+)s \((\d+) screened\) \| "
     r"epoch (\d+) steps x 32: (\d+) pairs/s, waiting on data ([\d.]+)% of step time \(the "
     r"first step's [\d.]+s starts the workers; after it [\d.]+%\) \| round ([\d.]+)s "
-    r"\((\d+) judged, (\d+) left out\) \| peak RSS trainer (\d+) \+ largest worker (\d+) MiB"
+    r"\((\d+) judged, (\d+) left out\) \| peak RSS trainer (\d+) MiB \+ largest child (\d+) "
+    r"MiB \(the pixel pass's process (\d+) MiB, or a DataLoader worker\)"
 )
 RATIO_LINE = re.compile(r"peak RSS ratio largest/smallest: ([\d.]+) \(<= 1.3: (met|NOT met)\)")
 
@@ -115,6 +116,8 @@ def test_the_default_measures_the_trainers_streamed_otcclip_epoch_and_round(tmp_
         assert float(match[2]) > 0 and float(match[7]) > 0 and int(match[5]) > 0
         assert int(match[8]) == n  # every pair judged from its kept embeddings
         assert 0 < int(match[9]) <= 0.25 * n and int(match[10]) > 0 and int(match[11]) > 0
+        # the pass ran in a process of its own, which counts among the children
+        assert 0 < int(match[12]) <= int(match[11])
     assert RATIO_LINE.fullmatch(printed[4]), printed
     with pytest.raises(SystemExit, match="use --defense none"):
         bench.main([*args, "--max-steps", "3"])

@@ -1,5 +1,6 @@
 """otcclip.stream_pixels: the grey file reads back what was written, and a stream's pixel
-evidence by slot is the in-memory evidence of the same images."""
+evidence by slot is the in-memory evidence of the same images, whether the pass runs in a
+process of its own (the default) or in the caller's."""
 
 from __future__ import annotations
 
@@ -51,17 +52,31 @@ def test_a_grey_file_reads_back_rows_in_any_order(tmp_path):
     grey.close()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_the_stream_evidence_by_slot_is_the_in_memory_evidence(tmp_path, shards, workers):
+@pytest.mark.parametrize(("workers", "own_process"), [(0, False), (2, False), (2, True)])
+def test_the_stream_evidence_by_slot_is_the_in_memory_evidence(
+    tmp_path, shards, workers, own_process
+):
     folder, table = shards
     config = DoubtConfig(threads=1)
     slots = IdSlots(len(table))
+    slots.assign(table.ids[[150, 3]])  # slots given before the pass are kept
     logged: list[str] = []
-    streamed = stream_pixel_evidence(
-        PairStream(folder), slots, config, workdir=tmp_path, workers=workers, log=logged.append
+    done = stream_pixel_evidence(
+        PairStream(folder),
+        slots,
+        config,
+        workdir=tmp_path,
+        workers=workers,
+        log=logged.append,
+        own_process=own_process,
     )
-    assert list(tmp_path.iterdir()) == []  # the grey file is gone
-    assert "pixel pass: 200 images of 16x16 px" in logged[0]
+    streamed = done.evidence
+    assert list(tmp_path.iterdir()) == []  # the grey file and the evidence file are gone
+    assert logged == [done.line()] and "pixel pass: 200 images of 16x16 px" in logged[0]
+    assert done.images == 200 and done.size == (16, 16)
+    assert (done.peak_rss_mib is not None) == own_process
+    assert ("pixel_pass_peak_rss_mib" in done.report()) == own_process
+    assert list(slots.ids[:2]) == list(table.ids[[150, 3]]) and len(slots) == len(table)
     memory = pixel_evidence(table.images, config)
     row = {int(i): r for r, i in enumerate(table.ids)}
     rows = np.array([row[int(i)] for i in slots.ids[: len(slots)]])
@@ -85,12 +100,27 @@ def test_every_process_reads_the_whole_stream(tmp_path, shards):
     grey.close()
 
 
-def test_images_of_two_sizes_are_refused_naming_an_id(tmp_path):
+def _two_sizes(tmp_path: Path) -> PairStream:
     """The second shard of 16 px data replaced by one of 20 px images with the same ids."""
     write_shards(_copies_and_patches(20, side=16), tmp_path / "a", shard_size=10)
     write_shards(_copies_and_patches(20, side=20), tmp_path / "b", shard_size=10)
     (tmp_path / "b" / "00001.tar").replace(tmp_path / "a" / "00001.tar")
-    pairs = PairStream(tmp_path / "a")
+    return PairStream(tmp_path / "a")
+
+
+def test_images_of_two_sizes_are_refused_naming_an_id(tmp_path):
     with pytest.raises(DataError, match=r"id 101\d: image of 20x20 px.*pass --image-size"):
-        read_grey(pairs, IdSlots(40), tmp_path / "g", workers=0)
+        read_grey(_two_sizes(tmp_path), IdSlots(40), tmp_path / "g", workers=0)
     assert not (tmp_path / "g").exists()
+
+
+def test_the_pass_process_s_input_errors_come_back_as_they_were(tmp_path):
+    """An error about the data, raised in the pass's process, is the caller's DataError with
+    its message (not a traceback from another process), and leaves nothing behind."""
+    slots = IdSlots(40)
+    with pytest.raises(DataError, match=r"id 101\d: image of 20x20 px.*pass --image-size"):
+        stream_pixel_evidence(
+            _two_sizes(tmp_path), slots, DoubtConfig(threads=1), workdir=tmp_path / "w", workers=0
+        )
+    assert len(slots) == 0  # the caller's slots are untouched
+    assert list((tmp_path / "w").iterdir()) == []

@@ -336,6 +336,7 @@ class OTCCLIPDefense(Defense):
         self.history: Any = None
         self.rounds = 0
         self.pixels: Any = None  # doubt.PixelEvidence, computed once, kept in the state
+        self.pixel_pass: dict[str, float] = {}  # a stream's pass: its cost, for the report
         self.screened: np.ndarray | None = None  # left out of the warm-up by the pixels
         # round_embeddings=training: the training pass's embeddings per pair
         self.kept: Any = None  # matching_state.MatchingState
@@ -635,15 +636,18 @@ class OTCCLIPDefense(Defense):
 
             self.pixels = pixel_evidence(ctx.table.images, self.doubt_config())
             return self.pixels
-        self.pixels = self._stream_pixel_pass(ctx)
+        done = self._stream_pixel_pass(ctx)
+        self.pixels, self.pixel_pass = done.evidence, done.report()
         return self.pixels
 
     def _stream_pixel_pass(self, ctx: TrainContext) -> Any:
         """A stream's pixel evidence, by slot: every image read once (`otcclip.stream_pixels`).
 
-        The grey images wait on disk in the run's folder (or a temporary one) until the
-        evidence exists (what a pass killed midway left there goes when the next begins);
-        every process reads them all and computes the same evidence.
+        The pass runs in a process of its own, so its working memory is the system's
+        again before the training's DataLoader workers fork. The grey images wait on disk
+        in the run's folder (or a temporary one) until the evidence exists (what a pass
+        killed midway left there goes when the next begins); every process reads them all
+        and computes the same evidence.
         """
         import shutil
         import tempfile
@@ -719,6 +723,7 @@ class OTCCLIPDefense(Defense):
         report: dict[str, Any] = {
             "screened": int(doubted.sum()),
             "screen_seconds": time.perf_counter() - start,
+            **self.pixel_pass,
         }
         if poisoned is not None:
             hit = int((doubted & poisoned).sum())

@@ -18,16 +18,26 @@ before its first epoch (`stream_pixel_evidence`):
 
 Every process reads the whole data set for it (its DataLoader workers split the units),
 so every process holds the same slots and the same evidence without exchanging images.
+
+The pass runs in a process of its own (spawned, so it shares no pages with the trainer):
+the detectors' working memory (the phase fit's sample of spectra alone is about 1.7 GiB)
+goes back to the system when it exits, before the training's DataLoader workers fork
+from the trainer. Only the evidence comes back, through a file in the pass's folder.
 """
 
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
+import resource
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -40,7 +50,7 @@ if TYPE_CHECKING:
     from otcclip.doubt import DoubtConfig, PixelEvidence
     from otcclip.stream_rounds import IdSlots
 
-__all__ = ["GreyFile", "read_grey", "stream_pixel_evidence"]
+__all__ = ["GreyFile", "PixelPass", "read_grey", "stream_pixel_evidence"]
 
 _BATCH = 256  # images a worker hands over at once
 
@@ -147,9 +157,14 @@ def _size_error(where: str, got: tuple[int, ...], others: tuple[int, ...]) -> Da
 
 
 def _whole(pairs: PairStream) -> PairStream:
-    """The same data read whole by this process, in file order: every process reads it all."""
+    """The same data read whole by this process, in file order: every process reads it all.
+
+    The copy's shared epoch is its own, from the spawn context, so that the copy can be
+    handed to the pass's process (a lock made for forking cannot be).
+    """
     out = copy.copy(pairs)
     out.rank, out.world_size, out.shuffle = 0, 1, False
+    out._epoch = multiprocessing.get_context("spawn").Value("q", 0)
     return out
 
 
@@ -199,6 +214,45 @@ def read_grey(
     return grey_file
 
 
+@dataclass
+class PixelPass:
+    """What a pixel pass gives back: the evidence by slot, and what the pass cost.
+
+    peak_rss_mib: the peak resident memory of the pass's own process and of its
+    DataLoader workers (None when the pass ran in the caller's process).
+    """
+
+    evidence: PixelEvidence
+    images: int
+    size: tuple[int, int]  # height, width
+    read_seconds: float
+    evidence_seconds: float
+    peak_rss_mib: float | None = None
+    worker_rss_mib: float | None = None
+
+    def line(self) -> str:
+        """The log line a trainer prints after the pass."""
+        memory = ""
+        if self.peak_rss_mib is not None:
+            memory = f", in a process of its own (peak RSS {self.peak_rss_mib:.0f} MiB)"
+        return (
+            f"pixel pass: {self.images} images of {self.size[1]}x{self.size[0]} px read in "
+            f"{self.read_seconds:.1f}s, evidence in {self.evidence_seconds:.1f}s{memory}"
+        )
+
+    def report(self) -> dict[str, float]:
+        """Its cost, for an epoch plan's report (the keys start with `pixel_pass_`)."""
+        out = {
+            "pixel_pass_read_seconds": self.read_seconds,
+            "pixel_pass_evidence_seconds": self.evidence_seconds,
+        }
+        if self.peak_rss_mib is not None:
+            out["pixel_pass_peak_rss_mib"] = self.peak_rss_mib
+        if self.worker_rss_mib is not None:
+            out["pixel_pass_worker_rss_mib"] = self.worker_rss_mib
+        return out
+
+
 def stream_pixel_evidence(
     pairs: PairStream,
     slots: IdSlots,
@@ -208,16 +262,36 @@ def stream_pixel_evidence(
     workers: int = 2,
     log: Callable[[str], None] = print,
     progress: bool = False,
-) -> PixelEvidence:
+    own_process: bool = True,
+) -> PixelPass:
     """`doubt.pixel_evidence` of every image of a stream, by slot (see the module).
 
     Ids new to `slots` get theirs in the order the pass reads (one order on every
     process). The grey file lives in `workdir` until the evidence is computed.
+    own_process: run the pass in a spawned process of its own (the default; see the
+    module), else in this one.
     """
+    if own_process:
+        done = _in_own_process(pairs, slots, config, Path(workdir), workers, progress)
+    else:
+        done = _pass(pairs, slots, config, Path(workdir), workers, progress)
+    log(done.line())
+    return done
+
+
+def _pass(
+    pairs: PairStream,
+    slots: IdSlots,
+    config: DoubtConfig,
+    workdir: Path,
+    workers: int,
+    progress: bool,
+) -> PixelPass:
+    """The pass itself, in this process: read the grey images to a file, then the detectors."""
     from otcclip.doubt import pixel_evidence
 
     start = time.perf_counter()
-    path = Path(workdir) / "pixel-pass.grey"
+    path = workdir / "pixel-pass.grey"
     path.parent.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
@@ -237,8 +311,159 @@ def stream_pixel_evidence(
     finally:
         grey.close()
         path.unlink(missing_ok=True)
-    log(
-        f"pixel pass: {len(grey)} images of {grey.shape[2]}x{grey.shape[1]} px read in "
-        f"{read_seconds:.1f}s, evidence in {time.perf_counter() - start - read_seconds:.1f}s"
+    return PixelPass(
+        evidence,
+        images=len(grey),
+        size=(grey.shape[1], grey.shape[2]),
+        read_seconds=read_seconds,
+        evidence_seconds=time.perf_counter() - start - read_seconds,
     )
-    return evidence
+
+
+_EVIDENCE_FILE = "pixel-evidence.npz"
+
+
+def _in_own_process(
+    pairs: PairStream,
+    slots: IdSlots,
+    config: DoubtConfig,
+    workdir: Path,
+    workers: int,
+    progress: bool,
+) -> PixelPass:
+    """`_pass` in a spawned process; the evidence and the new slots come back by a file."""
+    import torch
+
+    from otcclip.doubt import PixelEvidence
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    spawn = multiprocessing.get_context("spawn")
+    receive, send = spawn.Pipe(duplex=False)
+    whole = _whole(pairs)  # held until the child is done: its shared epoch must outlive the start
+    process = spawn.Process(
+        target=_pass_process,
+        args=(
+            whole,
+            slots.state_dict(),
+            config,
+            str(workdir),
+            workers,
+            progress,
+            torch.get_num_threads(),
+            os.getpid(),
+            send,
+        ),
+        name="otcclip-pixel-pass",
+    )
+    process.start()
+    send.close()  # the child's end only: its exit ends the pipe
+    try:
+        try:
+            message = receive.recv()
+        except EOFError:
+            message = None
+        process.join()
+    finally:
+        if process.is_alive():  # interrupted while waiting
+            process.kill()
+            process.join()
+        receive.close()
+        del whole
+    if message is None or message[0] != "done":
+        raise _failure(message, process.exitcode)
+    info = message[1]
+    with np.load(workdir / _EVIDENCE_FILE, allow_pickle=False) as saved:
+        state = {k[len("evidence.") :]: saved[k] for k in saved.files if k.startswith("evidence.")}
+        ids = saved["slot_ids"]
+    (workdir / _EVIDENCE_FILE).unlink()
+    if not np.array_equal(ids[: len(slots)], slots.ids[: len(slots)]):
+        raise RuntimeError("the pixel pass's process returned slots that disagree with ours")
+    slots.assign(ids[len(slots) :])
+    return PixelPass(
+        PixelEvidence.from_state(state),
+        images=int(info["images"]),
+        size=(int(info["size"][0]), int(info["size"][1])),
+        read_seconds=float(info["read_seconds"]),
+        evidence_seconds=float(info["evidence_seconds"]),
+        peak_rss_mib=float(info["peak_rss_mib"]),
+        worker_rss_mib=float(info["worker_rss_mib"]),
+    )
+
+
+# errors the pass raises for its input: raised again as they were, without the traceback
+_INPUT_ERRORS: dict[str, type[Exception]] = {
+    "DataError": DataError,
+    "ValueError": ValueError,
+    "FileNotFoundError": FileNotFoundError,
+    "OSError": OSError,
+    "MemoryError": MemoryError,
+}
+
+
+def _failure(message: Any, exitcode: int | None) -> Exception:
+    """The error to raise here for a pass that failed in its process."""
+    if message is None:
+        how = f"was killed by signal {-exitcode}" if exitcode and exitcode < 0 else "died"
+        return RuntimeError(
+            f"the pixel pass's process {how} (exit code {exitcode}) before it finished "
+            "(if the system ran out of memory, the run needs more for the pixel detectors)"
+        )
+    _, kind, text, trace = message
+    if kind in _INPUT_ERRORS:
+        return _INPUT_ERRORS[kind](text)
+    return RuntimeError(f"the pixel pass failed in its process: {kind}: {text}\n{trace}")
+
+
+def _pass_process(
+    pairs: PairStream,
+    slots_state: dict[str, Any],
+    config: DoubtConfig,
+    workdir: str,
+    workers: int,
+    progress: bool,
+    threads: int,
+    parent: int,
+    send: Any,
+) -> None:
+    """The spawned process's body: the pass, its evidence saved, its cost sent back."""
+    from otcclip.stream_rounds import IdSlots
+
+    _die_with_parent(parent)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        slots = IdSlots.from_state(slots_state)
+        done = _pass(pairs, slots, config, Path(workdir), workers, progress)
+        arrays = {f"evidence.{k}": v for k, v in done.evidence.state_dict().items()}
+        np.savez(Path(workdir) / _EVIDENCE_FILE, slot_ids=slots.ids[: len(slots)], **arrays)
+        info = {
+            "images": done.images,
+            "size": done.size,
+            "read_seconds": done.read_seconds,
+            "evidence_seconds": done.evidence_seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        }
+        send.send(("done", info))
+    except BaseException as err:  # noqa: BLE001 - every failure goes back to the trainer
+        send.send(("failed", type(err).__name__, str(err), traceback.format_exc()))
+        sys.exit(1)
+    finally:
+        send.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: end this process if the trainer dies (a SIGKILLed run leaves no pass behind)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent is already gone
+        os._exit(1)
