@@ -307,6 +307,37 @@ def test_similarity_gradients_and_detached_plan():
         assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_positions_no_set_gives_mass_change_no_similarity_or_gradient(detach):
+    """Captions padded far past the longest one (and a start slot every mask leaves out):
+    the similarities and the real tokens' gradients are those of the tight padding, and the
+    padding gets no gradient, with or without a gradient path or a detached plan."""
+    x, y = _sets(4, 6, 5, 8, seed=31)
+    ym = _masks(4, 6, 5, seed=32)[1]
+    g = torch.Generator().manual_seed(33)
+    wide = torch.cat([torch.randn(4, 1, 8, generator=g), y, torch.randn(4, 9, 8, generator=g)], 1)
+    wide_mask = torch.cat(
+        [torch.zeros(4, 1, dtype=torch.bool), ym, torch.zeros(4, 9, dtype=bool)], 1
+    )
+    cand = torch.tensor([[1, 3], [0, 2], [2, 2], [3, 0]])
+    kw = {"eps": 0.1, "iters": 30, "detach_plan": detach}
+    results = []
+    for ys, mask in ((y, ym), (wide, wide_mask)):
+        xs, ys = x.clone().requires_grad_(True), ys.clone().requires_grad_(True)
+        s = otc.ot_similarity_candidates(xs, ys, cand, y_mask=mask, **kw)
+        m = otc.ot_similarity_matrix(xs, ys, y_mask=mask, **kw)
+        gx, gy = torch.autograd.grad(s.sum() + m.sum(), (xs, ys))
+        results.append((s.detach(), m.detach(), gx, gy))
+        with torch.no_grad():
+            results[-1] += (otc.ot_similarity_candidates(x, ys, cand, y_mask=mask, **kw),)
+    (s1, m1, gx1, gy1, n1), (s2, m2, gx2, gy2, n2) = results
+    assert torch.allclose(s1, s2, atol=1e-6) and torch.allclose(m1, m2, atol=1e-6)
+    assert torch.allclose(n1, n2, atol=1e-6) and torch.allclose(n1, s1, atol=1e-6)
+    assert torch.allclose(gx1, gx2, atol=1e-6)
+    assert torch.allclose(gy1, gy2[:, 1:6], atol=1e-6)
+    assert (gy2[:, 0] == 0).all() and (gy2[:, 6:] == 0).all()
+
+
 @pytest.mark.slow  # compiles (about 15-30 s on 2 cores when inductor's cache is cold)
 def test_compiled_loop_matches_eager():
     n = otc._chunk_size(torch.device("cpu")) + 3

@@ -777,6 +777,8 @@ def _similarity(x, y, x_mask, y_mask, ix, iy, group: int, shared_y: bool, ot_kwa
     bw = _weights(ot_kwargs.get("b"), ym, (by, w), "b", x.device, dtype)
     if ix.numel() == 0:
         return torch.empty(0, dtype=dtype, device=x.device)
+    x, aw = _drop_massless_tokens(x, aw)
+    y, bw = _drop_massless_tokens(y, bw)
     xc, yc = x.to(dtype), y.to(dtype)
 
     if _grad_through(xc, yc, aw, bw):
@@ -809,6 +811,22 @@ def _similarity(x, y, x_mask, y_mask, ix, iy, group: int, shared_y: bool, ot_kwa
             _, d = _solve_chunk(c, aw[jx], bw[jy], params, False, _tail_eager(how, len(jx), per))
             out.append(d)
         return 1.0 - torch.cat(out)
+
+
+def _drop_massless_tokens(t: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """The token positions that carry mass in some set of the call, and their weights.
+
+    A position without mass in every set (the padding past the longest caption, a start
+    token every mask leaves out) changes no plan and no distance: its column of the plan
+    is zero, and the kernel's stand-in entries there never reach a row sum. Dropping it
+    is exact and saves its share of every cost product and iteration: on templated
+    captions padded to the context length, about a third of the work.
+    """
+    keep = (w > 0).any(0)
+    if bool(keep.all()) or not bool(keep.any()):
+        return t, w
+    idx = keep.nonzero().squeeze(1)
+    return t.index_select(1, idx), w.index_select(1, idx)
 
 
 def _pair_products(
