@@ -89,8 +89,10 @@ def _stream_rows(shards: Path, table, world: int = 1):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"defense": "filter"}, "--stream trains with --defense none, roclip, otcclip only"),
-        ({"defense": "safeclip"}, "random access to all of them"),
+        (
+            {"defense": "safeclip"},
+            "--stream trains with --defense none, roclip, otcclip, filter only.*random access",
+        ),
         ({"defense": "otcclip"}, "needs --round-embeddings training"),
         (
             {"defense": "otcclip", "round_embeddings": "training", "on_doubt": "repair"},
@@ -199,6 +201,33 @@ def test_otcclip_streams_its_rounds_from_the_kept_embeddings(tmp_path, shards):
     assert sorted(np.asarray(state["slots"]["ids"]).tolist()) == sorted(table.ids.tolist())
 
 
+_FILTER_STREAM = {"defense": "filter", "warmup_epochs": 1, "filter_max_share": 0.2}
+
+
+def test_filter_streams_from_the_kept_embeddings(tmp_path, shards):
+    """Filter-then-train on a stream: the warm-up is plain CLIP (the in-memory run's steps
+    on the same batches); the filter then scores every pair streamed from the image
+    embeddings the training pass kept, and the dropped stream past masked out."""
+    streamed = train(_config(shards, out=str(tmp_path / "run"), **_FILTER_STREAM))
+    table = read_pairs(shards)
+    plain = train(_config(None, scenes=1), table=table, epoch_rows=_stream_rows(shards, table))
+    warm = PAIRS // BATCH
+    np.testing.assert_allclose(
+        streamed.step_losses[:warm], plain.step_losses[:warm], rtol=0, atol=1e-5
+    )
+    assert not np.allclose(streamed.step_losses[warm:], plain.step_losses[warm:], atol=1e-5)
+    epochs = [m for m in streamed.metrics if "phase" in m]
+    assert [m["phase"] for m in epochs] == ["warmup", "filtered"]
+    report = epochs[1]["defense"]
+    assert report["judged"] == PAIRS and 0 < report["dropped"] <= 0.2 * PAIRS
+    state = load_checkpoint(tmp_path / "run").state["defense"]
+    left_out = np.asarray(state["streamed"]["left_out"], bool)
+    assert int(left_out.sum()) == report["dropped"] == int((~np.asarray(state["kept"])).sum())
+
+
+_STREAMED_DEFENSES = {"none": {}, "otcclip": _OTC_STREAM, "filter": _FILTER_STREAM}
+
+
 def test_streamed_otcclip_screens_and_judges_by_the_pixels_of_one_pass(tmp_path, capsys):
     """With the default signals a streamed run reads every image once before training
     (`otcclip.stream_pixels`): the warm-up's screen leaves a patch trigger's pairs out,
@@ -284,13 +313,14 @@ _KILL_AT = 13  # epoch 2, step 5: the last checkpoint (every 3 steps) is at step
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defense", ["none", "otcclip"])
+@pytest.mark.parametrize("defense", ["none", "otcclip", "filter"])
 def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(
     tmp_path, shards, defense, capsys
 ):
     """With otcclip the kill falls in the matched epoch: the kept embeddings, the slots,
-    the pixel evidence and the pairs left out come back with the checkpoint."""
-    kw = _OTC_STREAM if defense == "otcclip" else {}
+    the pixel evidence and the pairs left out come back with the checkpoint; with the
+    filter, in the filtered epoch: the pairs it dropped."""
+    kw = _STREAMED_DEFENSES[defense]
     killed, marker = tmp_path / "killed", tmp_path / "reached"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -399,8 +429,7 @@ class _PauseAt(Callback):
 
 def _kill_worker(shards: str, run: str, marker: str, defense: str) -> None:
     torch.set_num_threads(THREADS)
-    kw = _OTC_STREAM if defense == "otcclip" else {}
-    config = _config(Path(shards), out=run, checkpoint_every=3, **kw)
+    config = _config(Path(shards), out=run, checkpoint_every=3, **_STREAMED_DEFENSES[defense])
     train(config, [_PauseAt(_KILL_AT, Path(marker))])
 
 

@@ -1241,9 +1241,14 @@ class FilterDefense(Defense):
     reads the poison manifest (the share of poisons dropped is reported only).
     Deviation: Huang et al. score a pre-trained CLIP's embeddings of the whole set;
     here the only model is the one being trained, so the warm-up stands in for it.
+    On a stream (`--stream`) there is no pass over the images between epochs: the
+    filter scores the image embeddings the training pass kept by slot
+    (`otcclip.stream_rounds`, as OTCCLIP's streamed rounds do: at most one epoch old,
+    taken in training mode), and the dropped pairs stream past, masked out of the loss.
     """
 
     name = "filter"
+    streams = True  # on a stream it scores the embeddings the training pass kept
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
@@ -1257,6 +1262,13 @@ class FilterDefense(Defense):
         if _bad_count(config.filter_k):
             raise ValueError(f"filter_k must be an integer >= 1, got {config.filter_k!r}")
         self.kept: np.ndarray | None = None  # None until the filter has run
+        self.streamed: Any = None  # stream_rounds.StreamedRounds, on a stream
+
+    def setup(self, ctx: TrainContext) -> None:
+        if ctx.table is None:
+            from otcclip.stream_rounds import StreamedRounds
+
+            self.streamed = StreamedRounds(ctx.pairs, int(ctx.bundle.embed_dim))
 
     def filter_epoch(self, ctx: TrainContext) -> int:
         """The epoch at whose start the filter runs (the warm-up rounded up to an epoch)."""
@@ -1279,46 +1291,124 @@ class FilterDefense(Defense):
             info=info,
         )
 
+    def stream_plan(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        assert self.streamed is not None, "setup() on a stream first"
+        info: dict[str, Any] = {}
+        if self.kept is None and epoch >= self.filter_epoch(ctx):
+            info = self._stream_filter(ctx)
+        none = np.zeros(0, dtype=np.int64)  # a stream's plan names no rows
+        phase = "warmup" if self.kept is None else "filtered"
+        return EpochPlan(positions=none, caption=none, phase=phase, info=info)
+
     def _filter(self, ctx: TrainContext) -> dict[str, Any]:
-        from otcclip.doubt import local_outlier_scores, mixture_threshold
         from otcclip.models import embed_images
 
         c = self.config
         n = len(ctx.table)
         kept = np.ones(n, dtype=bool)
-        cut, share = float("nan"), 0.0
+        cut = float("nan")
         if ctx.is_main:
             emb = embed_images(ctx.bundle, ctx.table.images, batch_size=c.match_batch)
             assert isinstance(emb, np.ndarray)
-            scores = local_outlier_scores(emb, c.filter_k, threads=c.threads)[c.filter_score]
-            cut = mixture_threshold(scores, max_share=c.filter_max_share)
-            kept = scores <= cut
-            share = float((~kept).mean())
+            kept, cut = self._cut(emb)
         kept, cut = dist.broadcast_object((kept, cut))
         self.kept = kept
-        info: dict[str, Any] = {
-            "round": 1,  # the table reads its last round's figures
-            "filter_cut": cut,
-            "dropped": int((~kept).sum()),
-            "dropped_share": share,
-            "sitting_out": int((~kept).sum()),
-        }
+        info = self._report(~kept, cut)
         info.update(_off_original_by_attack(ctx, ~kept))
         if ctx.poisoned is not None:
-            poisoned = ctx.poisoned
-            info["dropped_precision"] = _share(int((~kept & poisoned).sum()), int((~kept).sum()))
-            info["changed_precision"] = info["dropped_precision"]  # the table's column
-            info["poison_dropped_share"] = _share(
-                int((~kept & poisoned).sum()), int(poisoned.sum())
-            )
+            info.update(self._poison_report(~kept, ctx.poisoned))
         return info
 
+    def _stream_filter(self, ctx: TrainContext) -> dict[str, Any]:
+        """The filter on a stream: the pairs streamed so far, scored from the image
+        embeddings the training pass kept (the same on every process, which kept the
+        gathered batches); the dropped sit out for the rest of the run."""
+        from otcclip.attacks import poisoned_ids
+
+        s = self.streamed
+        slots = s.judged()
+        if len(slots) <= self.config.filter_k:
+            raise ValueError(
+                f"only {len(slots)} pairs streamed before the filter, too few for its "
+                f"k = {self.config.filter_k} neighbours"
+            )
+        kept, cut = self._cut(s.kept.embeddings(slots)[0])
+        dropped = np.zeros(len(s.left_out), bool)
+        dropped[slots[~kept]] = True
+        s.apply(slots, ~kept, sticky=True)
+        self.kept = ~dropped
+        info = self._report(~kept, cut)
+        info["judged"] = int(len(slots))
+        if ctx.manifests:
+            poisoned = np.isin(s.slots.ids[slots], poisoned_ids(ctx.manifests))
+            info.update(self._poison_report(~kept, poisoned))
+        return info
+
+    def _cut(self, embeddings: np.ndarray) -> tuple[np.ndarray, float]:
+        """Which images the filter keeps (score at most the cut), and the cut."""
+        from otcclip.doubt import local_outlier_scores, mixture_threshold
+
+        c = self.config
+        scores = local_outlier_scores(embeddings, c.filter_k, threads=c.threads)[c.filter_score]
+        cut = mixture_threshold(scores, max_share=c.filter_max_share)
+        return scores <= cut, float(cut)
+
+    @staticmethod
+    def _report(dropped: np.ndarray, cut: float) -> dict[str, Any]:
+        return {
+            "round": 1,  # the table reads its last round's figures
+            "filter_cut": cut,
+            "dropped": int(dropped.sum()),
+            "dropped_share": float(dropped.mean()) if len(dropped) else 0.0,
+            "sitting_out": int(dropped.sum()),
+        }
+
+    @staticmethod
+    def _poison_report(dropped: np.ndarray, poisoned: np.ndarray) -> dict[str, Any]:
+        """What the filter dropped of the poisons (the manifest feeds the report only)."""
+        hit = int((dropped & poisoned).sum())
+        precision = _share(hit, int(dropped.sum()))
+        return {
+            "dropped_precision": precision,
+            "changed_precision": precision,  # the table's column
+            "poison_dropped_share": _share(hit, int(poisoned.sum())),
+        }
+
+    def loss(
+        self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features
+    ) -> dict[str, Tensor]:
+        if self.streamed is None:
+            return super().loss(ctx, plan, batch, feats)
+        img, txt = feats.image[0][0], feats.text[0][0]
+        valid = torch.from_numpy(self.streamed.trains(batch.positions)).to(img.device)
+        return {
+            "clip": clip_loss(
+                img, txt, feats.logit_scale, rows=batch.rows, valid=valid, ids=batch.caption_ids
+            )
+        }
+
+    def after_step(self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features) -> None:
+        """On a stream, keep the step's global image and caption embeddings for the filter
+        (the gathered batch's: every process keeps the same); nothing once it has run."""
+        if self.streamed is None or self.kept is not None:
+            return
+        image = feats.image[0][0].float().cpu().numpy()
+        text = feats.text[0][0].float().cpu().numpy()
+        self.streamed.write(batch.positions, image, text, batch.epoch)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"kept": self.kept}
+        return {
+            "kept": self.kept,
+            "streamed": None if self.streamed is None else self.streamed.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         kept = state.get("kept")
         self.kept = None if kept is None else np.asarray(kept, dtype=bool).copy()
+        if state.get("streamed") is not None:
+            from otcclip.stream_rounds import StreamedRounds
+
+            self.streamed = StreamedRounds.from_state(state["streamed"])
 
 
 def _bad_count(value: Any) -> bool:

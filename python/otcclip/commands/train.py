@@ -1,4 +1,4 @@
-"""`otcclip train`: CLIP from scratch with a defense (none, roclip, safeclip, otcclip).
+"""`otcclip train`: CLIP from scratch with a defense (none, roclip, safeclip, otcclip, filter).
 
 This command wires the per-epoch evaluation (`otcclip.evaluate`) into the loop
 as a callback: the trainer itself never imports evaluation. Under `torchrun`
@@ -45,8 +45,8 @@ _SCHEDULE_HELP = (
     "memory: memory holds about batch x prefetch x workers pairs. --defense none, roclip, "
     "or otcclip with --round-embeddings training (its rounds then doubt from the kept "
     "embeddings, and a pass before the first epoch reads every image once for the pixel "
-    "signals); safeclip and filter need random access to "
-    "every pair. Shards need their shards.json. A run resumes with the same --workers and "
+    "signals), or filter (it scores the kept image embeddings); safeclip needs random "
+    "access to every pair. Shards need their shards.json. A run resumes with the same --workers and "
     "process count.",
 )
 @click.option(
