@@ -89,10 +89,7 @@ def _stream_rows(shards: Path, table, world: int = 1):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (
-            {"defense": "safeclip"},
-            "--stream trains with --defense none, roclip, otcclip, filter only.*random access",
-        ),
+        ({"defense": "safeclip"}, "needs --safeclip-passes mixed"),
         ({"defense": "otcclip"}, "needs --round-embeddings training"),
         (
             {"defense": "otcclip", "round_embeddings": "training", "on_doubt": "repair"},
@@ -225,7 +222,35 @@ def test_filter_streams_from_the_kept_embeddings(tmp_path, shards):
     assert int(left_out.sum()) == report["dropped"] == int((~np.asarray(state["kept"])).sum())
 
 
-_STREAMED_DEFENSES = {"none": {}, "otcclip": _OTC_STREAM, "filter": _FILTER_STREAM}
+_SAFE_STREAM = {"defense": "safeclip", "safeclip_passes": "mixed", "epochs": 3}
+
+
+def test_safeclip_streams_its_split_from_the_kept_embeddings(tmp_path, shards):
+    """SafeCLIP on a stream (mixed passes): the unimodal warm-up and the low-rate CLIP
+    epoch train as in memory on the same batches; the split then reads the cosines of the
+    embeddings the training pass kept, for every pair streamed."""
+    streamed = train(_config(shards, out=str(tmp_path / "run"), **_SAFE_STREAM))
+    table = read_pairs(shards)
+    rows = _stream_rows(shards, table)
+    memory = train(_config(None, scenes=1, **_SAFE_STREAM), table=table, epoch_rows=rows)
+    before = 2 * PAIRS // BATCH  # the split does not touch the first two epochs
+    np.testing.assert_allclose(
+        streamed.step_losses[:before], memory.step_losses[:before], rtol=0, atol=1e-5
+    )
+    epochs = [m for m in streamed.metrics if "phase" in m]
+    assert [m["phase"] for m in epochs] == ["unimodal", "clip_low_lr", "mixed"]
+    report = epochs[2]["defense"]
+    assert report["judged"] == PAIRS and 0 < report["safe"] < PAIRS
+    state = load_checkpoint(tmp_path / "run").state["defense"]
+    assert int(np.asarray(state["safe"], bool).sum()) == report["safe"]
+
+
+_STREAMED_DEFENSES = {
+    "none": {},
+    "otcclip": _OTC_STREAM,
+    "filter": _FILTER_STREAM,
+    "safeclip": _SAFE_STREAM,
+}
 
 
 def test_streamed_otcclip_screens_and_judges_by_the_pixels_of_one_pass(tmp_path, capsys):
@@ -313,13 +338,14 @@ _KILL_AT = 13  # epoch 2, step 5: the last checkpoint (every 3 steps) is at step
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("defense", ["none", "otcclip", "filter"])
+@pytest.mark.parametrize("defense", ["none", "otcclip", "filter", "safeclip"])
 def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(
     tmp_path, shards, defense, capsys
 ):
     """With otcclip the kill falls in the matched epoch: the kept embeddings, the slots,
     the pixel evidence and the pairs left out come back with the checkpoint; with the
-    filter, in the filtered epoch: the pairs it dropped."""
+    filter, in the filtered epoch: the pairs it dropped; with SafeCLIP, in the low-rate
+    epoch: the embeddings its next split reads."""
     kw = _STREAMED_DEFENSES[defense]
     killed, marker = tmp_path / "killed", tmp_path / "reached"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

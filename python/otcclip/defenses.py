@@ -1069,9 +1069,23 @@ class SafeCLIPDefense(Defense):
     CLIP loss sees) is not augmented unless `--augment images` (the reference
     augments it: at our budget that stalls CLIP, TUNING.md session 7); the second
     view of the unimodal losses is always augmented.
+    On a stream (`--stream`, with `--safeclip-passes mixed`: a stream cannot batch the safe
+    and the risky pairs apart) the split reads the cosines of the global embeddings the
+    training pass kept by slot (`otcclip.stream_rounds`: at most one epoch old, taken in
+    training mode) instead of embedding every pair again; a pair not streamed yet is risky.
     """
 
     name = "safeclip"
+    streams = True  # with mixed passes; its split reads the embeddings training kept
+
+    @classmethod
+    def check_stream(cls, config: TrainConfig) -> None:
+        if config.safeclip_passes != "mixed":
+            raise ValueError(
+                "--stream with --defense safeclip needs --safeclip-passes mixed: its "
+                "separate passes batch the safe and the risky pairs apart, which needs "
+                "random access to every pair; a stream decides its own batches"
+            )
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
@@ -1093,6 +1107,14 @@ class SafeCLIPDefense(Defense):
             )
         self.first_share: float | None = None  # the first split's share ("reference")
         self.splits = 0
+        self.streamed: Any = None  # stream_rounds.StreamedRounds, on a stream
+        self.safe: np.ndarray | None = None  # on a stream: the last split, by slot
+
+    def setup(self, ctx: TrainContext) -> None:
+        if ctx.table is None:
+            from otcclip.stream_rounds import StreamedRounds
+
+            self.streamed = StreamedRounds(ctx.pairs, int(ctx.bundle.embed_dim))
 
     def phases(self, ctx: TrainContext) -> tuple[int, int, int]:
         """(steps per epoch, warm-up steps, first mixed epoch)."""
@@ -1103,13 +1125,23 @@ class SafeCLIPDefense(Defense):
         return per_epoch, warm, mixed_from
 
     def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
-        plan = super().before_epoch(ctx, epoch)
+        return self._schedule(super().before_epoch(ctx, epoch), ctx, epoch)
+
+    def stream_plan(self, ctx: TrainContext, epoch: int) -> EpochPlan:
+        assert self.streamed is not None, "setup() on a stream first"
+        return self._schedule(super().stream_plan(ctx, epoch), ctx, epoch)
+
+    def _schedule(self, plan: EpochPlan, ctx: TrainContext, epoch: int) -> EpochPlan:
         plan.augment_images = False  # view 1 (the unimodal losses') is always augmented
         per_epoch, warm, mixed_from = self.phases(ctx)
         if epoch >= mixed_from:
             safe, info = self._split(ctx, epoch - mixed_from, epoch)
             plan.phase, plan.image_views, plan.text_views = "mixed", 2, 2
-            plan.safe, plan.info = safe, info
+            plan.info = info
+            if self.streamed is None:
+                plan.safe = safe
+            else:  # by slot: the loss looks each batch's pairs up
+                self.safe = safe
             if self.config.safeclip_passes == "separate":
                 plan.groups = (~safe).astype(np.int64)  # 0: safe batches, 1: risky batches
         elif (epoch + 1) * per_epoch <= warm:
@@ -1139,13 +1171,13 @@ class SafeCLIPDefense(Defense):
     def _split(
         self, ctx: TrainContext, mixed: int, epoch: int
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        from sklearn.mixture import GaussianMixture
-
+        """The safe pairs of the `mixed`-th split (by row, or by slot on a stream)."""
+        if self.streamed is not None:
+            return self._stream_split(ctx, mixed, epoch)
         from otcclip.matching import MatchConfig, match_round
 
         table = ctx.table
-        n = len(table)
-        own = np.arange(n, dtype=np.int64)
+        own = np.arange(len(table), dtype=np.int64)
         config = MatchConfig(
             k=1,
             alpha=1.0,
@@ -1156,7 +1188,41 @@ class SafeCLIPDefense(Defense):
         cos = match_round(
             ctx.bundle, table.images, table.captions, own, config, progress=ctx.progress
         )
-        cos = np.asarray(cos.own_global_score, dtype=np.float64)
+        safe, info = self._fit(
+            ctx, np.asarray(cos.own_global_score, dtype=np.float64), mixed, epoch
+        )
+        if ctx.poisoned is not None:
+            info.update(self._poison_report(safe, ctx.poisoned))
+        return safe, info
+
+    def _stream_split(
+        self, ctx: TrainContext, mixed: int, epoch: int
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The split from the kept embeddings of the pairs streamed so far, by slot."""
+        from otcclip.attacks import poisoned_ids
+
+        s = self.streamed
+        slots = s.judged()
+        if len(slots) < 2:
+            raise ValueError(f"only {len(slots)} pairs streamed before SafeCLIP's first split")
+        image, caption = s.kept.embeddings(slots)
+        cos = np.einsum("nd,nd->n", image, caption, dtype=np.float64)
+        judged, info = self._fit(ctx, cos, mixed, epoch)
+        safe = np.zeros(len(s.left_out), bool)
+        safe[slots] = judged
+        info["judged"] = int(len(slots))
+        if ctx.manifests:
+            poisoned = np.isin(s.slots.ids[slots], poisoned_ids(ctx.manifests))
+            info.update(self._poison_report(judged, poisoned))
+        return safe, info
+
+    def _fit(
+        self, ctx: TrainContext, cos: np.ndarray, mixed: int, epoch: int
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The mixture over the own-pair cosines and the safe set it gives (see the class)."""
+        from sklearn.mixture import GaussianMixture
+
+        n = len(cos)
         safe = np.zeros(n, dtype=bool)
         share = 0.0
         if ctx.is_main:
@@ -1171,12 +1237,15 @@ class SafeCLIPDefense(Defense):
         if self.config.safe_schedule == "reference" and self.first_share is None:
             self.first_share = float(share)
         self.splits += 1
-        info: dict[str, Any] = {"safe_share_target": share, "safe": int(safe.sum())}
-        if ctx.poisoned is not None:
-            poisoned = ctx.poisoned
-            info["poison_in_safe"] = int((safe & poisoned).sum())
-            info["poison_risky_share"] = _share(int((~safe & poisoned).sum()), int(poisoned.sum()))
-        return safe, info
+        return safe, {"safe_share_target": share, "safe": int(safe.sum())}
+
+    @staticmethod
+    def _poison_report(safe: np.ndarray, poisoned: np.ndarray) -> dict[str, Any]:
+        """Where the poisons fell (the manifest feeds the report only)."""
+        return {
+            "poison_in_safe": int((safe & poisoned).sum()),
+            "poison_risky_share": _share(int((~safe & poisoned).sum()), int(poisoned.sum())),
+        }
 
     def _safe_count(self, posterior: np.ndarray, mixed: int) -> tuple[int, float]:
         """How many pairs (top by posterior) are safe in the `mixed`-th split, and the share."""
@@ -1199,7 +1268,10 @@ class SafeCLIPDefense(Defense):
             return super().loss(ctx, plan, batch, feats)
         (ig, _), (jg, _) = feats.image[0], feats.image[1]
         (tg, _, _), (ug, _, _) = feats.text[0], feats.text[1]
-        risky = None if batch.safe is None else ~batch.safe
+        safe = batch.safe
+        if self.streamed is not None and plan.phase == "mixed":
+            safe = torch.from_numpy(self._safe_of(batch.positions)).to(ig.device)
+        risky = None if safe is None else ~safe
         scale = feats.logit_scale
         parts = {
             "image_image": clip_loss(ig, jg, scale, rows=batch.rows, valid=risky),
@@ -1209,17 +1281,46 @@ class SafeCLIPDefense(Defense):
         }
         if plan.phase == "mixed":
             parts["clip"] = clip_loss(
-                ig, tg, scale, rows=batch.rows, valid=batch.safe, ids=batch.caption_ids
+                ig, tg, scale, rows=batch.rows, valid=safe, ids=batch.caption_ids
             )
         return parts
 
+    def _safe_of(self, ids: np.ndarray) -> np.ndarray:
+        """Whether the stream's pairs `ids` are safe in the last split (unseen: risky)."""
+        assert self.streamed is not None and self.safe is not None
+        slots = self.streamed.slots.find(ids)
+        out = np.zeros(len(slots), bool)
+        seen = slots >= 0
+        out[seen] = self.safe[slots[seen]]
+        return out
+
+    def after_step(self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features) -> None:
+        """On a stream, keep the step's global embeddings for the next split (the gathered
+        batch's: every process keeps the same)."""
+        if self.streamed is None:
+            return
+        image = feats.image[0][0].float().cpu().numpy()
+        text = feats.text[0][0].float().cpu().numpy()
+        self.streamed.write(batch.positions, image, text, batch.epoch)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"first_share": self.first_share, "splits": self.splits}
+        return {
+            "first_share": self.first_share,
+            "splits": self.splits,
+            "streamed": None if self.streamed is None else self.streamed.state_dict(),
+            "safe": self.safe,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         first = state.get("first_share")
         self.first_share = None if first is None else float(first)
         self.splits = int(state.get("splits", 0))
+        if state.get("streamed") is not None:
+            from otcclip.stream_rounds import StreamedRounds
+
+            self.streamed = StreamedRounds.from_state(state["streamed"])
+        safe = state.get("safe")
+        self.safe = None if safe is None else np.asarray(safe, dtype=bool).copy()
 
 
 FILTER_SCORES = ("kdist", "slof", "dao")

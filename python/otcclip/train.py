@@ -382,10 +382,9 @@ class TrainConfig:
         if cls is not None and not cls.streams:
             streaming = ", ".join(name for name, c in DEFENSES.items() if c.streams)
             raise ValueError(
-                f"--stream trains with --defense {streaming} only, not {self.defense!r}: "
-                "SafeCLIP's separate passes batch the safe and the risky pairs apart, "
-                "which needs random access to every pair; streaming for it is planned. "
-                f"Use --defense {streaming}, or drop --stream to read the data into memory"
+                f"--stream trains with --defense {streaming} only, not {self.defense!r}, "
+                "which needs random access to every pair. Use one of those, or drop "
+                "--stream to read the data into memory"
             )
         if cls is not None:
             cls.check_stream(self)
@@ -678,9 +677,9 @@ def train(
     `config.data` / `config.scenes` (tests, notebooks). `epoch_rows(epoch)`: the table
     rows of an epoch in training order, instead of `batch_order`'s (to replay another
     order, e.g. a stream's, in memory). With `config.stream` the pairs are streamed
-    (`otcclip.data.loader`), defenses none, roclip, otcclip and filter only
-    (`Defense.streams`; otcclip's rounds and the filter read the kept embeddings,
-    `otcclip.stream_rounds`).
+    (`otcclip.data.loader`), with the defenses whose `Defense.streams` is set: all of the
+    built-in ones (otcclip's rounds, the filter and SafeCLIP's split read the embeddings
+    the training pass kept, `otcclip.stream_rounds`; SafeCLIP with mixed passes).
     """
     if table is not None:
         config = dataclasses.replace(config, data=None, scenes=None)

@@ -42,12 +42,12 @@ _SCHEDULE_HELP = (
     is_flag=True,
     help="Stream the pairs of --data (a shard folder, a poison directory written with "
     "--format shards, or parquet) through DataLoader workers instead of reading them into "
-    "memory: memory holds about batch x prefetch x workers pairs. --defense none, roclip, "
-    "or otcclip with --round-embeddings training (its rounds then doubt from the kept "
+    "memory: memory holds about batch x prefetch x workers pairs. Every defense streams: "
+    "otcclip with --round-embeddings training (its rounds then doubt from the kept "
     "embeddings, and a pass before the first epoch reads every image once for the pixel "
-    "signals), or filter (it scores the kept image embeddings); safeclip needs random "
-    "access to every pair. Shards need their shards.json. A run resumes with the same --workers and "
-    "process count.",
+    "signals), filter (it scores the kept image embeddings), safeclip with "
+    "--safeclip-passes mixed (its split reads the kept embeddings). Shards need their "
+    "shards.json. A run resumes with the same --workers and process count.",
 )
 @click.option(
     "--workers",
