@@ -12,7 +12,12 @@ import pytest
 from otcclip.data import DataError, PairTable, write_shards
 from otcclip.data.stream import PairStream
 from otcclip.doubt import DoubtConfig, pixel_evidence
-from otcclip.stream_pixels import GreyFile, read_grey, stream_pixel_evidence
+from otcclip.stream_pixels import (
+    GreyFile,
+    read_grey,
+    shared_pixel_evidence,
+    stream_pixel_evidence,
+)
 from otcclip.stream_rounds import IdSlots
 
 
@@ -124,3 +129,34 @@ def test_the_pass_process_s_input_errors_come_back_as_they_were(tmp_path):
         )
     assert len(slots) == 0  # the caller's slots are untouched
     assert list((tmp_path / "w").iterdir()) == []
+
+
+def test_a_node_s_processes_share_one_pass(tmp_path, shards):
+    """The leader's pass, left in the folder, is what a follower loads: the same evidence
+    and the same slots; the last follower removes the folder. A failed pass's message
+    reaches the followers."""
+    folder, table = shards
+    config = DoubtConfig(threads=1)
+    shared = tmp_path / "node"
+    lead_slots, follow_slots = IdSlots(len(table)), IdSlots(len(table))
+    common = {"folder": shared, "followers": 1, "workers": 0, "log": lambda line: None}
+    lead = shared_pixel_evidence(PairStream(folder), lead_slots, config, leader=True, **common)
+    logged: list[str] = []
+    follow = shared_pixel_evidence(
+        PairStream(folder), follow_slots, config, leader=False, **{**common, "log": logged.append}
+    )
+    assert not lead.loaded and follow.loaded and "loaded from this node's pass" in logged[0]
+    assert follow.report()["pixel_pass_loaded"] == 1.0
+    assert np.array_equal(lead_slots.ids, follow_slots.ids) and len(follow_slots) == len(table)
+    for name, value in lead.evidence.state_dict().items():
+        assert np.array_equal(value, follow.evidence.state_dict()[name]), name
+    assert not shared.exists()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "failed.txt").write_text("DataError: id 7: cannot decode")
+    with pytest.raises(RuntimeError, match="local rank 0 failed: DataError: id 7"):
+        shared_pixel_evidence(
+            PairStream(folder), IdSlots(len(table)), config, leader=False,
+            **{**common, "folder": broken},
+        )  # fmt: skip

@@ -427,7 +427,8 @@ def test_two_processes_stream_the_global_batches_the_rule_deals_them(tmp_path, s
 @pytest.mark.slow
 def test_two_processes_stream_otcclip_to_one_verdict(tmp_path, shards):
     """Each process keeps the gathered batch's embeddings, so both hold the same state and
-    their rounds leave out the same pairs, which every rank then masks alike."""
+    their rounds leave out the same pairs, which every rank then masks alike. The two
+    processes of the node share one pixel pass."""
     out = tmp_path / "ddp-otc.npz"
     _torchrun("ddp-otc", shards, out)
     with np.load(out) as both:
@@ -435,6 +436,8 @@ def test_two_processes_stream_otcclip_to_one_verdict(tmp_path, shards):
         np.testing.assert_array_equal(both["ids0"], both["ids1"])
         np.testing.assert_array_equal(both["left_out0"], both["left_out1"])
         assert 0 < both["left_out0"].sum() <= 0.25 * PAIRS
+        # one pixel pass for the node: local rank 1 loaded local rank 0's, nothing is left
+        assert both["loaded"].tolist() == [0.0, 1.0] and int(both["left_behind"]) == 0
 
 
 # --------------------------------------------------------------------------- workers
@@ -487,15 +490,19 @@ def _ddp_otc_worker(shards: str, out: str) -> None:
         return plan(self, ctx, epoch)
 
     OTCCLIPDefense.stream_plan = stream_plan  # to read this rank's defense after training
-    result = train(_config(Path(shards), device="cpu", **_OTC_STREAM))
+    run = Path(out).with_suffix("")  # with --out, the node's processes share one pixel pass
+    result = train(_config(Path(shards), device="cpu", out=str(run), **_OTC_STREAM))
     state = defenses[-1].streamed
     judged = result.metrics[-1]["defense"]["judged"]
-    parts = dist.all_gather_object((judged, state.slots.ids, state.left_out))
+    loaded = defenses[-1].pixel_pass["pixel_pass_loaded"]
+    parts = dist.all_gather_object((judged, state.slots.ids, state.left_out, loaded))
     if dist.is_main():
         np.savez(
             out,
             judged=np.array([p[0] for p in parts]),
             ids0=parts[0][1], ids1=parts[1][1], left_out0=parts[0][2], left_out1=parts[1][2],
+            loaded=np.array([p[3] for p in parts]),
+            left_behind=np.array(len(list(run.glob(".pixel-pass-*")))),
         )  # fmt: skip
     dist.barrier()
     dist.destroy()

@@ -646,8 +646,9 @@ class OTCCLIPDefense(Defense):
         The pass runs in a process of its own, so its working memory is the system's
         again before the training's DataLoader workers fork. The grey images wait on disk
         in the run's folder (or a temporary one) until the evidence exists (what a pass
-        killed midway left there goes when the next begins); every process reads them all
-        and computes the same evidence.
+        killed midway left there goes when the next begins). Under torchrun with --out,
+        the processes of a node share one pass (`stream_pixels.shared_pixel_evidence`);
+        without --out each computes its own. All hold the same evidence and slots.
         """
         import shutil
         import tempfile
@@ -660,6 +661,8 @@ class OTCCLIPDefense(Defense):
             "pixel pass: reading every image once for the pixel signals "
             f"({', '.join(s for s in self.doubt_config().signals if s.endswith('_pixel'))})"
         )
+        if ctx.world > 1 and c.out is not None:
+            return self._node_pixel_pass(ctx)
         prefix = f".pixel-pass-rank{ctx.rank}-"
         if c.out is not None:
             Path(c.out).mkdir(parents=True, exist_ok=True)
@@ -675,6 +678,36 @@ class OTCCLIPDefense(Defense):
                 log=ctx.log,
                 progress=ctx.progress,
             )
+
+    def _node_pixel_pass(self, ctx: TrainContext) -> Any:
+        """One pass per node, in a folder of the run named for this run and node."""
+        import shutil
+        import socket
+        import uuid
+
+        from otcclip.stream_pixels import shared_pixel_evidence
+
+        c = self.config
+        assert c.out is not None and self.streamed is not None and ctx.stream is not None
+        run = dist.broadcast_object(uuid.uuid4().hex)  # this run's, the same on every rank
+        out = Path(c.out)
+        leader = dist.local_rank() == 0
+        if leader:
+            out.mkdir(parents=True, exist_ok=True)
+            for stale in out.glob(".pixel-pass-*"):  # passes killed before they ended
+                if run not in stale.name:
+                    shutil.rmtree(stale, ignore_errors=True)
+        return shared_pixel_evidence(
+            ctx.stream.pairs,
+            self.streamed.slots,
+            self.doubt_config(),
+            folder=out / f".pixel-pass-{run}-{socket.gethostname()}",
+            leader=leader,
+            followers=dist.local_world_size() - 1,
+            workers=c.workers,
+            log=ctx.log,
+            progress=ctx.progress,
+        )
 
     def reads_pixels(self) -> bool:
         """Whether the fused doubt fuses a pixel signal (the warm-up can then be screened)."""

@@ -29,6 +29,7 @@ __all__ = [
     "rank",
     "world_size",
     "local_rank",
+    "local_world_size",
     "is_main",
     "barrier",
     "shard_range",
@@ -77,6 +78,11 @@ def world_size() -> int:
 def local_rank() -> int:
     """The rank on this node (torchrun's LOCAL_RANK), 0 outside torchrun."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """The processes on this node (torchrun's LOCAL_WORLD_SIZE), 1 outside torchrun."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:

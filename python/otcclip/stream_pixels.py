@@ -23,14 +23,22 @@ The pass runs in a process of its own (spawned, so it shares no pages with the t
 the detectors' working memory (the phase fit's sample of spectra alone is about 1.7 GiB)
 goes back to the system when it exits, before the training's DataLoader workers fork
 from the trainer. Only the evidence comes back, through a file in the pass's folder.
+
+Under torchrun the processes of one node share one pass (`shared_pixel_evidence`): local
+rank 0 runs it and leaves its evidence and slots in a folder of the run, and the node's
+other processes load them from there. They wait on the file, not on a collective, so a
+pass longer than torch.distributed's timeout does not break the run.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import multiprocessing
 import os
 import resource
+import shutil
 import sys
 import time
 import traceback
@@ -50,7 +58,7 @@ if TYPE_CHECKING:
     from otcclip.doubt import DoubtConfig, PixelEvidence
     from otcclip.stream_rounds import IdSlots
 
-__all__ = ["GreyFile", "PixelPass", "read_grey", "stream_pixel_evidence"]
+__all__ = ["GreyFile", "PixelPass", "read_grey", "shared_pixel_evidence", "stream_pixel_evidence"]
 
 _BATCH = 256  # images a worker hands over at once
 
@@ -219,7 +227,8 @@ class PixelPass:
     """What a pixel pass gives back: the evidence by slot, and what the pass cost.
 
     peak_rss_mib: the peak resident memory of the pass's own process and of its
-    DataLoader workers (None when the pass ran in the caller's process).
+    DataLoader workers (None when the pass ran in the caller's process). loaded: this
+    process loaded another's pass (`shared_pixel_evidence`); the cost is that pass's.
     """
 
     evidence: PixelEvidence
@@ -229,9 +238,15 @@ class PixelPass:
     evidence_seconds: float
     peak_rss_mib: float | None = None
     worker_rss_mib: float | None = None
+    loaded: bool = False
 
     def line(self) -> str:
         """The log line a trainer prints after the pass."""
+        if self.loaded:
+            return (
+                f"pixel pass: the evidence of {self.images} images loaded from this node's "
+                "pass (local rank 0)"
+            )
         memory = ""
         if self.peak_rss_mib is not None:
             memory = f", in a process of its own (peak RSS {self.peak_rss_mib:.0f} MiB)"
@@ -250,6 +265,7 @@ class PixelPass:
             out["pixel_pass_peak_rss_mib"] = self.peak_rss_mib
         if self.worker_rss_mib is not None:
             out["pixel_pass_worker_rss_mib"] = self.worker_rss_mib
+        out["pixel_pass_loaded"] = float(self.loaded)
         return out
 
 
@@ -334,8 +350,6 @@ def _in_own_process(
     """`_pass` in a spawned process; the evidence and the new slots come back by a file."""
     import torch
 
-    from otcclip.doubt import PixelEvidence
-
     workdir.mkdir(parents=True, exist_ok=True)
     spawn = multiprocessing.get_context("spawn")
     receive, send = spawn.Pipe(duplex=False)
@@ -371,23 +385,97 @@ def _in_own_process(
         del whole
     if message is None or message[0] != "done":
         raise _failure(message, process.exitcode)
-    info = message[1]
-    with np.load(workdir / _EVIDENCE_FILE, allow_pickle=False) as saved:
+    done, ids = _load_pass(workdir / _EVIDENCE_FILE)
+    (workdir / _EVIDENCE_FILE).unlink()
+    _adopt(slots, ids)
+    return done
+
+
+def _save_pass(path: Path, done: PixelPass, slot_ids: np.ndarray) -> None:
+    """A pass's evidence, slots and cost in one .npz (no pickle), written atomically."""
+    arrays = {f"evidence.{k}": v for k, v in done.evidence.state_dict().items()}
+    info = {f.name: getattr(done, f.name) for f in dataclasses.fields(done) if f.name != "evidence"}
+    meta = np.frombuffer(json.dumps(info).encode(), np.uint8)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        np.savez(f, slot_ids=slot_ids, info=meta, **arrays)
+    os.replace(partial, path)
+
+
+def _load_pass(path: Path) -> tuple[PixelPass, np.ndarray]:
+    """What `_save_pass` wrote: the pass, and the ids in slot order."""
+    from otcclip.doubt import PixelEvidence
+
+    with np.load(path, allow_pickle=False) as saved:
         state = {k[len("evidence.") :]: saved[k] for k in saved.files if k.startswith("evidence.")}
         ids = saved["slot_ids"]
-    (workdir / _EVIDENCE_FILE).unlink()
+        info = json.loads(saved["info"].tobytes().decode())
+    info["size"] = tuple(info["size"])
+    return PixelPass(PixelEvidence.from_state(state), **info), ids
+
+
+def _adopt(slots: IdSlots, ids: np.ndarray) -> None:
+    """Give `slots` the slots another process assigned (ids in slot order)."""
     if not np.array_equal(ids[: len(slots)], slots.ids[: len(slots)]):
-        raise RuntimeError("the pixel pass's process returned slots that disagree with ours")
+        raise RuntimeError("the pixel pass's slots disagree with this process's")
     slots.assign(ids[len(slots) :])
-    return PixelPass(
-        PixelEvidence.from_state(state),
-        images=int(info["images"]),
-        size=(int(info["size"][0]), int(info["size"][1])),
-        read_seconds=float(info["read_seconds"]),
-        evidence_seconds=float(info["evidence_seconds"]),
-        peak_rss_mib=float(info["peak_rss_mib"]),
-        worker_rss_mib=float(info["worker_rss_mib"]),
-    )
+
+
+_SHARED_FILE = "pixel-pass.npz"
+_FAILED_FILE = "failed.txt"
+
+
+def shared_pixel_evidence(
+    pairs: PairStream,
+    slots: IdSlots,
+    config: DoubtConfig,
+    *,
+    folder: str | os.PathLike[str],
+    leader: bool,
+    followers: int,
+    workers: int = 2,
+    log: Callable[[str], None] = print,
+    progress: bool = False,
+    poll_seconds: float = 0.5,
+) -> PixelPass:
+    """One pass for the processes that share `folder` (a node's; see the module).
+
+    The leader runs `stream_pixel_evidence` and leaves the evidence and slots in `folder`;
+    the `followers` others wait for them and load them (the last one removes the folder).
+    A failed pass leaves its message there, and the followers raise it too.
+    """
+    folder = Path(folder)
+    if leader:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            done = stream_pixel_evidence(
+                pairs, slots, config, workdir=folder / "work", workers=workers, log=log,
+                progress=progress,
+            )  # fmt: skip
+        except BaseException as err:
+            (folder / _FAILED_FILE).write_text(f"{type(err).__name__}: {err}")
+            raise
+        if followers:
+            _save_pass(folder / _SHARED_FILE, done, slots.ids[: len(slots)])
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+        return done
+    path = folder / _SHARED_FILE
+    while not path.exists():
+        failed = folder / _FAILED_FILE
+        if failed.exists():
+            raise RuntimeError(
+                f"the pixel pass of this node's local rank 0 failed: {failed.read_text()}"
+            )
+        time.sleep(poll_seconds)
+    done, ids = _load_pass(path)
+    _adopt(slots, ids)
+    (folder / f"loaded-{os.getpid()}").touch()
+    if len(list(folder.glob("loaded-*"))) >= followers:  # the last to load cleans up
+        shutil.rmtree(folder, ignore_errors=True)
+    done = dataclasses.replace(done, loaded=True)
+    log(done.line())
+    return done
 
 
 # errors the pass raises for its input: raised again as they were, without the traceback
@@ -435,17 +523,13 @@ def _pass_process(
         torch.set_num_threads(threads)
         slots = IdSlots.from_state(slots_state)
         done = _pass(pairs, slots, config, Path(workdir), workers, progress)
-        arrays = {f"evidence.{k}": v for k, v in done.evidence.state_dict().items()}
-        np.savez(Path(workdir) / _EVIDENCE_FILE, slot_ids=slots.ids[: len(slots)], **arrays)
-        info = {
-            "images": done.images,
-            "size": done.size,
-            "read_seconds": done.read_seconds,
-            "evidence_seconds": done.evidence_seconds,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        }
-        send.send(("done", info))
+        done = dataclasses.replace(
+            done,
+            peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            worker_rss_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        )
+        _save_pass(Path(workdir) / _EVIDENCE_FILE, done, slots.ids[: len(slots)])
+        send.send(("done",))
     except BaseException as err:  # noqa: BLE001 - every failure goes back to the trainer
         send.send(("failed", type(err).__name__, str(err), traceback.format_exc()))
         sys.exit(1)
