@@ -50,6 +50,26 @@ def test_the_state_round_trips_exactly_and_refuses_a_damaged_one():
         MatchingState.from_state(bad)
 
 
+def test_a_state_on_disk_is_memory_mapped_and_restores_into_its_files(tmp_path):
+    """`directory`: the four arrays are .npy files mapped in memory; the writes reach the
+    files, and a restored state maps fresh files with the saved values."""
+    state = MatchingState(4, 3, tmp_path / "state")
+    assert isinstance(state.image, np.memmap) and state.image_epoch[0] == matching_state.NEVER
+    state.write_images(np.array([1, 3]), np.array([[0.0, 3, 4], [1, 0, 0]]), epoch=2)
+    state.flush()
+    on_disk = np.load(tmp_path / "state" / "image.npy")
+    np.testing.assert_array_equal(on_disk, state.image)
+    assert np.load(tmp_path / "state" / "image_epoch.npy")[1] == 2
+    saved = {k: np.array(v) for k, v in state.state_dict().items()}
+    del state  # its mapping goes before the restore maps the same files anew
+    again = MatchingState.from_state(saved, tmp_path / "state")
+    assert isinstance(again.caption, np.memmap)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(getattr(again, name), value)
+    in_memory = MatchingState.from_state(saved)
+    assert not isinstance(in_memory.image, np.memmap) and in_memory.directory is None
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -222,6 +222,19 @@ def test_filter_streams_from_the_kept_embeddings(tmp_path, shards):
     assert int(left_out.sum()) == report["dropped"] == int((~np.asarray(state["kept"])).sum())
 
 
+def test_the_state_on_disk_trains_as_the_state_in_memory(tmp_path, shards):
+    """--state-on-disk: the streamed filter's kept embeddings and slots live in
+    memory-mapped files in the run's folder; the run is the in-memory one, step by step."""
+    memory = train(_config(shards, out=str(tmp_path / "memory"), **_FILTER_STREAM))
+    disk = train(_config(shards, out=str(tmp_path / "disk"), state_on_disk=True, **_FILTER_STREAM))
+    np.testing.assert_array_equal(disk.step_losses, memory.step_losses)
+    files = sorted(p.name for p in (tmp_path / "disk" / "matching-state" / "rank0").iterdir())
+    assert files == ["caption.npy", "caption_epoch.npy", "image.npy", "image_epoch.npy"]
+    assert not (tmp_path / "memory" / "matching-state").exists()
+    with pytest.raises(ValueError, match="state_on_disk keeps the per-pair state"):
+        _config(shards, state_on_disk=True, **_FILTER_STREAM).validate()
+
+
 _SAFE_STREAM = {"defense": "safeclip", "safeclip_passes": "mixed", "epochs": 3}
 
 
@@ -248,7 +261,7 @@ def test_safeclip_streams_its_split_from_the_kept_embeddings(tmp_path, shards):
 _STREAMED_DEFENSES = {
     "none": {},
     "otcclip": _OTC_STREAM,
-    "filter": _FILTER_STREAM,
+    "filter": {**_FILTER_STREAM, "state_on_disk": True},  # resumes into its files too
     "safeclip": _SAFE_STREAM,
 }
 
@@ -344,8 +357,8 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_stream(
 ):
     """With otcclip the kill falls in the matched epoch: the kept embeddings, the slots,
     the pixel evidence and the pairs left out come back with the checkpoint; with the
-    filter, in the filtered epoch: the pairs it dropped; with SafeCLIP, in the low-rate
-    epoch: the embeddings its next split reads."""
+    filter (its state on disk), in the filtered epoch: the pairs it dropped; with SafeCLIP,
+    in the low-rate epoch: the embeddings its next split reads."""
     kw = _STREAMED_DEFENSES[defense]
     killed, marker = tmp_path / "killed", tmp_path / "reached"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -79,6 +79,7 @@ NOT_COMPARED = frozenset(
         "checkpoint_every",
         "keep_checkpoints",
         "match_batch",
+        "state_on_disk",
         "ot_compile",
     }
 )

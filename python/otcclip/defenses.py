@@ -189,12 +189,24 @@ class Defense:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
+        self._directory: Path | None = None  # `state_dir`
         resolved = schedule(self.name, config)
         self.warmup_epochs = resolved["warmup_epochs"]
         self.match_every = resolved["match_every"]
 
     def setup(self, ctx: TrainContext) -> None:
         """Called once before training (and before `load_state_dict` on resume)."""
+
+    def state_dir(self, ctx: TrainContext) -> Path | None:
+        """Where per-pair state lives in memory-mapped files (`--state-on-disk`: in the run's
+        folder, one per process), else None: in memory. Kept for `load_state_dict`."""
+        c = self.config
+        self._directory = (
+            Path(c.out) / "matching-state" / f"rank{ctx.rank}"
+            if c.state_on_disk and c.out is not None
+            else None
+        )
+        return self._directory
 
     def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         n = len(ctx.table)
@@ -351,7 +363,7 @@ class OTCCLIPDefense(Defense):
         if ctx.table is None:
             from otcclip.stream_rounds import StreamedRounds
 
-            self.streamed = StreamedRounds(n, int(ctx.bundle.embed_dim))
+            self.streamed = StreamedRounds(n, int(ctx.bundle.embed_dim), self.state_dir(ctx))
             self.screened = None
             return
         self.assignment = np.arange(n, dtype=np.int64)
@@ -363,7 +375,7 @@ class OTCCLIPDefense(Defense):
         if self.config.round_embeddings == "training":
             from otcclip.matching_state import MatchingState
 
-            self.kept = MatchingState(n, int(ctx.bundle.embed_dim))
+            self.kept = MatchingState(n, int(ctx.bundle.embed_dim), self.state_dir(ctx))
 
     def match_config(self, round_index: int = 0) -> Any:
         """The matching knobs of a round; a bank (`match_bank`) is drawn anew each round."""
@@ -906,7 +918,8 @@ class OTCCLIPDefense(Defense):
         if state.get("streamed") is not None:
             from otcclip.stream_rounds import StreamedRounds
 
-            self.streamed = StreamedRounds.from_state(state["streamed"])
+            directory, self.streamed = self._directory, None  # the old mapping goes first
+            self.streamed = StreamedRounds.from_state(state["streamed"], directory)
             self.rounds = int(state["rounds"])
             self._load_pixels(state)
             return
@@ -926,7 +939,8 @@ class OTCCLIPDefense(Defense):
         if kept is not None:
             from otcclip.matching_state import MatchingState
 
-            self.kept = MatchingState.from_state(kept)
+            directory, self.kept = self._directory, None
+            self.kept = MatchingState.from_state(kept, directory)
 
     def _load_pixels(self, state: dict[str, Any]) -> None:
         screened = state.get("screened")
@@ -1147,7 +1161,9 @@ class SafeCLIPDefense(Defense):
         if ctx.table is None:
             from otcclip.stream_rounds import StreamedRounds
 
-            self.streamed = StreamedRounds(ctx.pairs, int(ctx.bundle.embed_dim))
+            self.streamed = StreamedRounds(
+                ctx.pairs, int(ctx.bundle.embed_dim), self.state_dir(ctx)
+            )
 
     def phases(self, ctx: TrainContext) -> tuple[int, int, int]:
         """(steps per epoch, warm-up steps, first mixed epoch)."""
@@ -1351,7 +1367,8 @@ class SafeCLIPDefense(Defense):
         if state.get("streamed") is not None:
             from otcclip.stream_rounds import StreamedRounds
 
-            self.streamed = StreamedRounds.from_state(state["streamed"])
+            directory, self.streamed = self._directory, None  # the old mapping goes first
+            self.streamed = StreamedRounds.from_state(state["streamed"], directory)
         safe = state.get("safe")
         self.safe = None if safe is None else np.asarray(safe, dtype=bool).copy()
 
@@ -1402,7 +1419,9 @@ class FilterDefense(Defense):
         if ctx.table is None:
             from otcclip.stream_rounds import StreamedRounds
 
-            self.streamed = StreamedRounds(ctx.pairs, int(ctx.bundle.embed_dim))
+            self.streamed = StreamedRounds(
+                ctx.pairs, int(ctx.bundle.embed_dim), self.state_dir(ctx)
+            )
 
     def filter_epoch(self, ctx: TrainContext) -> int:
         """The epoch at whose start the filter runs (the warm-up rounded up to an epoch)."""
@@ -1542,7 +1561,8 @@ class FilterDefense(Defense):
         if state.get("streamed") is not None:
             from otcclip.stream_rounds import StreamedRounds
 
-            self.streamed = StreamedRounds.from_state(state["streamed"])
+            directory, self.streamed = self._directory, None  # the old mapping goes first
+            self.streamed = StreamedRounds.from_state(state["streamed"], directory)
 
 
 def _bad_count(value: Any) -> bool:

@@ -17,10 +17,17 @@ the embeddings of one round come from the model at different steps of the last e
 cross-modal doubt signal is the global-cosine lead, since the fine-grained OT needs tokens
 the training pass does not keep; with `on_doubt="repair"` only the doubted pairs are
 scored by OT, to pick their new caption.
+
+At web scale the state is large (3M pairs of ViT-B-32: 6 GiB), so it may live in
+memory-mapped files instead (`directory`, the trainer's `--state-on-disk`): the operating
+system then pages it in and out as the rounds and the training pass touch it, and it no
+longer counts against the process's own memory.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,18 +42,29 @@ class MatchingState:
 
     image[i] / caption[i]: pair i's image and own caption, L2-normalised; image_epoch[i] /
     caption_epoch[i]: the epoch whose model wrote it (its training pass, or the round after
-    it; -1: the model before training), NEVER if nothing has.
+    it; -1: the model before training), NEVER if nothing has. directory: keep the four
+    arrays in memory-mapped .npy files there (created anew, so a state starts empty).
     """
 
-    def __init__(self, n: int, dim: int) -> None:
+    def __init__(self, n: int, dim: int, directory: str | os.PathLike[str] | None = None) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be an int >= 1, got {dim!r}")
-        self.image = np.zeros((n, dim), np.float16)
-        self.caption = np.zeros((n, dim), np.float16)
-        self.image_epoch = np.full(n, NEVER, np.int32)
-        self.caption_epoch = np.full(n, NEVER, np.int32)
+        self.directory = None if directory is None else Path(directory)
+        self.image = self._array("image", (n, dim), np.float16, 0)
+        self.caption = self._array("caption", (n, dim), np.float16, 0)
+        self.image_epoch = self._array("image_epoch", (n,), np.int32, NEVER)
+        self.caption_epoch = self._array("caption_epoch", (n,), np.int32, NEVER)
+
+    def _array(self, name: str, shape: tuple[int, ...], dtype: Any, fill: int) -> np.ndarray:
+        if self.directory is None:
+            return np.full(shape, fill, dtype)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(self.directory / f"{name}.npy", "w+", dtype, shape)
+        if fill:
+            out[:] = fill  # a new file reads zeros
+        return out
 
     def __len__(self) -> int:
         return len(self.image)
@@ -93,9 +111,18 @@ class MatchingState:
             "caption_epoch": self.caption_epoch,
         }
 
+    def flush(self) -> None:
+        """Write the memory-mapped arrays' changes to their files (no-op in memory)."""
+        for array in (self.image, self.caption, self.image_epoch, self.caption_epoch):
+            if isinstance(array, np.memmap):
+                array.flush()
+
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> MatchingState:
-        """The state `state_dict` wrote, checked: equal shapes, float16, one stamp per row."""
+    def from_state(
+        cls, state: dict[str, Any], directory: str | os.PathLike[str] | None = None
+    ) -> MatchingState:
+        """The state `state_dict` wrote, checked: equal shapes, float16, one stamp per row;
+        in memory-mapped files in `directory` when given."""
         image = np.asarray(state["image"])
         caption = np.asarray(state["caption"])
         if image.ndim != 2 or image.shape != caption.shape or len(image) < 1:
@@ -103,7 +130,7 @@ class MatchingState:
                 f"matching state: image {image.shape} and caption {caption.shape} "
                 "embeddings must be (N, D) of one shape"
             )
-        out = cls(len(image), image.shape[1])
+        out = cls(len(image), image.shape[1], directory)
         out.image[:] = image
         out.caption[:] = caption
         for name in ("image_epoch", "caption_epoch"):

@@ -22,6 +22,7 @@ What differs from the in-memory round:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -96,9 +97,11 @@ class StreamedRounds:
     some round doubted (with `sticky`, those stay out).
     """
 
-    def __init__(self, capacity: int, dim: int) -> None:
+    def __init__(
+        self, capacity: int, dim: int, directory: str | os.PathLike[str] | None = None
+    ) -> None:
         self.slots = IdSlots(capacity)
-        self.kept = MatchingState(capacity, dim)
+        self.kept = MatchingState(capacity, dim, directory)  # memory-mapped there, if given
         self.left_out = np.zeros(capacity, bool)
         self.doubted = np.zeros(capacity, bool)
 
@@ -144,10 +147,14 @@ class StreamedRounds:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> StreamedRounds:
-        kept = MatchingState.from_state(state["kept"])
-        out = cls(len(kept), kept.dim)
+    def from_state(
+        cls, state: dict[str, Any], directory: str | os.PathLike[str] | None = None
+    ) -> StreamedRounds:
+        kept = MatchingState.from_state(state["kept"], directory)
+        out = cls.__new__(cls)
         out.kept = kept
+        out.left_out = np.zeros(len(kept), bool)
+        out.doubted = np.zeros(len(kept), bool)
         out.slots = IdSlots.from_state(state["slots"])
         for name in ("left_out", "doubted"):
             value = np.asarray(state[name], bool)

@@ -110,6 +110,8 @@ _RESUMABLE_FIELDS = frozenset(
         # how many read, not what: a streamed run checks its layout itself (StreamLayout)
         "workers",
         "prefetch",
+        # where the per-pair state lives, not what it holds
+        "state_on_disk",
     }
 )
 
@@ -141,6 +143,7 @@ _OMITTED_AT_DEFAULT = frozenset(
         "prefetch",
         "match_bank",
         "round_embeddings",
+        "state_on_disk",
         # issue 13, session 13
         "doubt_phase_template",
         "doubt_phase_scale",
@@ -241,6 +244,9 @@ class TrainConfig:
     # where a round takes the global embeddings: "model" (embed every pair again) or
     # "training" (kept from the training pass, `otcclip.matching_state`)
     round_embeddings: str = "model"
+    # per-pair state (kept embeddings, a stream's slots) in memory-mapped files under
+    # out/matching-state/ instead of memory (`otcclip.matching_state`)
+    state_on_disk: bool = False
     # RoCLIP
     bank_size: int = 4096
     # SafeCLIP
@@ -317,6 +323,11 @@ class TrainConfig:
             raise ValueError(
                 f"round_embeddings must be one of {', '.join(ROUND_EMBEDDINGS)}, "
                 f"got {self.round_embeddings!r}"
+            )
+        if self.state_on_disk and self.out is None:
+            raise ValueError(
+                "state_on_disk keeps the per-pair state in the run's folder: give out "
+                "(--out DIR)"
             )
         if self.round_embeddings == "training" and self.doubt != "fused":
             raise ValueError(

@@ -377,6 +377,14 @@ _SCHEDULE_HELP = (
     "README; approximate). [default: exact]",
 )
 @click.option(
+    "--state-on-disk",
+    is_flag=True,
+    help="Keep the per-pair state (the embeddings kept for OTCCLIP's rounds, the filter and "
+    "SafeCLIP on a stream; a stream's slots) in memory-mapped files under "
+    "OUT/matching-state/ instead of memory: at web scale it is N x D float16 twice per "
+    "process. Needs --out.",
+)
+@click.option(
     "--round-embeddings",
     type=click.Choice(["model", "training"]),
     default="model",
