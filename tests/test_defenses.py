@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from otcclip.data import PairTable
-from otcclip.defenses import Batch, Features, TrainContext, make_defense
+from otcclip.defenses import DEFENSES, Batch, Defense, Features, TrainContext, make_defense
 from otcclip.losses import clip_loss
 from otcclip.train import TrainConfig
 
@@ -158,12 +158,14 @@ def test_a_match_bank_reaches_every_round_drawn_anew(monkeypatch):
         _config("otcclip", match_bank=3).validate()
 
 
-@pytest.mark.parametrize("defense", ["safeclip", "filter"])
-def test_defenses_that_need_every_pair_refuse_a_stream(defense):
-    d = make_defense(_config(defense))
-    assert not d.streams
+def test_every_built_in_defense_streams_and_one_that_cannot_says_so():
+    """A defense must declare that it can train from a stream (`streams`); the base one,
+    which a new defense starts from, refuses with the reason."""
+    assert all(cls.streams for cls in DEFENSES.values())
+    base = Defense(_config("none"))
+    assert not base.streams
     with pytest.raises(ValueError, match="needs every pair in memory"):
-        d.stream_plan(_ctx(_config(defense)), 0)
+        base.stream_plan(_ctx(_config("none")), 0)
 
 
 def test_otcclip_can_start_rounds_from_the_previous_pairing(monkeypatch):

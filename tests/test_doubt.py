@@ -359,3 +359,43 @@ def test_neighbour_dots_are_the_gathered_einsum_block_by_block():
     whole = np.einsum("nd,nkd->nk", x, x[idx])
     got = doubt.neighbour_dots(x, idx, block=8)
     assert got.dtype == np.float32 and np.array_equal(got, whole)
+    # the rows of a block: row first + i against its neighbours
+    assert np.array_equal(doubt.neighbour_dots(x, idx[20:30], block=4, first=20), whole[20:30])
+
+
+def test_a_block_of_the_self_join_is_the_whole_join_s_rows():
+    x, _ = _clusters(30, 4, 8, 0.3, seed=5)
+    x[7] = x[8]  # an exact duplicate may not push a row's own index into its list
+    idx, sim = doubt.knn(x, 6)
+    part_idx, part_sim = doubt.knn(x, 6, rows=slice(5, 40))
+    assert np.array_equal(part_idx, idx[5:40]) and np.array_equal(part_sim, sim[5:40])
+    assert not (part_idx == np.arange(5, 40)[:, None]).any()
+
+
+@pytest.mark.parametrize("with_pixels", [True, False])
+def test_the_consistency_signals_by_blocks_are_the_whole_join_s(monkeypatch, with_pixels):
+    """A round holds a block of the wide self-joins at a time, not N lists of k + reach;
+    the signals are the same to the bit."""
+    rng = np.random.default_rng(2)
+    image, _ = _clusters(150, 6, 16, 0.4, seed=6)
+    caption = _unit(image + 0.3 * rng.normal(size=image.shape))
+    caption[10:14] = caption[10]  # identical captions may not vouch for each other
+    keys = _unit(rng.normal(size=(len(image), 12)))
+    keys[40:44] = keys[40]  # copies may not vouch either
+    n, k = len(image), 4
+    pixels = doubt.PixelEvidence(
+        keys,
+        (rng.integers(0, n, (n, k)), rng.random((n, k)).astype(np.float32)),
+        np.zeros((n, k), np.float32),
+        np.zeros(n),
+    )
+    config = DoubtConfig(
+        k=8, reach=16, signals=("cross", "consistency_caption", "consistency_image"), threads=1
+    )
+    kw = {"pixels": pixels if with_pixels else None, "wanted": config.signals}
+    whole = doubt.compute_signals(image, caption, config, **kw)
+    monkeypatch.setattr(doubt, "_JOIN_BLOCK", 64)  # 900 rows: 15 blocks, the last partial
+    blocks = doubt.compute_signals(image, caption, config, **kw)
+    for name in ("consistency_caption", "consistency_image"):
+        assert np.array_equal(whole[name], blocks[name]), name
+        assert whole[name].std() > 0

@@ -264,28 +264,37 @@ class Doubt:
 
 
 def knn(
-    x: np.ndarray, k: int, *, threads: int | None = None, name: str = "embeddings"
+    x: np.ndarray,
+    k: int,
+    *,
+    threads: int | None = None,
+    name: str = "embeddings",
+    rows: slice | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's k nearest other rows by inner product: indices (N, k), similarities (N, k).
 
     An exact self-join with `otmatch.topk`; the row itself is left out even when an
-    exact duplicate ties with it.
+    exact duplicate ties with it. rows: the neighbours of those rows only (a block of
+    the join, the same lists as the whole join's).
     """
     x = _check_embeddings(x, name)
     n = len(x)
+    start, stop, _ = (rows or slice(None)).indices(n)
     if n < 2:
         raise ValueError(f"{name}: a pool of {n} row(s) has no neighbours; need at least 2")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if k > n - 1:
         raise ValueError(f"k = {k} neighbours, but {name} has only {n} rows (k <= N - 1)")
-    idx, sim = otmatch.topk(x, x, int(k) + 1, threads)
-    own = idx == np.arange(n)[:, None]
+    query = x if (start, stop) == (0, n) else x[start:stop]
+    idx, sim = otmatch.topk(query, x, int(k) + 1, threads)
+    m = stop - start
+    own = idx == np.arange(start, stop)[:, None]
     # drop the row itself; where a tie pushed it out of the list, drop the last column
     drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
     keep = np.ones_like(own)
-    keep[np.arange(n), drop] = False
-    return idx[keep].reshape(n, k), sim[keep].reshape(n, k)
+    keep[np.arange(m), drop] = False
+    return idx[keep].reshape(m, k), sim[keep].reshape(m, k)
 
 
 def local_outlier_scores(
@@ -448,8 +457,9 @@ def pixel_evidence(
 # --------------------------------------------------------------------------- signals
 
 
-def neighbour_dots(x: np.ndarray, idx: np.ndarray, block: int = 4096) -> np.ndarray:
-    """(N, k): the dot product of each row of x with each of its neighbours' rows, x[idx[i, j]].
+def neighbour_dots(x: np.ndarray, idx: np.ndarray, block: int = 1024, first: int = 0) -> np.ndarray:
+    """(M, k): the dot product of row first + i of x with each of its neighbours' rows,
+    x[idx[i, j]] (first = 0: idx holds every row's neighbours).
 
     A block of rows at a time: gathering every row's neighbours at once is N x k x D floats
     (3 GiB for 100,000 pixel keys at k = 64), which grew a round's memory with N.
@@ -457,7 +467,8 @@ def neighbour_dots(x: np.ndarray, idx: np.ndarray, block: int = 4096) -> np.ndar
     out = np.empty(idx.shape, dtype=np.result_type(x.dtype, np.float32))
     for start in range(0, len(idx), block):
         rows = slice(start, start + block)
-        out[rows] = np.einsum("nd,nkd->nk", x[rows], x[idx[rows]])
+        own = x[first + start : first + min(len(idx), start + block)]
+        out[rows] = np.einsum("nd,nkd->nk", own, x[idx[rows]])
     return out
 
 
@@ -468,6 +479,7 @@ def _consistency(
     k: int,
     exclude_sim: float,
     exclude: np.ndarray | None,
+    first: int = 0,
 ) -> np.ndarray:
     """-(mean cos between row i and the rows of `other_space` of i's first k vouching neighbours).
 
@@ -480,17 +492,19 @@ def _consistency(
     if exclude is not None:
         keep &= ~exclude
     keep &= np.cumsum(keep, axis=1) <= k
-    agree = neighbour_dots(other_space, idx)
+    agree = neighbour_dots(other_space, idx, first=first)
     count = keep.sum(axis=1)
     mean = np.where(count > 0, (agree * keep).sum(axis=1) / np.maximum(count, 1), 0.0)
     return -mean.astype(np.float64)
 
 
-def _copies(idx: np.ndarray, keys: np.ndarray | None, threshold: float) -> np.ndarray | None:
+def _copies(
+    idx: np.ndarray, keys: np.ndarray | None, threshold: float, first: int = 0
+) -> np.ndarray | None:
     """Which neighbours (N, k) are pixel copies of the row (thumbnail cosine >= threshold)."""
     if keys is None:
         return None
-    return neighbour_dots(keys, idx) >= threshold
+    return neighbour_dots(keys, idx, first=first) >= threshold
 
 
 def compute_signals(
@@ -530,49 +544,79 @@ def compute_signals(
     if k > n - 1:
         raise ValueError(f"k = {k} neighbours, but only {n} pairs (k <= N - 1)")
     reach = min(n - 1, k + config.reach)
-    # one self-join per space that a wanted signal reads, wide enough for the consistency
-    # signals; density reads its head. Pixel-only doubt joins neither.
-    need_image = bool(
-        {"density_image", "slof_image", "dao_image", "consistency_image"} & set(wanted)
-    )
-    need_caption = bool({"density_caption", "consistency_caption"} & set(wanted))
-    empty = (np.zeros((n, 0), np.int64), np.zeros((n, 0), np.float32))
-    img_wide = (
-        knn(image_emb, reach, threads=config.threads, name="image embeddings")
-        if need_image
-        else empty
-    )
-    cap_wide = (
-        knn(caption_emb, reach, threads=config.threads, name="caption embeddings")
-        if need_caption
-        else empty
-    )
-    img_nn = (img_wide[0][:, :k], img_wide[1][:, :k])
-    cap_nn = (cap_wide[0][:, :k], cap_wide[1][:, :k])
+    density = {"density_image", "slof_image", "dao_image", "density_caption"} & set(wanted)
     if "cross" in wanted:
         own = np.einsum("nd,nd->n", image_emb, caption_emb).astype(np.float64)
         out["cross"] = lead if lead is not None else -own
-    if {"density_image", "slof_image", "dao_image"} & set(wanted):
-        scores = local_outlier_scores(image_emb, k, neighbours=img_nn)
+    if density:
+        # the density signals read every row's neighbours' own k-distances: whole joins
+        out.update(_density_signals(image_emb, caption_emb, config, density, reach))
+    if pixels is not None:
+        out.update(pixel_signals(pixels, config, wanted))
+    spaces = {
+        "consistency_caption": (caption_emb, image_emb, config.caption_duplicate_sim),
+        "consistency_image": (image_emb, caption_emb, 2.0),
+    }
+    for signal, (anchor, other, exclude_sim) in spaces.items():
+        if signal in wanted:
+            out[signal] = _consistency_by_block(
+                anchor, other, image_emb, keys, reach, k, exclude_sim, config, signal
+            )
+    return out
+
+
+_JOIN_BLOCK = 8192  # rows of a self-join held at once by the consistency signals
+
+
+def _consistency_by_block(
+    anchor: np.ndarray,
+    other: np.ndarray,
+    image_emb: np.ndarray,
+    keys: np.ndarray | None,
+    reach: int,
+    k: int,
+    exclude_sim: float,
+    config: DoubtConfig,
+    signal: str,
+) -> np.ndarray:
+    """`_consistency` over the anchor space's self-join, a block of rows at a time.
+
+    Each row reads only its own neighbour lists, so no list of all N rows is held: the
+    wide lists (k + reach neighbours, two spaces) were the largest per-pair memory of a
+    round (1.5 KiB a pair) and are now a block's.
+    """
+    n = len(anchor)
+    out = np.empty(n, np.float64)
+    for start in range(0, n, _JOIN_BLOCK):
+        rows = slice(start, min(n, start + _JOIN_BLOCK))
+        idx, sim = knn(anchor, reach, threads=config.threads, name=signal, rows=rows)
+        copies = _copies(idx, keys, config.duplicate_sim, first=start)
+        if copies is None and signal == "consistency_caption":
+            # no pixels: images near-identical in embedding count as copies
+            copies = neighbour_dots(image_emb, idx, first=start) >= 0.99
+        out[rows] = _consistency(other, idx, sim, k, exclude_sim, copies, first=start)
+    return out
+
+
+def _density_signals(
+    image_emb: np.ndarray,
+    caption_emb: np.ndarray,
+    config: DoubtConfig,
+    wanted: set[str],
+    reach: int,
+) -> dict[str, np.ndarray]:
+    """The density family (k-distance, SLOF, DAO) from whole self-joins."""
+    k = config.k
+    out: dict[str, np.ndarray] = {}
+    if {"density_image", "slof_image", "dao_image"} & wanted:
+        nn = knn(image_emb, k, threads=config.threads, name="image embeddings")
+        scores = local_outlier_scores(image_emb, k, neighbours=nn)
         out["density_image"] = -scores["kdist"]
         out["slof_image"] = -np.log(scores["slof"])
         out["dao_image"] = -np.log(scores["dao"])
     if "density_caption" in wanted:
-        out["density_caption"] = -local_outlier_scores(caption_emb, k, neighbours=cap_nn)["kdist"]
-    if pixels is not None:
-        out.update(pixel_signals(pixels, config, wanted))
-    if "consistency_caption" in wanted:
-        wide = cap_wide
-        copies = _copies(wide[0], keys, config.duplicate_sim)
-        if copies is None:  # no pixels: images near-identical in embedding count as copies
-            copies = neighbour_dots(image_emb, wide[0]) >= 0.99
-        out["consistency_caption"] = _consistency(
-            image_emb, *wide, k, config.caption_duplicate_sim, copies
-        )
-    if "consistency_image" in wanted:
-        wide = img_wide
-        copies = _copies(wide[0], keys, config.duplicate_sim)
-        out["consistency_image"] = _consistency(caption_emb, *wide, k, 2.0, copies)
+        nn = knn(caption_emb, k, threads=config.threads, name="caption embeddings")
+        out["density_caption"] = -local_outlier_scores(caption_emb, k, neighbours=nn)["kdist"]
     return out
 
 

@@ -326,8 +326,7 @@ class TrainConfig:
             )
         if self.state_on_disk and self.out is None:
             raise ValueError(
-                "state_on_disk keeps the per-pair state in the run's folder: give out "
-                "(--out DIR)"
+                "state_on_disk keeps the per-pair state in the run's folder: give out (--out DIR)"
             )
         if self.round_embeddings == "training" and self.doubt != "fused":
             raise ValueError(
