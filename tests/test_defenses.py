@@ -7,6 +7,7 @@ here it is replaced by a recorder so that each defense's own logic is checked ex
 from __future__ import annotations
 
 import dataclasses
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -748,3 +749,23 @@ def test_each_defense_lowers_the_backdoor_asr(small_runs, defense):
     asr = small_runs[defense]["backdoor_asr"]
     assert undefended >= 0.4, f"the attack must work without a defense: {undefended:.3f}"
     assert asr < undefended - 0.15, f"{defense}: backdoor ASR {asr:.3f} vs none {undefended:.3f}"
+
+
+def test_a_pass_folder_in_the_temporary_folder_goes_only_once_its_process_is_gone(tmp_path):
+    """Without --out the pixel pass works in the system's temporary folder, shared with other
+    runs: a folder there is stale only when the process named in it no longer exists."""
+    import subprocess
+    import sys
+
+    from otcclip.defenses import _remove_orphan_passes
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = tmp_path / f".pixel-pass-rank0-{int(gone.stdout)}-abc123"
+    alive = tmp_path / f".pixel-pass-rank0-{os.getpid()}-def456"
+    other = tmp_path / ".pixel-pass-rank0-notapid-x"
+    for folder in (dead, alive, other):
+        folder.mkdir()
+        (folder / "pixel-pass.grey").write_bytes(b"\0" * 16)
+    _remove_orphan_passes(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()
