@@ -111,8 +111,16 @@ def test_what_cannot_stream_is_refused_before_training(change, message):
 
 def test_the_command_documents_and_checks_the_stream(tmp_path, shards):
     runner = CliRunner()
-    help_text = runner.invoke(main, ["train", "--help"]).output
-    for flag in ("--stream", "--workers", "--prefetch", "--round-embeddings training"):
+    wide = runner.invoke(main, ["train", "--help"], terminal_width=1000).output
+    help_text = " ".join(wide.split())  # one line: no flag is cut at a line break
+    for flag in (
+        "--stream",
+        "--workers",
+        "--prefetch",
+        "--round-embeddings training",
+        "--safeclip-passes mixed",
+        "--state-on-disk",
+    ):
         assert flag in help_text
     # the command's default defense is otcclip: the refusal names the fix
     args = ["train", "--data", str(shards), "--stream", "--out", str(tmp_path / "run")]
