@@ -27,7 +27,8 @@ batch through `matching.match_image_batches`) and the pixel pass alone (its time
 spent reading, the evidence it keeps, its peak RSS). `--skip-round` and `--skip-pixels`
 leave those out.
 
-The last line is the ratio of the training peak RSS at the largest size to the
+The line before the last says what the trainer's peak gained per pair between the smallest
+and the largest size. The last line is the ratio of the training peak RSS at the largest size to the
 smallest (the larger of the trainer's and the largest child's ratios): streaming keeps it
 <= 1.3. The model is created from scratch (timings do not depend on what it has
 learnt). torch and rayon get --threads threads each; build the extension in release
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             pixels = None if args.skip_pixels else _in_child("pixels", data, args)
             print(_size_line(n, trained, matched, pixels, args), flush=True)
         peaks.append((n, trained["rss_trainer_mib"], trained["rss_worker_mib"]))
+    print(_growth_line(peaks))
     print(_ratio_line(peaks))
     return 0
 
@@ -427,6 +429,17 @@ def _otcclip_line(n: int, measured: dict[str, Any], args: argparse.Namespace) ->
         f"{100 * measured['later_wait_share']:.1f}%) | round {measured['round_s']:.2f}s "
         f"({measured['judged']} judged, {measured['left_out']} left out) | peak RSS trainer "
         f"{measured['rss_trainer_mib']:.0f} MiB{worker}"
+    )
+
+
+def _growth_line(peaks: list[tuple[int, float, float]]) -> str:
+    """What the trainer's peak gained per pair from the smallest size to the largest: the
+    per-pair state (kept embeddings, pixel evidence, a round's working arrays)."""
+    (n0, small, _), (n1, large, _) = min(peaks), max(peaks)
+    per_pair = (large - small) * 2**20 / max(1, n1 - n0)
+    return (
+        f"trainer peak RSS {small:.0f} -> {large:.0f} MiB from {n0} to {n1} pairs: "
+        f"{per_pair:,.0f} bytes a pair"
     )
 
 

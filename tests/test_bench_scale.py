@@ -27,6 +27,9 @@ OTCCLIP_LINE = re.compile(
     r"MiB \(the pixel pass's process (\d+) MiB, or a DataLoader worker\)"
 )
 RATIO_LINE = re.compile(r"peak RSS ratio largest/smallest: ([\d.]+) \(<= 1.3: (met|NOT met)\)")
+GROWTH_LINE = re.compile(
+    r"trainer peak RSS (\d+) -> (\d+) MiB from (\d+) to (\d+) pairs: (-?[\d,]+) bytes a pair"
+)
 
 
 def _load_script():
@@ -63,11 +66,21 @@ def test_tiny_sizes_print_a_measured_line_each_and_the_ratio_of_their_peaks(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"scenes-{n}-seed0-shard32" for n in sorted(SIZES)
     ]
-    ratio = RATIO_LINE.fullmatch(printed[4])
+    assert GROWTH_LINE.fullmatch(printed[4]), printed
+    ratio = RATIO_LINE.fullmatch(printed[5])
     assert ratio, printed
     expected = max(peaks[1][0] / peaks[0][0], peaks[1][1] / peaks[0][1])
     assert float(ratio[1]) == pytest.approx(expected, abs=0.02)  # printed MiB are rounded
     assert ratio[2] == ("met" if float(ratio[1]) <= 1.3 else "NOT met")
+
+
+def test_the_growth_line_gives_the_trainer_s_gain_per_pair():
+    bench = _load_script()
+    peaks = [(400_000, 2000.0, 900.0), (20_000, 1000.0, 800.0)]
+    line = bench._growth_line(peaks)
+    assert (
+        line == "trainer peak RSS 1000 -> 2000 MiB from 20000 to 400000 pairs: 2,759 bytes a pair"
+    )
 
 
 def test_the_verdict_compares_the_larger_of_the_trainer_and_worker_growth():
@@ -118,6 +131,8 @@ def test_the_default_measures_the_trainers_streamed_otcclip_epoch_and_round(tmp_
         assert 0 < int(match[9]) <= 0.25 * n and int(match[10]) > 0 and int(match[11]) > 0
         # the pass ran in a process of its own, which counts among the children
         assert 0 < int(match[12]) <= int(match[11])
-    assert RATIO_LINE.fullmatch(printed[4]), printed
+    growth = GROWTH_LINE.fullmatch(printed[4])
+    assert growth and (int(growth[3]), int(growth[4])) == SIZES, printed
+    assert RATIO_LINE.fullmatch(printed[5]), printed
     with pytest.raises(SystemExit, match="use --defense none"):
         bench.main([*args, "--max-steps", "3"])
