@@ -190,7 +190,8 @@ class Defense:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self._directory: Path | None = None  # `state_dir`
+        self._directory: Path | None = None  # `_state_dir`
+        self.streamed: Any = None  # stream_rounds.StreamedRounds, on a stream
         resolved = schedule(self.name, config)
         self.warmup_epochs = resolved["warmup_epochs"]
         self.match_every = resolved["match_every"]
@@ -198,7 +199,7 @@ class Defense:
     def setup(self, ctx: TrainContext) -> None:
         """Called once before training (and before `load_state_dict` on resume)."""
 
-    def state_dir(self, ctx: TrainContext) -> Path | None:
+    def _state_dir(self, ctx: TrainContext) -> Path | None:
         """Where per-pair state lives in memory-mapped files (`--state-on-disk`: in the run's
         folder, one per process), else None: in memory. Kept for `load_state_dict`."""
         c = self.config
@@ -208,6 +209,26 @@ class Defense:
             else None
         )
         return self._directory
+
+    def _open_stream_state(self, ctx: TrainContext) -> None:
+        """A streamed defense's per-pair state, by slot (`stream_rounds.StreamedRounds`)."""
+        from otcclip.stream_rounds import StreamedRounds
+
+        self.streamed = StreamedRounds(ctx.pairs, int(ctx.bundle.embed_dim), self._state_dir(ctx))
+
+    def _restore_stream_state(self, state: dict[str, Any]) -> None:
+        """The saved stream state, in memory or mapped anew in `_state_dir`."""
+        from otcclip.stream_rounds import StreamedRounds
+
+        self.streamed = None  # the mapping it replaces goes before the files are made anew
+        self.streamed = StreamedRounds.from_state(state, self._directory)
+
+    def _keep_batch(self, batch: Batch, feats: Features) -> None:
+        """Keep a trained batch's global image and caption embeddings by slot: the
+        gathered batch's, so every process keeps the same state."""
+        image = feats.image[0][0].float().cpu().numpy()
+        text = feats.text[0][0].float().cpu().numpy()
+        self.streamed.write(batch.positions, image, text, batch.epoch)
 
     def before_epoch(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         n = len(ctx.table)
@@ -353,7 +374,6 @@ class OTCCLIPDefense(Defense):
         self.screened: np.ndarray | None = None  # left out of the warm-up by the pixels
         # round_embeddings=training: the training pass's embeddings per pair
         self.kept: Any = None  # matching_state.MatchingState
-        self.streamed: Any = None  # stream_rounds.StreamedRounds, on a stream
 
     def setup(self, ctx: TrainContext) -> None:
         from otcclip.otmatch import History
@@ -362,9 +382,7 @@ class OTCCLIPDefense(Defense):
         if self.config.k > n:
             raise ValueError(f"k = {self.config.k} candidates, but the data has only {n} captions")
         if ctx.table is None:
-            from otcclip.stream_rounds import StreamedRounds
-
-            self.streamed = StreamedRounds(n, int(ctx.bundle.embed_dim), self.state_dir(ctx))
+            self._open_stream_state(ctx)
             self.screened = None
             return
         self.assignment = np.arange(n, dtype=np.int64)
@@ -376,7 +394,7 @@ class OTCCLIPDefense(Defense):
         if self.config.round_embeddings == "training":
             from otcclip.matching_state import MatchingState
 
-            self.kept = MatchingState(n, int(ctx.bundle.embed_dim), self.state_dir(ctx))
+            self.kept = MatchingState(n, int(ctx.bundle.embed_dim), self._state_dir(ctx))
 
     def match_config(self, round_index: int = 0) -> Any:
         """The matching knobs of a round; a bank (`match_bank`) is drawn anew each round."""
@@ -893,14 +911,13 @@ class OTCCLIPDefense(Defense):
         state. The caption written is the one trained, at its own row (a re-paired
         image's caption is another pair's own caption).
         """
-        if self.kept is None and self.streamed is None:
+        if self.streamed is not None:  # a stream trains each pair with its own caption
+            self._keep_batch(batch, feats)
+            return
+        if self.kept is None:
             return
         image = feats.image[0][0].float().cpu().numpy()
         text = feats.text[0][0].float().cpu().numpy()
-        if self.streamed is not None:  # a stream trains each pair with its own caption
-            self.streamed.write(batch.positions, image, text, batch.epoch)
-            return
-        assert self.kept is not None
         self.kept.write_images(batch.positions, image, batch.epoch)
         self.kept.write_captions(plan.caption[batch.positions], text, batch.epoch)
 
@@ -920,10 +937,7 @@ class OTCCLIPDefense(Defense):
         from otcclip.otmatch import History
 
         if state.get("streamed") is not None:
-            from otcclip.stream_rounds import StreamedRounds
-
-            directory, self.streamed = self._directory, None  # the old mapping goes first
-            self.streamed = StreamedRounds.from_state(state["streamed"], directory)
+            self._restore_stream_state(state["streamed"])
             self.rounds = int(state["rounds"])
             self._load_pixels(state)
             return
@@ -1158,16 +1172,11 @@ class SafeCLIPDefense(Defense):
             )
         self.first_share: float | None = None  # the first split's share ("reference")
         self.splits = 0
-        self.streamed: Any = None  # stream_rounds.StreamedRounds, on a stream
         self.safe: np.ndarray | None = None  # on a stream: the last split, by slot
 
     def setup(self, ctx: TrainContext) -> None:
         if ctx.table is None:
-            from otcclip.stream_rounds import StreamedRounds
-
-            self.streamed = StreamedRounds(
-                ctx.pairs, int(ctx.bundle.embed_dim), self.state_dir(ctx)
-            )
+            self._open_stream_state(ctx)
 
     def phases(self, ctx: TrainContext) -> tuple[int, int, int]:
         """(steps per epoch, warm-up steps, first mixed epoch)."""
@@ -1348,13 +1357,9 @@ class SafeCLIPDefense(Defense):
         return out
 
     def after_step(self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features) -> None:
-        """On a stream, keep the step's global embeddings for the next split (the gathered
-        batch's: every process keeps the same)."""
-        if self.streamed is None:
-            return
-        image = feats.image[0][0].float().cpu().numpy()
-        text = feats.text[0][0].float().cpu().numpy()
-        self.streamed.write(batch.positions, image, text, batch.epoch)
+        """On a stream, keep the step's global embeddings for the next split."""
+        if self.streamed is not None:
+            self._keep_batch(batch, feats)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -1369,10 +1374,7 @@ class SafeCLIPDefense(Defense):
         self.first_share = None if first is None else float(first)
         self.splits = int(state.get("splits", 0))
         if state.get("streamed") is not None:
-            from otcclip.stream_rounds import StreamedRounds
-
-            directory, self.streamed = self._directory, None  # the old mapping goes first
-            self.streamed = StreamedRounds.from_state(state["streamed"], directory)
+            self._restore_stream_state(state["streamed"])
         safe = state.get("safe")
         self.safe = None if safe is None else np.asarray(safe, dtype=bool).copy()
 
@@ -1417,15 +1419,10 @@ class FilterDefense(Defense):
         if _bad_count(config.filter_k):
             raise ValueError(f"filter_k must be an integer >= 1, got {config.filter_k!r}")
         self.kept: np.ndarray | None = None  # None until the filter has run
-        self.streamed: Any = None  # stream_rounds.StreamedRounds, on a stream
 
     def setup(self, ctx: TrainContext) -> None:
         if ctx.table is None:
-            from otcclip.stream_rounds import StreamedRounds
-
-            self.streamed = StreamedRounds(
-                ctx.pairs, int(ctx.bundle.embed_dim), self.state_dir(ctx)
-            )
+            self._open_stream_state(ctx)
 
     def filter_epoch(self, ctx: TrainContext) -> int:
         """The epoch at whose start the filter runs (the warm-up rounded up to an epoch)."""
@@ -1450,12 +1447,11 @@ class FilterDefense(Defense):
 
     def stream_plan(self, ctx: TrainContext, epoch: int) -> EpochPlan:
         assert self.streamed is not None, "setup() on a stream first"
-        info: dict[str, Any] = {}
+        plan = super().stream_plan(ctx, epoch)
         if self.kept is None and epoch >= self.filter_epoch(ctx):
-            info = self._stream_filter(ctx)
-        none = np.zeros(0, dtype=np.int64)  # a stream's plan names no rows
-        phase = "warmup" if self.kept is None else "filtered"
-        return EpochPlan(positions=none, caption=none, phase=phase, info=info)
+            plan.info = self._stream_filter(ctx)
+        plan.phase = "warmup" if self.kept is None else "filtered"
+        return plan
 
     def _filter(self, ctx: TrainContext) -> dict[str, Any]:
         from otcclip.models import embed_images
@@ -1490,10 +1486,8 @@ class FilterDefense(Defense):
                 f"k = {self.config.filter_k} neighbours"
             )
         kept, cut = self._cut(s.kept.embeddings(slots)[0])
-        dropped = np.zeros(len(s.left_out), bool)
-        dropped[slots[~kept]] = True
         s.apply(slots, ~kept, sticky=True)
-        self.kept = ~dropped
+        self.kept = ~s.doubted
         info = self._report(~kept, cut)
         info["judged"] = int(len(slots))
         if ctx.manifests:
@@ -1545,13 +1539,9 @@ class FilterDefense(Defense):
         }
 
     def after_step(self, ctx: TrainContext, plan: EpochPlan, batch: Batch, feats: Features) -> None:
-        """On a stream, keep the step's global image and caption embeddings for the filter
-        (the gathered batch's: every process keeps the same); nothing once it has run."""
-        if self.streamed is None or self.kept is not None:
-            return
-        image = feats.image[0][0].float().cpu().numpy()
-        text = feats.text[0][0].float().cpu().numpy()
-        self.streamed.write(batch.positions, image, text, batch.epoch)
+        """On a stream, keep the step's global embeddings for the filter (none once it ran)."""
+        if self.streamed is not None and self.kept is None:
+            self._keep_batch(batch, feats)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -1563,10 +1553,7 @@ class FilterDefense(Defense):
         kept = state.get("kept")
         self.kept = None if kept is None else np.asarray(kept, dtype=bool).copy()
         if state.get("streamed") is not None:
-            from otcclip.stream_rounds import StreamedRounds
-
-            directory, self.streamed = self._directory, None  # the old mapping goes first
-            self.streamed = StreamedRounds.from_state(state["streamed"], directory)
+            self._restore_stream_state(state["streamed"])
 
 
 def _remove_orphan_passes(folder: Path) -> None:
