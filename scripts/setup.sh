@@ -31,14 +31,29 @@ stamp="$VENV/.otcclip-deps"
 want=$(sha256sum pyproject.toml | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the Python dependencies (torch is large; this happens once)"
-  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q --retries 10 --upgrade pip
   "$PY" - > "$VENV/.otcclip-requirements.txt" <<'PYEOF'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 reqs = project["dependencies"] + project["optional-dependencies"]["dev"] + ["maturin>=1.9.4,<2"]
 print("\n".join(reqs))
 PYEOF
-  "$PY" -m pip install -q -r "$VENV/.otcclip-requirements.txt"
+  # A few-GB download over a shared link breaks now and then: resume a broken
+  # file, and start the whole install again (pip skips what it already has).
+  resume=()
+  if "$PY" -m pip install --help | grep -q -- --resume-retries; then resume=(--resume-retries 20); fi
+  for attempt in 1 2 3 4; do
+    if "$PY" -m pip install -q --retries 10 --timeout 60 "${resume[@]}" \
+        -r "$VENV/.otcclip-requirements.txt"; then
+      break
+    fi
+    if [ "$attempt" = 4 ]; then
+      echo "setup: pip failed 4 times; check the network and run scripts/setup.sh again" >&2
+      exit 1
+    fi
+    echo "setup: pip failed (attempt $attempt of 4); trying again in $((attempt * 15)) s" >&2
+    sleep $((attempt * 15))
+  done
   echo "$want" > "$stamp"
 fi
 
