@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -112,6 +114,18 @@ def test_the_fused_score_flags_the_poisons_within_a_budget_that_follows_the_scor
     assert d.doubted[poisoned].mean() >= 0.9
     assert d.doubted.mean() < 0.15
     assert d.report["doubted"] == int(d.doubted.sum())
+
+
+def test_signals_then_decide_is_doubt_scores():
+    """A caller may compute the signals, let go of the embeddings, then decide (a streamed
+    round does, for its peak memory): the verdict is doubt_scores'."""
+    img, cap, _ = _poisoned_pairs(seed=4)
+    cfg = DoubtConfig(k=10, signals=("cross", "consistency_caption", "consistency_image"))
+    whole = doubt.doubt_scores(img, cap, cfg)
+    halves = doubt.decide(doubt.doubt_signals(img, cap, cfg), None, cfg)
+    np.testing.assert_array_equal(halves.fused, whole.fused)
+    np.testing.assert_array_equal(halves.doubted, whole.doubted)
+    assert set(doubt.doubt_signals(img, cap, replace(cfg, report_all=True))) > set(cfg.signals)
 
 
 def test_a_missing_pixel_signal_is_said_when_nothing_else_is_fused():

@@ -393,6 +393,21 @@ def test_a_round_from_embeddings_equals_the_models_round_at_alpha_one(bundle, ba
     assert by_embeddings.report["pruned_against"] == (bank or len(captions))
 
 
+def test_a_round_from_unit_embeddings_reads_them_as_they_are():
+    """A trainer's kept embeddings are unit float32 rows already: the round uses them, not a
+    second copy (a streamed round's peak held both); other rows are copied, then scaled."""
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(40, 8)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    pool = rng.normal(size=(50, 8)).astype(np.float32)
+    before = pool.copy()
+    result = matching.match_embeddings(img, pool, np.arange(40), MatchConfig(k=4, alpha=1.0))
+    assert result.image_embeddings is img
+    assert not np.shares_memory(result.pool_embeddings, pool)
+    np.testing.assert_array_equal(pool, before)  # the caller's rows are never scaled in place
+    np.testing.assert_allclose(np.linalg.norm(result.pool_embeddings, axis=1), 1.0, rtol=1e-6)
+
+
 def test_a_round_from_embeddings_refuses_bad_input():
     rng = np.random.default_rng(0)
     img, pool = rng.normal(size=(5, 4)), rng.normal(size=(7, 4))

@@ -458,11 +458,9 @@ class OTCCLIPDefense(Defense):
     def _stream_round(self, ctx: TrainContext, epoch: int) -> dict[str, Any]:
         """A round on a stream (`otcclip.stream_rounds`): the pairs streamed so far, judged
         from their kept embeddings by slot; the doubted sit out until the next round."""
-        import dataclasses
         import time
 
         from otcclip.attacks import poisoned_ids
-        from otcclip.matching import match_embeddings
 
         assert self.streamed is not None
         c, s = self.config, self.streamed
@@ -473,23 +471,22 @@ class OTCCLIPDefense(Defense):
                 f"epoch {epoch + 1}: only {len(slots)} pairs streamed so far, too few for a "
                 f"round with k = {c.k}"
             )
-        image_emb, caption_emb = s.kept.embeddings(slots)
-        own = np.arange(len(slots), dtype=np.int64)
-        config = dataclasses.replace(self.match_config(self.rounds), alpha=1.0)
-        result = match_embeddings(image_emb, caption_emb, own, config)
         poisoned = np.isin(s.slots.ids[slots], poisoned_ids(ctx.manifests))
+        pixels = None
         if c.doubt == "fused":
             pixels = self.pixel_evidence(ctx)
             if len(slots) != len(pixels):  # pairs no epoch has streamed yet wait
                 pixels = pixels.subset(slots)
+        report, judged = self._stream_match(slots, pixels)
+        if c.doubt == "fused":
+            signals, seconds = judged
             doubted_now, doubt_report = self._fused_doubt(
-                ctx, result, own, pixels=pixels, poisoned=poisoned if ctx.manifests else None
+                ctx, signals, seconds, pixels=pixels, poisoned=poisoned if ctx.manifests else None
             )
         else:
-            doubted_now, doubt_report = np.asarray(result.caption) != own, {}
+            doubted_now, doubt_report = judged, {}
         s.apply(slots, doubted_now, sticky=c.rematch_from == "sticky")
         self.rounds += 1
-        report = {k: v for k, v in result.report.items() if _is_number(v)}
         report.update({k: v for k, v in doubt_report.items() if _is_number(v)})
         report["round"] = self.rounds
         report["judged"] = int(len(slots))
@@ -499,13 +496,46 @@ class OTCCLIPDefense(Defense):
         if ctx.manifests:
             report["left_out_poisoned"] = int((doubted_now & poisoned).sum())
             report["left_out_clean"] = int((doubted_now & ~poisoned).sum())
-        report["seconds_by_stage"] = {
-            **result.report.get("seconds", {}),
-            "round": time.perf_counter() - start,
-        }
+        report["seconds_by_stage"]["round"] = time.perf_counter() - start
         return report
 
+    def _stream_match(self, slots: np.ndarray, pixels: Any) -> tuple[dict[str, Any], Any]:
+        """A streamed round's matching of `slots` (each its own caption's row), and what
+        the verdict reads from it: with the fused doubt, its signals and their seconds;
+        with the match doubt, the pairs whose own caption lost.
+
+        Apart from `_stream_round` so that the round's float32 embeddings and candidate
+        lists are gone before the verdict, and the candidate lists (N x k) before the
+        signals' self-joins: each step's temporaries then come on top of less.
+        """
+        import dataclasses
+        import time
+
+        from otcclip.doubt import doubt_signals
+        from otcclip.matching import match_embeddings
+
+        assert self.streamed is not None
+        own = np.arange(len(slots), dtype=np.int64)
+        config = dataclasses.replace(self.match_config(self.rounds), alpha=1.0)
+        result = match_embeddings(*self.streamed.kept.embeddings(slots), own, config)
+        report = {k: v for k, v in result.report.items() if _is_number(v)}
+        report["seconds_by_stage"] = dict(result.report.get("seconds", {}))
+        if self.config.doubt != "fused":
+            return report, np.asarray(result.caption) != own
+        lead, image_emb = _lead(result), result.image_embeddings
+        caption_emb = result.pool_embeddings  # each pair's own caption: own is 0..N-1
+        del result
+        start = time.perf_counter()
+        signals = doubt_signals(
+            image_emb, caption_emb, self.doubt_config(), pixels=pixels, lead=lead
+        )
+        return report, (signals, time.perf_counter() - start)
+
     def _round(self, ctx: TrainContext, epoch: int) -> dict[str, Any]:
+        import time
+
+        from otcclip.doubt import doubt_signals
+
         assert self.assignment is not None and self.doubted is not None, "setup() first"
         c = self.config
         table = ctx.table
@@ -524,8 +554,17 @@ class OTCCLIPDefense(Defense):
         doubted_now = caption != own
         doubt_report: dict[str, Any] = {}
         if c.doubt == "fused":
+            pixels = self.pixel_evidence(ctx)
+            start = time.perf_counter()
+            signals = doubt_signals(
+                result.image_embeddings,
+                np.ascontiguousarray(result.pool_embeddings[own]),
+                self.doubt_config(),
+                pixels=pixels,
+                lead=_lead(result),
+            )
             doubted_now, doubt_report = self._fused_doubt(
-                ctx, result, own, pixels=self.pixel_evidence(ctx)
+                ctx, signals, time.perf_counter() - start, pixels=pixels
             )
             best = np.asarray(result.best, dtype=np.int64)
             if self.kept is not None and c.on_doubt == "repair":
@@ -801,45 +840,34 @@ class OTCCLIPDefense(Defense):
     def _fused_doubt(
         self,
         ctx: TrainContext,
-        result: Any,
-        own: np.ndarray,
+        signals: dict[str, np.ndarray],
+        signal_seconds: float,
         *,
         pixels: Any = None,
         poisoned: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """Which pairs the fused doubt score leaves out (`otcclip.doubt`), and its report.
+        """Which pairs the fused doubt score leaves out (`otcclip.doubt.decide`), and its
+        report.
 
-        The round's cross-modal lead (best candidate over the own caption) is one
-        signal; the others read the embeddings the round already computed and the
-        pixels' evidence (`pixels`, by the round's rows: its copies share verdicts and
-        do not vouch for each other even where no pixel signal is fused), so the doubt
-        adds no embedding pass. The poison mask, where known,
-        only feeds the report (`poisoned`, by the round's rows: a stream's slots).
+        signals: `doubt.doubt_signals` of the round (`signal_seconds` to compute). The
+        round's cross-modal lead (`_lead`: best candidate over the own caption) is one
+        of them; the others read the embeddings the round already computed (each image's
+        and its own caption's, row by row) and the pixels' evidence (`pixels`, by the
+        round's rows: its copies share verdicts and do not vouch for each other even
+        where no pixel signal is fused), so the doubt adds no embedding pass. The poison
+        mask, where known, only feeds the report (`poisoned`, by the round's rows: a
+        stream's slots).
         """
         import time
 
-        from otcclip.doubt import doubt_scores
+        from otcclip.doubt import decide
 
         if poisoned is None:  # a stream holds no table rows: its round passes its own
             poisoned = ctx.poisoned
-
         start = time.perf_counter()
-        lead = np.nan_to_num(
-            np.asarray(result.best_score, np.float64) - np.asarray(result.own_score, np.float64),
-            nan=0.0,
-            posinf=0.0,
-            neginf=0.0,
-        )
-        config = self.doubt_config()
-        verdict = doubt_scores(
-            result.image_embeddings,
-            np.ascontiguousarray(result.pool_embeddings[own]),
-            config,
-            pixels=pixels,
-            lead=lead,
-        )
+        verdict = decide(signals, pixels, self.doubt_config())
         report: dict[str, Any] = {f"doubt_{k}": v for k, v in verdict.report.items()}
-        report["doubt_seconds"] = time.perf_counter() - start
+        report["doubt_seconds"] = signal_seconds + time.perf_counter() - start
         if poisoned is not None:
             hit = verdict.doubted & poisoned
             report["doubt_precision"] = _share(int(hit.sum()), int(verdict.doubted.sum()))
@@ -1554,6 +1582,17 @@ class FilterDefense(Defense):
         self.kept = None if kept is None else np.asarray(kept, dtype=bool).copy()
         if state.get("streamed") is not None:
             self._restore_stream_state(state["streamed"])
+
+
+def _lead(result: Any) -> np.ndarray:
+    """A round's cross-modal lead per image: its best candidate's score over its own
+    caption's (0 where either is missing), the doubt's cross-modal signal."""
+    return np.nan_to_num(
+        np.asarray(result.best_score, np.float64) - np.asarray(result.own_score, np.float64),
+        nan=0.0,
+        posinf=0.0,
+        neginf=0.0,
+    )
 
 
 def _remove_orphan_passes(folder: Path) -> None:

@@ -65,6 +65,7 @@ from otcclip.pixels import (
     pixel_pattern,
     pixel_recurrence,
 )
+from otcclip.rows import finite_rows
 
 __all__ = [
     "FAMILIES",
@@ -92,6 +93,7 @@ __all__ = [
     "compute_signals",
     "decide",
     "doubt_scores",
+    "doubt_signals",
     "pixel_screen",
 ]
 
@@ -846,13 +848,27 @@ def doubt_scores(
     config = config or DoubtConfig()
     if pixels is None and images is not None:
         pixels = pixel_evidence(images, config)
+    signals = doubt_signals(image_emb, caption_emb, config, pixels=pixels, lead=lead)
+    return decide(signals, pixels, config)
+
+
+def doubt_signals(
+    image_emb: np.ndarray,
+    caption_emb: np.ndarray,
+    config: DoubtConfig,
+    *,
+    pixels: PixelEvidence | None = None,
+    lead: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The signals `doubt_scores` fuses (every signal with `report_all`): its first half.
+
+    Apart so that a caller can let go of the embeddings before `decide`, whose
+    temporaries would otherwise add to theirs (a streamed round's peak memory).
+    """
     if pixels is not None and len(pixels) != len(image_emb):
         raise ValueError(f"{len(pixels)} images for {len(image_emb)} image embeddings")
     wanted = tuple(SIGNALS) if config.report_all else config.signals
-    signals = compute_signals(
-        image_emb, caption_emb, config, pixels=pixels, lead=lead, wanted=wanted
-    )
-    return decide(signals, pixels, config)
+    return compute_signals(image_emb, caption_emb, config, pixels=pixels, lead=lead, wanted=wanted)
 
 
 def pixel_screen(pixels: PixelEvidence, config: DoubtConfig) -> Doubt:
@@ -931,8 +947,9 @@ def _check_embeddings(x: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    if not np.isfinite(x).all():
-        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    finite = finite_rows(x)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
         raise ValueError(
             f"{name} hold NaN or infinite values (rows {bad[:5].tolist()}); "
             "check the model's outputs"

@@ -48,6 +48,7 @@ from otcclip import distributed as dist
 from otcclip import otmatch
 from otcclip.models import encode_image_fine, encode_text_fine, image_transform
 from otcclip.ot import ot_similarity_candidates
+from otcclip.rows import finite_rows, row_norms
 
 __all__ = [
     "MatchConfig",
@@ -417,9 +418,10 @@ def match_embeddings(
     Why: a trainer that keeps each pair's embeddings from its own forward passes
     (`otcclip.matching_state`) needs no embedding pass of its own for the round, and a
     user with embeddings from elsewhere needs no model. image_embeddings (N, D) and
-    pool_embeddings (M, D), float, finite, any norm (normalised here); own: as in
-    match_round. The fine-grained OT needs the model's tokens: score the pairs that
-    need it with `match_round` (config.alpha < 1 is refused here).
+    pool_embeddings (M, D), float, finite, any norm (normalised here; rows already
+    float32 and of length 1 are used as they are, so the result's embeddings may share
+    their memory); own: as in match_round. The fine-grained OT needs the model's tokens:
+    score the pairs that need it with `match_round` (config.alpha < 1 is refused here).
     """
     config = config or MatchConfig(alpha=1.0)
     if config.alpha < 1:
@@ -448,6 +450,7 @@ def match_embeddings(
             cand = bank[0][cand]
     cos = np.empty((n, k + (own is not None)), np.float32)
     cos[:, :k] = sim
+    del sim
     if own is not None:
         mine = np.maximum(own, 0)
         cos[:, k] = np.einsum("nd,nd->n", images, pool.embeddings[mine])
@@ -455,25 +458,31 @@ def match_embeddings(
     local = {
         "candidates": np.asarray(cand, np.int64),
         "cos": cos,
-        "ot": np.full_like(cos, np.nan),
+        "ot": np.broadcast_to(np.float32(np.nan), cos.shape),  # no OT: a view, no memory
         "embeddings": images,
     }
     return _finish(local, own, pool, config, timer, (None, None, None), m)
 
 
 def _unit_float_rows(name: str, x: np.ndarray) -> np.ndarray:
-    """float32 (N, D), C-contiguous, rows of length 1; a clear error for anything else."""
+    """float32 (N, D), C-contiguous, rows of length 1; a clear error for anything else.
+
+    Rows already float32, contiguous and of length 1 (to 1e-6) come back as they are,
+    not copied: a trainer's kept embeddings are (`matching_state`), and a round's peak
+    memory held both them and a copy (512 bytes a pair at D = 64)."""
     if not isinstance(x, np.ndarray) or x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"{name} must be a 2-D float numpy array (N, D)")
     if not len(x) or not x.shape[1]:
         raise ValueError(f"{name} is empty: {x.shape}")
     x = np.asarray(x, np.float32)
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    bad = np.flatnonzero(~finite_rows(x))
     if len(bad):
         raise ValueError(f"{name} has NaN or infinite values in rows {bad[:5].tolist()}")
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    norm = row_norms(x)
     if (norm == 0).any():
         raise ValueError(f"{name} has all-zero rows {np.flatnonzero(norm[:, 0] == 0)[:5].tolist()}")
+    if x.flags.c_contiguous and bool((np.abs(norm - 1) <= 1e-6).all()):
+        return x
     return np.ascontiguousarray(x / norm)
 
 

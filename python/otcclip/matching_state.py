@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from otcclip.rows import unit_rows
+
 __all__ = ["NEVER", "MatchingState"]
 
 NEVER = np.iinfo(np.int32).min  # the stamp of a row nothing has written yet
@@ -93,15 +95,16 @@ class MatchingState:
     def embeddings(self, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(images, captions), float32 (N, D) each (or of `rows` only), rows of length 1
         (a row never written is all zeros: write or refresh it first)."""
-        pick = slice(None) if rows is None else np.asarray(rows, np.int64)
-        never = (self.image_epoch[pick] == NEVER) | (self.caption_epoch[pick] == NEVER)
-        unwritten = np.arange(len(self))[pick][never]
+        pick = None if rows is None else np.asarray(rows, np.int64)
+        at = slice(None) if pick is None else pick
+        never = (self.image_epoch[at] == NEVER) | (self.caption_epoch[at] == NEVER)
+        unwritten = np.arange(len(self))[at][never]
         if len(unwritten):
             raise ValueError(
                 f"{len(unwritten)} rows were never written (first: {unwritten[:5].tolist()}); "
                 "refresh the stale rows before the round"
             )
-        return _unit(self.image[pick]), _unit(self.caption[pick])
+        return unit_rows(self.image, pick), unit_rows(self.caption, pick)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -160,11 +163,5 @@ class MatchingState:
             raise ValueError(f"epoch must be an int >= -1, got {epoch!r}")
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise ValueError(f"{name} rows must lie in [0, {len(self)}), got {rows.min()}..")
-        store[rows] = _unit(emb).astype(np.float16)
+        store[rows] = unit_rows(emb).astype(np.float16)
         stamps[rows] = epoch
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norm, 1e-12))
