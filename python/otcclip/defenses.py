@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from otcclip import distributed as dist
+from otcclip.heap import trim_heap
 from otcclip.losses import clip_loss, ot_info_nce
 
 if TYPE_CHECKING:
@@ -436,6 +437,9 @@ class OTCCLIPDefense(Defense):
         """What comes before an epoch: a round when one is due, else the warm-up's screen
         once (with a pixel signal fused), else nothing; returns its report."""
         if self.intervenes(epoch):
+            # the epoch's freed autograd and batch buffers go back to the system first: the
+            # round's large arrays are mapped afresh and could not reuse them (otcclip.heap)
+            trim_heap()
             return (
                 self._round(ctx, epoch) if self.streamed is None else self._stream_round(ctx, epoch)
             )

@@ -30,8 +30,6 @@ process would: the pairing equals the single-process one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import math
 import sys
 import time
@@ -46,6 +44,7 @@ import torch.nn.functional as F
 
 from otcclip import distributed as dist
 from otcclip import otmatch
+from otcclip.heap import trim_heap
 from otcclip.models import encode_image_fine, encode_text_fine, image_transform
 from otcclip.ot import ot_similarity_candidates
 from otcclip.rows import finite_rows, row_norms
@@ -63,7 +62,7 @@ __all__ = [
 ]
 
 _METHODS = ("argmax", "capacity")
-# batches between returns of freed heap memory to the OS (see _trim_heap)
+# batches between returns of freed heap memory to the OS (see otcclip.heap)
 _TRIM_EVERY = 16
 _FALLBACKS = ("own", "unassigned")
 
@@ -587,7 +586,7 @@ def embed_pool(
                 width = max(width, w)
             bar.update(stop - start)
             if ((start - lo) // batch_size + 1) % _TRIM_EVERY == 0:
-                _trim_heap()
+                trim_heap()
     bar.close()
     if glob is None:  # this rank holds no captions
         dim = embed_dim or 0
@@ -604,7 +603,7 @@ def embed_pool(
         msk = _gather(_fit_width(msk, width), use_dist)
     else:  # views: no copy
         tok, msk = tok[:, :width], msk[:, :width]
-    _trim_heap()
+    trim_heap()
     empty = np.flatnonzero(~msk.any(axis=1)) if msk.size else np.arange(len(msk))
     if len(empty):
         raise ValueError(
@@ -771,7 +770,7 @@ def _score_images(
             ots[start:stop, k][none] = np.nan
         bar.update(stop - start)
         if (start // config.image_batch + 1) % _TRIM_EVERY == 0:
-            _trim_heap()
+            trim_heap()
     bar.close()
     return {"candidates": cand, "cos": cos, "ot": ots, "embeddings": emb}
 
@@ -1020,27 +1019,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-def _trim_heap() -> None:
-    """Hand the heap's freed pages back to the OS (glibc only; a few ms).
-
-    Batch after batch, the encoders' transient buffers fragment glibc's heap,
-    which then keeps hundreds of MB it no longer uses: at 50,000 captions the
-    resident size grew by 3 to 4 times the pool's features. Trimming every few
-    batches keeps the peak near what the round really holds.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class _Timer:
