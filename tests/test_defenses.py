@@ -144,6 +144,28 @@ def test_otcclip_rematches_after_warmup_from_the_original_captions(monkeypatch):
     assert d.history.get(int(ids[1]))[1] == (1, -1)
 
 
+def test_a_round_first_hands_the_epoch_s_freed_heap_back(monkeypatch):
+    """The round's large arrays are mapped afresh and cannot reuse what the epoch freed on
+    the heap (otcclip.heap): the trim comes before the round, and only before a round."""
+    events: list[str] = []
+    recorder = _Recorder([np.arange(N)])
+
+    def match_round(*args, **kw):
+        events.append("round")
+        return recorder(*args, **kw)
+
+    monkeypatch.setattr("otcclip.matching.match_round", match_round)
+    monkeypatch.setattr("otcclip.defenses.trim_heap", lambda: events.append("trim"))
+    config = _config("otcclip", warmup_epochs=1, match_every=1)
+    d = make_defense(config)
+    ctx = _ctx(config)
+    d.setup(ctx)
+    d.before_epoch(ctx, 0)  # the warm-up: no round, no trim
+    assert events == []
+    d.before_epoch(ctx, 1)
+    assert events == ["trim", "round"]
+
+
 def test_a_match_bank_reaches_every_round_drawn_anew(monkeypatch):
     recorder = _Recorder([np.arange(N), np.arange(N)])
     monkeypatch.setattr("otcclip.matching.match_round", recorder)
