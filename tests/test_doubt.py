@@ -270,6 +270,25 @@ def test_pixel_evidence_is_reused_and_checked_against_the_pairs():
         doubt.compute_signals(img[:-1], cap[:-1], DoubtConfig(k=5), pixels=ev)
 
 
+def test_saved_pixel_evidence_loads_mapped_and_gives_the_same_verdict(tmp_path):
+    """A streamed trainer keeps the evidence on disk between rounds and maps it for one."""
+    img, cap, _ = _poisoned_pairs()
+    images = np.random.default_rng(1).integers(0, 256, (len(img), 20, 20), dtype=np.uint8)
+    config = DoubtConfig(k=5, pixel_k=4)
+    ev = doubt.pixel_evidence(images, config)
+    ev.save(tmp_path / "evidence")
+    loaded = doubt.PixelEvidence.load(tmp_path / "evidence")
+    assert isinstance(loaded.keys.base, np.memmap) and not loaded.keys.flags.writeable
+    for name, value in ev.state_dict().items():
+        assert np.array_equal(loaded.state_dict()[name], value), name
+    a = doubt.doubt_scores(img, cap, config, pixels=ev)
+    b = doubt.doubt_scores(img, cap, config, pixels=loaded)
+    assert np.array_equal(a.fused, b.fused) and np.array_equal(a.doubted, b.doubted)
+    (tmp_path / "evidence" / "aligned.npy").unlink()
+    with pytest.raises(ValueError, match=r"aligned\.npy missing"):
+        doubt.PixelEvidence.load(tmp_path / "evidence")
+
+
 def _blocky(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A texture of 4 px blocks: smooth at the scale of pixel noise, like a real item."""
     return np.kron(rng.integers(0, 256, (h // 4, w // 4)), np.ones((4, 4))).astype(np.uint8)

@@ -269,6 +269,10 @@ class Defense:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def close(self) -> None:
+        """Let go of what the run keeps outside its memory; the trainer calls it when training
+        has ended (a run that raised leaves it to the garbage collector)."""
+
     def intervenes(self, epoch: int) -> bool:
         """Whether epoch (0-based) is one of the defense's rounds: e >= W, every R epochs."""
         r = self.match_every
@@ -371,6 +375,10 @@ class OTCCLIPDefense(Defense):
         self.history: Any = None
         self.rounds = 0
         self.pixels: Any = None  # doubt.PixelEvidence, computed once, kept in the state
+        # a stream's evidence waits on disk between rounds (`_spill`): its folder, and the
+        # process's rank that names it
+        self._evidence_dir: Any = None  # tempfile.TemporaryDirectory
+        self._rank = 0
         self.pixel_pass: dict[str, float] = {}  # a stream's pass: its cost, for the report
         self.screened: np.ndarray | None = None  # left out of the warm-up by the pixels
         # round_embeddings=training: the training pass's embeddings per pair
@@ -385,6 +393,7 @@ class OTCCLIPDefense(Defense):
         if ctx.table is None:
             self._open_stream_state(ctx)
             self.screened = None
+            self._rank = ctx.rank
             return
         self.assignment = np.arange(n, dtype=np.int64)
         self.doubted = np.zeros(n, dtype=bool)
@@ -440,12 +449,16 @@ class OTCCLIPDefense(Defense):
             # the epoch's freed autograd and batch buffers go back to the system first: the
             # round's large arrays are mapped afresh and could not reuse them (otcclip.heap)
             trim_heap()
-            return (
-                self._round(ctx, epoch) if self.streamed is None else self._stream_round(ctx, epoch)
-            )
-        if self.rounds == 0 and self.screened is None and self.screens():
-            return self._screen(ctx)
-        return {}
+            if self.streamed is None:
+                return self._round(ctx, epoch)
+            report = self._stream_round(ctx, epoch)
+        elif self.rounds == 0 and self.screened is None and self.screens():
+            report = self._screen(ctx)
+        else:
+            return {}
+        if self._evidence_dir is not None:  # the training that follows never reads it
+            self.pixels = None
+        return report
 
     def _plan(self, positions: np.ndarray, caption: np.ndarray, info: dict) -> EpochPlan:
         intra = self.config.lambda_intra > 0
@@ -710,9 +723,34 @@ class OTCCLIPDefense(Defense):
 
             self.pixels = pixel_evidence(ctx.table.images, self.doubt_config())
             return self.pixels
-        done = self._stream_pixel_pass(ctx)
-        self.pixels, self.pixel_pass = done.evidence, done.report()
+        if self._evidence_dir is None:
+            done = self._stream_pixel_pass(ctx)
+            self.pixel_pass = done.report()
+            self._spill(done.evidence)
+        from otcclip.doubt import PixelEvidence
+
+        self.pixels = PixelEvidence.load(self._evidence_dir.name)
         return self.pixels
+
+    def _spill(self, evidence: Any) -> None:
+        """Keep a stream's pixel evidence on disk, in a folder of this process, mapped only
+        while the screen or a round reads it (`pixel_evidence`; `_prepare` lets go).
+
+        Training never reads the evidence, yet held in memory it was the largest per-pair
+        state of a streamed trainer (about 650 bytes a pair, the kept embeddings 256 at
+        D = 64), and training's peak is the trainer's. The folder sits in the run's folder
+        (or the system's temporary one), named like the pass's folders, so that one left by
+        a killed process goes as theirs do.
+        """
+        import tempfile
+
+        parent = Path(self.config.out or tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_orphan_passes(parent)
+        self._evidence_dir = tempfile.TemporaryDirectory(
+            dir=parent, prefix=f".pixel-pass-rank{self._rank}-{os.getpid()}-evidence-"
+        )
+        evidence.save(self._evidence_dir.name)
 
     def _stream_pixel_pass(self, ctx: TrainContext) -> Any:
         """A stream's pixel evidence, by slot: every image read once (`otcclip.stream_pixels`).
@@ -960,7 +998,7 @@ class OTCCLIPDefense(Defense):
             "history": self.history.to_bytes() if self.history is not None else b"",
             "rounds": self.rounds,
             "screened": self.screened,
-            "pixels": None if self.pixels is None else self.pixels.state_dict(),
+            "pixels": self._pixels_state(),
             "kept": None if self.kept is None else self.kept.state_dict(),
             "streamed": None if self.streamed is None else self.streamed.state_dict(),
         }
@@ -992,6 +1030,21 @@ class OTCCLIPDefense(Defense):
             directory, self.kept = self._directory, None
             self.kept = MatchingState.from_state(kept, directory)
 
+    def close(self) -> None:
+        if self._evidence_dir is not None:  # the last checkpoint holds the evidence
+            self.pixels = None
+            self._evidence_dir.cleanup()
+            self._evidence_dir = None
+
+    def _pixels_state(self) -> dict[str, np.ndarray] | None:
+        if self.pixels is not None:
+            return self.pixels.state_dict()
+        if self._evidence_dir is not None:  # on disk between rounds
+            from otcclip.doubt import PixelEvidence
+
+            return PixelEvidence.load(self._evidence_dir.name).state_dict()
+        return None
+
     def _load_pixels(self, state: dict[str, Any]) -> None:
         screened = state.get("screened")
         self.screened = None if screened is None else np.asarray(screened, dtype=bool).copy()
@@ -1000,6 +1053,9 @@ class OTCCLIPDefense(Defense):
             from otcclip.doubt import PixelEvidence
 
             self.pixels = PixelEvidence.from_state(pixels)
+            if self.streamed is not None:  # on disk until the next round reads it
+                self._spill(self.pixels)
+                self.pixels = None
 
 
 def steps_per_epoch(ctx: TrainContext) -> int:

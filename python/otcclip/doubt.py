@@ -48,6 +48,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -400,6 +401,31 @@ class PixelEvidence:
             None if self.pattern is None else self.pattern[rows],
             None if self.phase is None else self.phase[rows],
         )
+
+    def save(self, folder: str | os.PathLike[str]) -> None:
+        """One `.npy` file per array of `state_dict` in `folder` (made if missing), for
+        `load`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, value in self.state_dict().items():
+            np.save(folder / f"{name}.npy", np.ascontiguousarray(value))
+
+    @staticmethod
+    def load(folder: str | os.PathLike[str]) -> PixelEvidence:
+        """The evidence `save` wrote, memory-mapped read-only: its pages are read as the
+        signals touch them, and they are the system's again once the evidence is let go
+        (a streamed trainer holds it only while a round reads it)."""
+        folder = Path(folder)
+        state = {
+            path.stem: np.load(path, mmap_mode="r", allow_pickle=False)
+            for path in sorted(folder.glob("*.npy"))
+        }
+        missing = {"keys", "neighbour_index", "neighbour_sim", "aligned", "recurrence"} - set(state)
+        if missing:
+            raise ValueError(
+                f"pixel evidence in {folder}: {', '.join(sorted(missing))}.npy missing"
+            )
+        return PixelEvidence.from_state(state)
 
     @staticmethod
     def from_state(state: Mapping[str, np.ndarray]) -> PixelEvidence:

@@ -922,6 +922,7 @@ def train(
     for cb in callbacks:
         with _isolated_rng():
             cb.on_train_end(ctx, result)
+    defense.close()
     return result
 
 
