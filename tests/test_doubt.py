@@ -285,7 +285,8 @@ def test_saved_pixel_evidence_loads_mapped_and_gives_the_same_verdict(tmp_path):
     b = doubt.doubt_scores(img, cap, config, pixels=loaded)
     assert np.array_equal(a.fused, b.fused) and np.array_equal(a.doubted, b.doubted)
     (tmp_path / "evidence" / "aligned.npy").unlink()
-    with pytest.raises(ValueError, match=r"aligned\.npy missing"):
+    (tmp_path / "evidence" / "keys.npy").unlink()
+    with pytest.raises(ValueError, match=r": aligned\.npy, keys\.npy missing"):
         doubt.PixelEvidence.load(tmp_path / "evidence")
 
 

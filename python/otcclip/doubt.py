@@ -422,9 +422,8 @@ class PixelEvidence:
         }
         missing = {"keys", "neighbour_index", "neighbour_sim", "aligned", "recurrence"} - set(state)
         if missing:
-            raise ValueError(
-                f"pixel evidence in {folder}: {', '.join(sorted(missing))}.npy missing"
-            )
+            names = ", ".join(f"{name}.npy" for name in sorted(missing))
+            raise ValueError(f"pixel evidence in {folder}: {names} missing")
         return PixelEvidence.from_state(state)
 
     @staticmethod
