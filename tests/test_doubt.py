@@ -338,6 +338,27 @@ def test_a_subset_of_the_evidence_keeps_copies_only_among_its_own_images():
         ev.subset(np.array([43]))
 
 
+def test_loading_a_subset_from_disk_equals_the_subset_of_the_whole(tmp_path, monkeypatch):
+    """A streamed round reads its rows of the saved evidence a block at a time, so the
+    mapped whole's pages are never resident beside the copy; the result is `subset`'s."""
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (50, 56, 56), dtype=np.uint8)
+    images[45:] = images[3]  # copies, two of them outside the rows
+    config = DoubtConfig(pixel_k=5, signals=("copies_pixel", "recurrence_pixel", "phase_pixel"))
+    ev = doubt.pixel_evidence(images, config)
+    ev.save(tmp_path)
+    rows = np.array([47, 3, *range(4, 40), 46, 0])
+    monkeypatch.setattr(doubt, "_READ_BLOCK", 7)  # several blocks, the last one short
+    loaded = doubt.PixelEvidence.load(tmp_path, rows=rows)
+    expected = ev.subset(rows)
+    for name, value in expected.state_dict().items():
+        got = loaded.state_dict()[name]
+        assert not isinstance(got, np.memmap) and got.dtype == value.dtype, name
+        np.testing.assert_array_equal(got, value, err_msg=name)
+    with pytest.raises(ValueError, match="must not repeat"):
+        doubt.PixelEvidence.load(tmp_path, rows=np.array([2, 2]))
+
+
 @pytest.mark.parametrize(
     ("signal", "field"), [("pattern_pixel", "pattern"), ("phase_pixel", "phase")]
 )

@@ -22,6 +22,29 @@ def test_ids_get_slots_in_the_order_they_first_come():
         slots.assign(np.array([41]))
 
 
+def test_slots_agree_with_a_dict_of_first_arrivals_over_many_batches():
+    rng = np.random.default_rng(3)
+    slots, reference = IdSlots(3000), {}
+    for _ in range(40):  # batches that repeat ids, within and across batches
+        batch = rng.integers(0, 2**40, 60) if rng.random() < 0.5 else rng.integers(0, 4000, 60)
+        for pair_id in batch.tolist():
+            reference.setdefault(pair_id, len(reference))
+        np.testing.assert_array_equal(slots.assign(batch), [reference[i] for i in batch.tolist()])
+    assert len(slots) == len(reference)
+    np.testing.assert_array_equal(slots.ids[: len(slots)], list(reference))
+    probe = rng.integers(0, 5000, 500)
+    np.testing.assert_array_equal(slots.find(probe), [reference.get(i, -1) for i in probe.tolist()])
+
+
+def test_a_batch_that_overflows_the_slots_names_the_first_id_and_gives_none():
+    slots = IdSlots(3)
+    slots.assign(np.array([5]))
+    with pytest.raises(ValueError, match="id 9 is new, but all 3 slots"):
+        slots.assign(np.array([7, 5, 8, 9, 10]))
+    assert len(slots) == 1
+    np.testing.assert_array_equal(slots.find(np.array([7, 8, 5])), [-1, -1, 0])
+
+
 def test_a_round_leaves_out_the_doubted_until_the_next_and_sticky_keeps_them_out():
     rng = np.random.default_rng(0)
     state = StreamedRounds(6, 3)

@@ -478,6 +478,7 @@ class OTCCLIPDefense(Defense):
         import time
 
         from otcclip.attacks import poisoned_ids
+        from otcclip.doubt import PixelEvidence
 
         assert self.streamed is not None
         c, s = self.config, self.streamed
@@ -493,7 +494,10 @@ class OTCCLIPDefense(Defense):
         if c.doubt == "fused":
             pixels = self.pixel_evidence(ctx)
             if len(slots) != len(pixels):  # pairs no epoch has streamed yet wait
-                pixels = pixels.subset(slots)
+                # read from disk, not subset from the mapped whole: that would hold every
+                # page the copy read as well as the copy, at the round's peak
+                self.pixels = pixels = None
+                pixels = PixelEvidence.load(self._evidence_dir.name, rows=slots)
         report, judged = self._stream_match(slots, pixels)
         if c.doubt == "fused":
             signals, seconds = judged

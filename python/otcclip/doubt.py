@@ -381,26 +381,8 @@ class PixelEvidence:
         becomes -1) or share a verdict. Per-image scores (recurrence, pattern, phase) keep
         what the whole data set says. A streamed round judges only the pairs that have
         streamed (`otcclip.stream_rounds`)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        n = len(self)
-        if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= n)):
-            raise ValueError(f"rows must be a 1-D array of images in 0..{n - 1}")
-        if len(np.unique(rows)) != len(rows):
-            raise ValueError("rows must not repeat")
-        position = np.full(n, -1, np.int64)
-        position[rows] = np.arange(len(rows))
-        index = position[self.neighbours[0][rows]]
-        outside = index < 0
-        aligned = np.where(outside, np.float32(-1.0), self.aligned[rows])
-        index = np.where(outside, np.arange(len(rows))[:, None], index)  # itself: no copy
-        return PixelEvidence(
-            self.keys[rows],
-            (index, self.neighbours[1][rows]),
-            aligned,
-            self.recurrence[rows],
-            None if self.pattern is None else self.pattern[rows],
-            None if self.phase is None else self.phase[rows],
-        )
+        rows = _subset_rows(rows, len(self))
+        return _restricted(rows, len(self), {k: v[rows] for k, v in self.state_dict().items()})
 
     def save(self, folder: str | os.PathLike[str]) -> None:
         """One `.npy` file per array of `state_dict` in `folder` (made if missing), for
@@ -411,20 +393,31 @@ class PixelEvidence:
             np.save(folder / f"{name}.npy", np.ascontiguousarray(value))
 
     @staticmethod
-    def load(folder: str | os.PathLike[str]) -> PixelEvidence:
+    def load(folder: str | os.PathLike[str], rows: np.ndarray | None = None) -> PixelEvidence:
         """The evidence `save` wrote, memory-mapped read-only: its pages are read as the
         signals touch them, and they are the system's again once the evidence is let go
-        (a streamed trainer holds it only while a round reads it)."""
+        (a streamed trainer holds it only while a round reads it).
+
+        rows: `subset(rows)` of it, read into memory a block of rows at a time, each block
+        through a mapping of its own. The subset of the mapped whole would hold every page
+        the copy read as well as the copy, until the whole is let go.
+        """
         folder = Path(folder)
-        state = {
-            path.stem: np.load(path, mmap_mode="r", allow_pickle=False)
-            for path in sorted(folder.glob("*.npy"))
-        }
-        missing = {"keys", "neighbour_index", "neighbour_sim", "aligned", "recurrence"} - set(state)
+        paths = {path.stem: path for path in sorted(folder.glob("*.npy"))}
+        missing = {"keys", "neighbour_index", "neighbour_sim", "aligned", "recurrence"} - set(paths)
         if missing:
             names = ", ".join(f"{name}.npy" for name in sorted(missing))
             raise ValueError(f"pixel evidence in {folder}: {names} missing")
-        return PixelEvidence.from_state(state)
+        state = {
+            name: np.load(path, mmap_mode="r", allow_pickle=False) for name, path in paths.items()
+        }
+        if rows is None:
+            return PixelEvidence.from_state(state)
+        n = len(state["keys"])
+        rows = _subset_rows(rows, n)
+        del state  # headers only: nothing was read
+        picked = {name: _rows_by_block(path, rows) for name, path in paths.items()}
+        return _restricted(rows, n, picked)
 
     @staticmethod
     def from_state(state: Mapping[str, np.ndarray]) -> PixelEvidence:
@@ -447,6 +440,43 @@ class PixelEvidence:
                     raise ValueError(f"pixel evidence state: one {name} score per image expected")
             optional[name] = value
         return PixelEvidence(keys, (index, sim), aligned, recurrence, **optional)
+
+
+def _subset_rows(rows: np.ndarray, n: int) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= n)):
+        raise ValueError(f"rows must be a 1-D array of images in 0..{n - 1}")
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError("rows must not repeat")
+    return rows
+
+
+def _restricted(rows: np.ndarray, n: int, picked: dict[str, np.ndarray]) -> PixelEvidence:
+    """`PixelEvidence.subset`'s evidence from the arrays of `state_dict` at `rows` (of n):
+    neighbours renumbered to positions in `rows`, those outside it no copy of anyone."""
+    position = np.full(n, -1, np.int64)
+    position[rows] = np.arange(len(rows))
+    index = position[picked["neighbour_index"]]
+    outside = index < 0
+    picked["aligned"] = np.where(outside, np.float32(-1.0), picked["aligned"])
+    picked["neighbour_index"] = np.where(outside, np.arange(len(rows))[:, None], index)
+    return PixelEvidence.from_state(picked)
+
+
+_READ_BLOCK = 1 << 16  # rows of a saved array mapped at once by `PixelEvidence.load(rows=)`
+
+
+def _rows_by_block(path: Path, rows: np.ndarray) -> np.ndarray:
+    """`np.load(path)[rows]`, with at most a block of rows' pages mapped at a time: each
+    block maps the file afresh and lets the mapping go once its rows are copied."""
+    head = np.load(path, mmap_mode="r", allow_pickle=False)
+    out = np.empty((len(rows), *head.shape[1:]), head.dtype)
+    del head
+    for start in range(0, len(rows), _READ_BLOCK):
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        out[start : start + _READ_BLOCK] = mapped[rows[start : start + _READ_BLOCK]]
+        del mapped
+    return out
 
 
 def pixel_evidence(
