@@ -18,9 +18,9 @@ its first batch), the time of the pixel pass and screen and of the round (as the
 prepares those epochs), and peak RSS of the trainer and of its largest child process: the
 pixel pass runs in a process of its own (its peak is printed too), the DataLoader workers
 fork from the trainer. The trainer's memory grows with N by design only through the kept
-N x D float16 embeddings and the id map (about 400 bytes a pair at D = 64) while it trains,
-and, while a round runs, the pixel evidence it maps from disk (about 650) and the round's
-float32 copy of the embeddings.
+N x D float16 embeddings and the id map (about 290 bytes a pair at D = 64) while it trains,
+and, while a round runs, the judged pairs' pixel evidence it reads from disk (about 650)
+and the round's float32 copy of the embeddings.
 
 `--defense none` is the session-12 measure: plain streamed training for one epoch or its
 first --max-steps steps; then, each in its own process, one OTCCLIP matching round that
