@@ -63,16 +63,15 @@ class IdSlots:
         if not new.any():
             return slots
         fresh, first = np.unique(ids[new], return_index=True)
+        arrival = np.argsort(first)  # the new ids in the order they first come
         if self.count + len(fresh) > len(self.ids):
-            pair_id = int(fresh[np.argsort(first)][len(self.ids) - self.count])
+            pair_id = int(fresh[arrival[len(self.ids) - self.count]])
             raise ValueError(
                 f"id {pair_id} is new, but all {len(self.ids)} slots are taken: the "
                 "stream holds more distinct ids than the pairs its index counts"
             )
         given = np.empty(len(fresh), np.int64)
-        given[np.argsort(first, kind="stable")] = np.arange(
-            self.count, self.count + len(fresh), dtype=np.int64
-        )
+        given[arrival] = np.arange(self.count, self.count + len(fresh), dtype=np.int64)
         self.ids[given] = fresh
         self.count += len(fresh)
         at = np.searchsorted(self._sorted, fresh)
