@@ -85,6 +85,31 @@ def test_resume_restores_every_option_that_changes_a_printed_figure(tmp_path):
     assert settings["resume"] and settings["resume_from"] == name and settings["eval_size"] == 60
 
 
+def test_a_run_saved_before_the_kept_rounds_were_the_default_resumes_with_its_own(tmp_path):
+    """A checkpoint saved before round_embeddings existed trained rounds that embed every
+    pair again; resuming it must not switch to the kept rounds, today's default."""
+    from otcclip.checkpoint import save_checkpoint
+    from otcclip.models import create_model
+
+    run = tmp_path / "run"
+    config = TrainConfig(scenes=192, out=str(run), defense="otcclip").to_dict()
+    assert config["round_embeddings"] == "training"  # recorded always, default or not
+    del config["round_embeddings"]
+    assert TrainConfig.from_dict(config).round_embeddings == "model"  # the library resumes so
+    save_checkpoint(run, create_model("otc-vit-tiny"), {"config": config}, global_step=1)
+    ctx = command.make_context("train", ["--out", str(run), "--resume"])
+    assert _settings(ctx, dict(ctx.params))["round_embeddings"] == "model"
+    ctx = command.make_context(
+        "train", ["--out", str(run), "--resume", "--round-embeddings", "training"]
+    )
+    assert _settings(ctx, dict(ctx.params))["round_embeddings"] == "training"  # as asked
+    # a run saved with the setting resumes with what it saved
+    config["round_embeddings"] = "training"
+    save_checkpoint(run, create_model("otc-vit-tiny"), {"config": config}, global_step=2)
+    ctx = command.make_context("train", ["--out", str(run), "--resume"])
+    assert _settings(ctx, dict(ctx.params))["round_embeddings"] == "training"
+
+
 def _invoke(*args: object):
     from click.testing import CliRunner
 

@@ -1,5 +1,6 @@
 """benchmarks/defense_table.py: a smoke run, resumability, and a changed setting rerunning."""
 
+import dataclasses
 import importlib.util
 import json
 import shlex
@@ -172,6 +173,26 @@ def test_a_run_recorded_before_a_setting_existed_compares_as_its_old_value(tmp_p
     assert [table.run_state(r) for r in (drop, repair)] == ["fresh", "resume"]
 
 
+def test_the_kept_rounds_default_reruns_the_fused_rows_and_no_others(tmp_path):
+    """Runs recorded before session 18 left round_embeddings out at its default then,
+    "model": the fused OTCCLIP rows rerun with the kept rounds, while the paper's rule
+    (which names "model") and the other defenses stand."""
+    from otcclip.demo import train_config
+
+    table = _load_script()
+    args = table._parser().parse_args(["--scenes", "200", "--out", str(tmp_path)])
+    base = table.demo_config(args)
+    rows = table.select_rows(table.table_rows(train_config(base, "otcclip")), ["none,otcclip,rule"])
+    runs = table.plan_runs(tmp_path, base, rows, [0])
+    assert [r.spec["train"]["round_embeddings"] for r in runs] == ["training", "training", "model"]
+    for run in runs:
+        old = json.loads(json.dumps(run.spec))
+        del old["train"]["round_embeddings"]  # as recorded before session 18
+        run.directory.mkdir(parents=True)
+        (run.directory / table.RUN_SPEC).write_text(json.dumps(old))
+    assert [table.run_state(r) for r in runs] == ["resume", "fresh", "resume"]
+
+
 def test_the_adaptive_count_reruns_only_the_adaptive_rows(tmp_path, capsys):
     from otcclip.demo import train_config
 
@@ -249,7 +270,12 @@ def test_the_doubt_rows_leave_out_one_family_each_and_the_rule_row_is_the_papers
 
     table = _load_script()
     rows = {r.key: r for r in table.table_rows(TrainConfig())}
-    assert rows["rule"].overrides == {"doubt": "match"}
+    # the paper's rule scores every pair with the model: it cannot take the kept rounds
+    assert rows["rule"].overrides == {"doubt": "match", "round_embeddings": "model"}
+    assert rows["rule"].slug == "otcclip-doubt-match-the-paper-s-rule"
+    dataclasses.replace(
+        TrainConfig(defense="otcclip", scenes=64), **rows["rule"].overrides
+    ).validate()
     default = set(DoubtConfig().signals)
     for key, family in (("no-pixel", "pixel"), ("no-consistency", "consistency")):
         kept = set(rows[key].overrides["doubt_signals"].split(","))

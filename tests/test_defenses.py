@@ -47,8 +47,10 @@ def _ctx(
 
 
 def _config(defense: str, **kw) -> TrainConfig:
-    # the round tests script the match's own verdict ("match"); the fused doubt has its own
-    return TrainConfig(scenes=N, defense=defense, batch_size=4, **{"k": 4, "doubt": "match", **kw})
+    # the round tests script the match's own verdict ("match"), which embeds every pair
+    # again ("model"); the fused doubt and the kept rounds have their own
+    defaults = {"k": 4, "doubt": "match", "round_embeddings": "model"}
+    return TrainConfig(scenes=N, defense=defense, batch_size=4, **{**defaults, **kw})
 
 
 def _features(b: int = 4, views: int = 1, seed: int = 0) -> Features:
@@ -314,6 +316,7 @@ def test_the_fused_doubt_leaves_out_pairs_whose_neighbours_disagree(monkeypatch)
         doubt_k=5,
         doubt_signals="consistency_caption,consistency_image",
         max_repair=0.25,
+        round_embeddings="model",  # the scripted match_round above is the model's round
     )
     d = make_defense(config)
     table = PairTable(
@@ -364,7 +367,13 @@ def _copies_and_patches(n: int = 400) -> tuple[PairTable, np.ndarray]:
 def test_the_pixel_screen_leaves_copies_and_patches_out_of_the_warm_up():
     table, poisoned = _copies_and_patches()
     config = TrainConfig(
-        scenes=len(table), defense="otcclip", batch_size=4, k=4, warmup_epochs=2, doubt="fused"
+        scenes=len(table),
+        defense="otcclip",
+        batch_size=4,
+        k=4,
+        warmup_epochs=2,
+        doubt="fused",
+        round_embeddings="model",  # no model here (bundle None) to size the kept embeddings
     )
     ctx = _ctx(config, poisoned, table)
     d = make_defense(config)

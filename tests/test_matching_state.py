@@ -135,8 +135,9 @@ def test_rounds_from_the_training_pass_embed_only_what_it_did_not_train(tmp_path
     assert rounds[0]["refreshed_images"] == untrained(warmup["screened"])
     assert rounds[1]["refreshed_images"] == untrained(rounds[0]["sitting_out"])
     assert all(r["refreshed_images"] <= 192 // 4 for r in rounds)
-    with pytest.raises(ValueError, match="needs doubt=fused"):
+    with pytest.raises(ValueError, match="needs doubt=fused.*--round-embeddings model"):
         dataclasses.replace(config, doubt="match").validate()
+    dataclasses.replace(config, doubt="match", round_embeddings="model").validate()
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def _stream_rows(shards: Path, table, world: int = 1):
     ("change", "message"),
     [
         ({"defense": "safeclip"}, "needs --safeclip-passes mixed"),
-        ({"defense": "otcclip"}, "needs --round-embeddings training"),
+        ({"defense": "otcclip", "round_embeddings": "model"}, "needs --round-embeddings training"),
         (
             {"defense": "otcclip", "round_embeddings": "training", "on_doubt": "repair"},
             "needs --on-doubt drop",
@@ -122,9 +122,11 @@ def test_the_command_documents_and_checks_the_stream(tmp_path, shards):
         "--state-on-disk",
     ):
         assert flag in help_text
+    # the kept rounds are the default, the only rounds a stream can run
+    assert "(model; the paper's rule, --doubt match, needs it). [default: training]" in help_text
     # the command's default defense is otcclip: the refusal names the fix
     args = ["train", "--data", str(shards), "--stream", "--out", str(tmp_path / "run")]
-    result = runner.invoke(main, args)
+    result = runner.invoke(main, [*args, "--round-embeddings", "model"])
     assert result.exit_code == 2 and "needs --round-embeddings training" in result.output
     csv = tmp_path / "pairs.csv"
     csv.write_text("filepath,title\na.png,a bag\n")

@@ -128,6 +128,7 @@ BEFORE_THE_SETTING: dict[str, Any] = {
     "on_doubt": "repair",
     "doubt": "match",
     "pixel_screen": False,
+    "round_embeddings": "model",
 }
 
 
@@ -293,7 +294,10 @@ def _doubt_rows(base: Any) -> list[Row]:
     if base.doubt != "fused":  # the default is the paper's rule: flip to the fused doubt
         return [_ablation("rule", {"doubt": "fused"})]
     signals = base.doubt_signals.split(",") if base.doubt_signals else DoubtConfig().signals
-    rows = [_ablation("rule", {"doubt": "match"}, "the paper's rule")]
+    rule: dict[str, Any] = {"doubt": "match"}
+    if base.round_embeddings != "model":  # the paper's rule scores every pair with the model
+        rule["round_embeddings"] = "model"
+    rows = [Row("rule", "otcclip, doubt=match (the paper's rule)", "poisoned", "otcclip", rule)]
     for key, family in (
         ("no-pixel", "pixel"),
         ("no-consistency", "consistency"),

@@ -118,6 +118,19 @@ _RESUMABLE_FIELDS = frozenset(
 
 ROUND_EMBEDDINGS = ("model", "training")
 
+# Settings whose default moved after runs were recorded without them (`to_dict` leaves a
+# setting out at its default, or it did not exist yet): such a record trained this value.
+# round_embeddings: "model" until session 18 (and before session 12 named it); it is
+# recorded always since the kept rounds became the default.
+_RECORDED_BEFORE_THE_DEFAULT: dict[str, Any] = {"round_embeddings": "model"}
+
+
+def recorded_settings(d: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config (a checkpoint's, config.json) with the settings it trained at a
+    since-moved default named, so that resuming or comparing it does not read today's."""
+    return {**_RECORDED_BEFORE_THE_DEFAULT, **d}
+
+
 # Recorded only when set (see TrainConfig.to_dict): the results table compares configs.
 _OMITTED_AT_DEFAULT = frozenset(
     {
@@ -142,7 +155,6 @@ _OMITTED_AT_DEFAULT = frozenset(
         "workers",
         "prefetch",
         "match_bank",
-        "round_embeddings",
         "state_on_disk",
         # issue 13, session 13
         "doubt_phase_template",
@@ -241,9 +253,10 @@ class TrainConfig:
     match_batch: int = 256
     # a round's pruning from a random bank of this many captions (None: exact top-k)
     match_bank: int | None = None
-    # where a round takes the global embeddings: "model" (embed every pair again) or
-    # "training" (kept from the training pass, `otcclip.matching_state`)
-    round_embeddings: str = "model"
+    # where a round takes the global embeddings: "training" (kept from the training pass,
+    # `otcclip.matching_state`; the default since session 18) or "model" (embed every pair
+    # again; the paper's rule, doubt="match", needs it)
+    round_embeddings: str = "training"
     # per-pair state (kept embeddings, a stream's slots) in memory-mapped files under
     # out/matching-state/ instead of memory (`otcclip.matching_state`)
     state_on_disk: bool = False
@@ -328,10 +341,15 @@ class TrainConfig:
             raise ValueError(
                 "state_on_disk keeps the per-pair state in the run's folder: give out (--out DIR)"
             )
-        if self.round_embeddings == "training" and self.doubt != "fused":
+        if (
+            self.defense == "otcclip"
+            and self.round_embeddings == "training"
+            and self.doubt != "fused"
+        ):
             raise ValueError(
-                "round_embeddings=training needs doubt=fused: the paper's rule doubts every "
-                "pair by its OT score, which needs the model's tokens for every pair"
+                "round_embeddings=training (the default) needs doubt=fused: the paper's rule "
+                "doubts every pair by its OT score, which needs the model's tokens for every "
+                "pair; with doubt=match give round_embeddings=model (--round-embeddings model)"
             )
         if self.threads is not None and _bad_int(self.threads, 1):
             raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
@@ -419,7 +437,7 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown training settings: {', '.join(unknown)}")
-        return TrainConfig(**d)
+        return TrainConfig(**recorded_settings(d))
 
 
 @dataclass

@@ -43,7 +43,7 @@ _SCHEDULE_HELP = (
     help="Stream the pairs of --data (a shard folder, a poison directory written with "
     "--format shards, or parquet) through DataLoader workers instead of reading them into "
     "memory: memory holds about batch x prefetch x workers pairs. Every defense streams: "
-    "otcclip with --round-embeddings training (its rounds then doubt from the kept "
+    "otcclip with its default --round-embeddings training (its rounds doubt from the kept "
     "embeddings, and a pass before the first epoch reads every image once for the pixel "
     "signals), filter (it scores the kept image embeddings), safeclip with "
     "--safeclip-passes mixed (its split reads the kept embeddings). Shards need their "
@@ -386,13 +386,14 @@ _SCHEDULE_HELP = (
 )
 @click.option(
     "--round-embeddings",
-    type=click.Choice(["model", "training"]),
-    default="model",
+    type=click.Choice(["training", "model"]),
+    default="training",
     show_default=True,
-    help="OTCCLIP: where a round takes each pair's global embeddings: embed every pair "
-    "again (model), or keep them from the training pass and re-embed only the pairs the "
-    "last epoch left out (training; needs --doubt fused; the cross-modal signal is then "
-    "the global-cosine lead, and only repaired pairs are scored by OT).",
+    help="OTCCLIP: where a round takes each pair's global embeddings: keep them from the "
+    "training pass and re-embed only the pairs the last epoch left out (training: no "
+    "embedding pass of the round's own; needs --doubt fused; the cross-modal signal is "
+    "then the global-cosine lead, and only repaired pairs are scored by OT), or embed every "
+    "pair again (model; the paper's rule, --doubt match, needs it).",
 )
 @click.option(
     "--bank-size",
@@ -588,7 +589,10 @@ def _saved_config(run_dir: Path, name: str | None = None) -> dict[str, Any]:
         raise click.ClickException(str(err)) from None
     if checkpoint is None:
         raise click.ClickException(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}")
-    return dict(checkpoint.state["config"])
+    from otcclip.train import recorded_settings
+
+    # a setting saved at a default that has since moved resumes at the value it trained
+    return recorded_settings(dict(checkpoint.state["config"]))
 
 
 _NOT_IN_LINE = ("resume", "resume_from")  # how a run was continued, not what it computes
