@@ -128,7 +128,6 @@ BEFORE_THE_SETTING: dict[str, Any] = {
     "on_doubt": "repair",
     "doubt": "match",
     "pixel_screen": False,
-    "round_embeddings": "model",
 }
 
 
@@ -149,7 +148,9 @@ def _reads_phase(train: dict[str, Any]) -> bool:
 
 
 def _with_older_settings(train: dict[str, Any]) -> dict[str, Any]:
-    out = {**BEFORE_THE_SETTING, **train}
+    from otcclip.train import recorded_settings  # the trainer's own moved defaults
+
+    out = {**BEFORE_THE_SETTING, **recorded_settings(train)}
     if out.get("doubt_signals") is None:
         out["doubt_signals"] = SIGNALS_BEFORE_PHASE
     for key, before in PHASE_BEFORE_TEMPLATE.items():
